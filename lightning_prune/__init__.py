@@ -1,0 +1,41 @@
+"""lightning-prune: export channel-pruned PyTorch models as genuinely smaller networks, exactly."""
+
+from lightning_prune.errors import (
+    ExampleInputError,
+    InplaceDictError,
+    MaskError,
+    PrunedToZeroError,
+    PruneExportError,
+    VerificationError,
+)
+from lightning_prune.export import ExportResult, export, export_pruned_model
+from lightning_prune.graph import ChannelGraph, format_inplace_dict, infer_inplace_dict
+from lightning_prune.groups import group_masks
+from lightning_prune.layers import PrunedLayerNorm, register_shrinker, shrink_parameters
+from lightning_prune.masks import apply_masks, collect_masks
+from lightning_prune.rules import register_op_rule
+from lightning_prune.verify import EquivalenceReport, verify_equivalence
+
+__all__ = [
+    "ChannelGraph",
+    "EquivalenceReport",
+    "ExampleInputError",
+    "ExportResult",
+    "InplaceDictError",
+    "MaskError",
+    "PruneExportError",
+    "PrunedLayerNorm",
+    "PrunedToZeroError",
+    "VerificationError",
+    "apply_masks",
+    "collect_masks",
+    "export",
+    "export_pruned_model",
+    "format_inplace_dict",
+    "group_masks",
+    "infer_inplace_dict",
+    "register_op_rule",
+    "register_shrinker",
+    "shrink_parameters",
+    "verify_equivalence",
+]

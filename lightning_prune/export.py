@@ -1,0 +1,88 @@
+"""Export a channel-masked model to a physically smaller one that computes the same function.
+
+>>> import torch
+>>> from torch import nn
+>>> from lightning_prune import export_pruned_model
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+>>> keep = {"0": torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)}
+>>> small = export_pruned_model(model, keep, torch.randn(2, 3, 8, 8))
+>>> small[0].out_channels, small[1].num_features, small[3].in_channels
+(4, 4, 4)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from lightning_prune.graph import ChannelGraph, InplaceDict, Note, Plan
+from lightning_prune.inplace import load_inplace_dict
+from lightning_prune.layers import shrinker_for
+from lightning_prune.masks import Masks, MaskSource, collect_masks, unwrapped_copy, zero_pruned_channels
+
+
+@dataclass
+class ExportResult:
+    """The exported model with everything that explains it."""
+
+    model: nn.Module
+    masks: Masks
+    plan: Plan
+    graph: ChannelGraph
+
+    @property
+    def notes(self) -> list[Note]:
+        """Channels kept against the masks, constants folded, norms corrected: one line each."""
+        return self.plan.notes
+
+    @property
+    def inplace_dict(self) -> InplaceDict:
+        """The seed-format ``inplace_dict`` the export used (inferred from the trace)."""
+        return self.graph.infer_inplace_dict()
+
+
+def export(
+    model: nn.Module,
+    masks: Optional[Union[MaskSource, Masks]],
+    example_input: Any,
+    *,
+    inplace_dict: Optional[Union[InplaceDict, str, os.PathLike]] = None,
+) -> ExportResult:
+    """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
+    keep = collect_masks(model if masks is None else masks, model)
+    work = unwrapped_copy(model)
+    zero_pruned_channels(work, keep)
+    graph = ChannelGraph.from_model(work, example_input)
+    if inplace_dict is not None and inplace_dict != "auto":
+        graph.apply_inplace_dict(load_inplace_dict(inplace_dict), work)
+    plan = graph.plan(keep, work)
+    for name, change in plan.changes.items():
+        module = work.get_submodule(name)
+        replacement = shrinker_for(module)(module, change)
+        if replacement is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(work.get_submodule(parent) if parent else work, child, replacement)
+    work.train(model.training)
+    return ExportResult(work, keep, plan, graph)
+
+
+def export_pruned_model(
+    model: nn.Module,
+    masks: Optional[Union[MaskSource, Masks]],
+    example_input: Any,
+    *,
+    inplace_dict: Optional[Union[InplaceDict, str, os.PathLike]] = None,
+) -> nn.Module:
+    """Return a new, physically smaller model that computes what ``model`` with ``masks`` applied computes.
+
+    ``masks`` is any source :func:`~lightning_prune.collect_masks` accepts (``None``: read them
+    from ``model`` itself: NNI wrappers, ``torch.nn.utils.prune`` buffers or zeroed filters).
+    ``example_input`` is a tensor, a tuple of positional inputs or a dict of keyword inputs; the
+    channel topology is traced from one real forward pass on it. ``inplace_dict`` (a dict in the
+    seed's format, or a path to a YAML/JSON file holding one) overrides the inferred topology:
+    it is checked against the trace, and only its keys change shape. ``model`` is not mutated.
+    """
+    return export(model, masks, example_input, inplace_dict=inplace_dict).model

@@ -1,0 +1,240 @@
+"""Every mask source turned into one canonical form: ``{layer name: bool keep-vector}``.
+
+A keep-vector has one entry per output channel of a ``Conv*``, ``ConvTranspose*`` or
+``Linear`` layer: ``True`` keeps the channel, ``False`` prunes it.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+>>> keep = collect_masks({"0": {"weight": torch.tensor([1, 0, 1, 1.]).view(4, 1, 1, 1).expand(4, 3, 3, 3)}}, model)
+>>> keep["0"].tolist()
+[True, False, True, True]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import MaskError
+
+Masks = dict[str, torch.Tensor]
+"""The canonical form: layer name -> bool keep-vector over the layer's output channels."""
+
+MaskSource = Union[Mapping, str, os.PathLike, nn.Module]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` has output channels a mask can prune (conv, transposed conv, linear)."""
+    return isinstance(module, PRUNABLE_TYPES)
+
+
+def out_channel_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes output channels (1 for transposed convs, else 0)."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def out_channels(module: nn.Module) -> int:
+    """The number of output channels of a prunable layer (all groups of a transposed conv)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return module.weight.shape[1] * module.groups
+    return module.weight.shape[0]
+
+
+def collect_masks(source: MaskSource | Masks, model: nn.Module | None = None) -> Masks:
+    """Turn any supported mask source into ``{layer: bool keep-vector}``, validated against ``model``.
+
+    Sources:
+
+    - an NNI 3.0 masks dict ``{layer: {"weight": tensor, "bias": tensor | None}}``;
+    - a path to such a dict saved with ``torch.save`` (loaded with ``weights_only=True``);
+    - a model still carrying NNI 3.0 wrappers, NNI 2.x ``weight_mask`` wrappers,
+      ``torch.nn.utils.prune`` buffers (``weight_orig``/``weight_mask``, as Lightning's
+      ``ModelPruning`` leaves them), or all-zero output filters in plain weights;
+    - a dict of keep-vectors (bool or 0/1) per layer.
+
+    Raises :class:`~lightning_prune.errors.MaskError` naming the layer for a layer the model
+    lacks, a shape that does not match the weight, non-binary values, or a mask that is not a
+    channel mask (a filter partly zero).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return collect_masks(_load_mask_file(source), model)
+    if isinstance(source, nn.Module):
+        masks = _masks_from_module(source)
+        return _validated(masks, model if model is not None else unwrapped_copy(source))
+    if not isinstance(source, Mapping):
+        raise MaskError(
+            f"Masks must be a dict, a path to a file saved with torch.save, or a model; got {type(source).__name__}."
+        )
+    model_layers = dict(model.named_modules()) if model is not None else {}
+    masks: Masks = {}
+    for name, value in source.items():
+        module = model_layers.get(name)
+        masks[name] = _keep_vector(name, value, module)
+    return _validated(masks, model)
+
+
+def _load_mask_file(path: str | os.PathLike) -> Any:
+    if not os.path.isfile(path):
+        raise MaskError(f"Mask file '{os.fspath(path)}' does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise MaskError(
+            f"Mask file '{os.fspath(path)}' could not be loaded safely (weights_only=True): {err}. "
+            "Save masks as a dict of tensors with torch.save."
+        ) from err
+
+
+def _keep_vector(name: str, value: Any, module: nn.Module | None) -> torch.Tensor:
+    """Reduce one layer's mask (NNI dict, weight-shaped tensor or keep-vector) to a bool vector."""
+    if isinstance(value, Mapping):
+        if "weight" not in value:
+            raise MaskError(f"Mask for layer '{name}' has no 'weight' entry; found keys {sorted(value)}.")
+        value = value["weight"]
+    mask = torch.as_tensor(value).detach().cpu()
+    if mask.dtype != torch.bool:
+        binary = (mask == 0) | (mask == 1)
+        if not bool(binary.all()):
+            bad = mask[~binary].flatten()[0].item()
+            raise MaskError(f"Mask for layer '{name}' is not binary: found value {bad}; masks hold only 0 and 1.")
+        mask = mask != 0
+    if mask.ndim <= 1:
+        return mask.reshape(-1)
+    dim = out_channel_dim(module) if module is not None else 0
+    per_channel = mask.movedim(dim, 0).flatten(1)
+    keep = per_channel.any(dim=1)
+    partial = keep & ~per_channel.all(dim=1)
+    if bool(partial.any()):
+        channel = int(partial.nonzero()[0])
+        raise MaskError(
+            f"Mask for layer '{name}' is not a channel mask: output channel {channel} is partly zero. "
+            "Channel pruning needs whole filters kept or pruned (use a structured pruner such as FPGM or L1)."
+        )
+    return keep
+
+
+def _validated(masks: Masks, model: nn.Module | None) -> Masks:
+    if model is None:
+        return masks
+    layers = dict(model.named_modules())
+    for name, keep in masks.items():
+        module = layers.get(name)
+        if module is None:
+            raise MaskError(
+                f"Mask given for layer '{name}', but the model has no such layer. "
+                f"Prunable layers include: {_some_prunable(model)}."
+            )
+        if not is_prunable(module):
+            raise MaskError(
+                f"Mask given for layer '{name}', a {type(module).__name__}; masks apply to the output "
+                "channels of Conv, ConvTranspose and Linear layers."
+            )
+        expected = out_channels(module)
+        if keep.numel() != expected:
+            raise MaskError(
+                f"Mask for layer '{name}' has {keep.numel()} channels, but its weight "
+                f"{tuple(module.weight.shape)} has {expected} output channels."
+            )
+    return masks
+
+
+def _some_prunable(model: nn.Module, limit: int = 5) -> str:
+    names = [n for n, m in model.named_modules() if is_prunable(m)]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") if names else "none"
+
+
+def _masks_from_module(model: nn.Module) -> Masks:
+    """Read masks a model carries: NNI 3.0/2.x wrappers, torch prune buffers, else zero filters."""
+    masks: Masks = {}
+    for name, module in model.named_modules():
+        wrapper = module.__dict__.get("_modules", {}).get("_nni_wrapper")
+        if wrapper is not None:  # NNI 3.0: the wrapper hangs off the original module
+            space = wrapper.pruning_target_spaces.get("weight")
+            if space is not None and space.mask is not None:
+                masks[name] = _keep_vector(name, space.mask, module)
+        elif hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):  # torch.nn.utils.prune
+            masks[name] = _keep_vector(name, module.weight_mask, module)
+        elif hasattr(module, "weight_mask") and isinstance(getattr(module, "module", None), nn.Module):
+            masks[name] = _keep_vector(name, module.weight_mask, module.module)  # NNI 2.x wrapper
+    if masks:
+        return masks
+    for name, module in model.named_modules():
+        if is_prunable(module):
+            dim = out_channel_dim(module)
+            keep = module.weight.detach().movedim(dim, 0).flatten(1).ne(0).any(dim=1).cpu()
+            if not bool(keep.all()):
+                masks[name] = keep
+    return masks
+
+
+def unwrapped_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with NNI wrappers and ``torch.nn.utils.prune`` reparametrisations removed.
+
+    Pruning buffers are made permanent (``weight = weight_orig * weight_mask``); NNI wrappers are
+    replaced by the modules they wrap. The argument itself is not changed.
+    """
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        wrapper = module.__dict__.get("_modules", {}).get("_nni_wrapper")
+        if wrapper is not None:
+            wrapper.unwrap()
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                torch.nn.utils.prune.remove(module, hook._tensor_name)
+        inner = getattr(module, "module", None)
+        if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:
+            _set_submodule(model, name, inner)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
+    """Zero, in place, the weights and biases of every pruned output channel."""
+    for name, keep in masks.items():
+        module = model.get_submodule(name)
+        pruned = (~keep.bool()).nonzero().flatten().to(module.weight.device)
+        module.weight.index_fill_(out_channel_dim(module), pruned, 0.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.index_fill_(0, pruned, 0.0)
+
+
+def apply_masks(model: nn.Module, masks: MaskSource | Masks) -> nn.Module:
+    """The masked reference: a copy of ``model`` with pruned channels' weights and biases zeroed.
+
+    This is what :func:`~lightning_prune.export_pruned_model` must reproduce exactly.
+    """
+    keep = collect_masks(masks, model)
+    masked = unwrapped_copy(model)
+    zero_pruned_channels(masked, keep)
+    return masked
+
+
+def keep_fraction(masks: Masks) -> float:
+    """The fraction of channels the masks keep, over all masked layers."""
+    total = sum(k.numel() for k in masks.values())
+    return sum(int(k.sum()) for k in masks.values()) / total if total else 1.0
+
+
+__all__: Sequence[str] = [
+    "Masks",
+    "apply_masks",
+    "collect_masks",
+    "is_prunable",
+    "keep_fraction",
+    "out_channel_dim",
+    "unwrapped_copy",
+    "zero_pruned_channels",
+]

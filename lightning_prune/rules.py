@@ -1,0 +1,121 @@
+"""Which recorded op follows which channel rule: a table keyed by op name, users can extend it.
+
+The tracer sees every ``torch`` function, ``Tensor`` method and ``torch.nn.functional`` call of a
+forward pass. Each is looked up here by its normalised name (``__iadd__`` -> ``add``,
+``relu_`` -> ``relu``) and handled by one rule in :mod:`lightning_prune.trace`. An op that is
+not in the table and touches a channel-carrying tensor blocks those channels (they are kept)
+with a warning naming the op, so an unknown op never yields a wrong model.
+
+>>> from lightning_prune.rules import register_op_rule, rule_for
+>>> register_op_rule("my_fused_gelu", "elementwise")   # a custom op that acts per element
+>>> rule_for("my_fused_gelu")
+'elementwise'
+"""
+
+from __future__ import annotations
+
+RULES = (
+    "elementwise",  # per element, with broadcasting: operands' channels are coupled
+    "identity",  # same tensor layout out as in (dtype/device moves, copies)
+    "movement",  # rearranges elements (view, permute, cat, getitem, ...): labels follow the elements
+    "split",  # chunk/split/unbind
+    "spatial",  # acts on trailing spatial dims only (pooling, interpolation, padding)
+    "reduce",  # reduction over given dims
+    "softmax",  # normalises along one dim
+    "ignore",  # no effect on channels (in-place RNG, metadata)
+    "conv",
+    "conv_transpose",
+    "linear",
+    "batch_norm",
+    "instance_norm",
+    "group_norm",
+    "layer_norm",
+    "prelu",
+)
+
+_ELEMENTWISE = """
+add sub subtract mul multiply div divide true_divide truediv floor_divide floordiv remainder mod fmod
+pow maximum minimum fmax fmin where clamp clip clamp_min clamp_max relu relu6 leaky_relu elu selu celu
+gelu silu mish sigmoid tanh hardtanh hardswish hardsigmoid softplus softsign tanhshrink threshold
+abs neg negative pos exp expm1 log log1p log2 sqrt rsqrt square reciprocal sin cos erf erfc logit sign
+dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rrelu hardshrink softshrink
+logsigmoid log_sigmoid nan_to_num round floor ceil trunc frac lerp addcmul addcdiv masked_fill
+eq ne lt le gt ge logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
+and or xor invert sigmoid_ silu_ copysign hypot atan2 heaviside xlogy
+"""
+_IDENTITY = """
+to float half double bfloat16 type type_as clone detach contiguous cpu cuda requires_grad
+pin_memory alias data identity
+"""
+_MOVEMENT = """
+view reshape flatten unflatten permute transpose swapaxes swapdims t T mT squeeze unsqueeze movedim
+moveaxis expand expand_as repeat tile view_as reshape_as cat concat concatenate stack hstack vstack
+narrow select getitem roll flip index_select pixel_shuffle pixel_unshuffle channel_shuffle
+native_channel_shuffle repeat_interleave
+"""
+_SPLIT = "chunk split tensor_split unbind"
+_SPATIAL = """
+max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
+avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
+adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices
+adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_pool2d lp_pool3d
+interpolate upsample upsample_nearest upsample_bilinear pad
+"""
+_REDUCE = "mean sum amax amin max min std var logsumexp prod nansum nanmean median norm all any"
+_SOFTMAX = "softmax log_softmax softmin"
+_IGNORE = "size dim numel stride is_contiguous data_ptr element_size get_device item tolist"
+
+_TABLE: dict[str, str] = {}
+for _rule, _names in (
+    ("elementwise", _ELEMENTWISE),
+    ("identity", _IDENTITY),
+    ("movement", _MOVEMENT),
+    ("split", _SPLIT),
+    ("spatial", _SPATIAL),
+    ("reduce", _REDUCE),
+    ("softmax", _SOFTMAX),
+    ("ignore", _IGNORE),
+):
+    _TABLE.update(dict.fromkeys(_names.split(), _rule))
+_TABLE.update(
+    {
+        "conv1d": "conv",
+        "conv2d": "conv",
+        "conv3d": "conv",
+        "conv_transpose1d": "conv_transpose",
+        "conv_transpose2d": "conv_transpose",
+        "conv_transpose3d": "conv_transpose",
+        "linear": "linear",
+        "batch_norm": "batch_norm",
+        "instance_norm": "instance_norm",
+        "group_norm": "group_norm",
+        "layer_norm": "layer_norm",
+        "prelu": "prelu",
+    }
+)
+
+MULTIPLICATIVE = frozenset({"mul", "multiply", "div", "divide", "true_divide", "truediv"})
+
+
+def normalise_op_name(name: str) -> str:
+    """``__iadd__`` -> ``add``, ``__rmul__`` -> ``mul``, ``relu_`` -> ``relu``, ``_max_pool2d`` -> ``max_pool2d``."""
+    if name.startswith("__") and name.endswith("__"):
+        base = name[2:-2]
+        for prefix in ("i", "r"):
+            if base.startswith(prefix) and base[1:] in _TABLE and base not in _TABLE:
+                return base[1:]
+        return base
+    stripped = name.strip("_")
+    return stripped if stripped in _TABLE else name
+
+
+def rule_for(name: str) -> str | None:
+    """The rule for a normalised op name, or ``None`` for an op the tracer does not know."""
+    return _TABLE.get(name)
+
+
+def register_op_rule(name: str, rule: str) -> None:
+    """Teach the tracer an op by name (e.g. a custom ``torch.library`` op) and which rule it follows."""
+    if rule not in RULES:
+        raise ValueError(f"Unknown rule {rule!r} for op {name!r}; choose one of {', '.join(RULES)}.")
+    _TABLE[name] = rule
