@@ -132,16 +132,7 @@ class ChannelGraph:
         """
         notes: list[Note] = []
         root = self.root
-        keep = np.zeros(self.trace.num_labels, dtype=bool)
-        prune_vote = np.zeros(self.trace.num_labels, dtype=bool)
-        for layer, layer_keep in masks.items():
-            labels = self.trace.producers.get(layer)
-            if labels is None:
-                notes.append(Note(layer, int((~layer_keep).sum()), "kept", "the layer did not run as a conv/linear in the traced forward"))
-                continue
-            prune_vote[labels.numpy()[~layer_keep.numpy()]] = True
-        keep[root[~prune_vote]] = True
-        keep |= self.blocked
+        keep = self._union_keep(masks, notes)
         calls = Counter(c.module for c in self.trace.consumers)
         changed = True
         while changed:
@@ -156,6 +147,37 @@ class ChannelGraph:
                 )
             kept_channels[layer] = kept
         return Plan(self._changes(keep, model, notes), kept_channels, notes)
+
+    def _union_keep(self, masks: Masks, notes: list[Note]) -> np.ndarray:
+        """Per group root: kept unless every member's mask prunes it and nothing blocks it."""
+        keep = np.zeros(self.trace.num_labels, dtype=bool)
+        prune_vote = np.zeros(self.trace.num_labels, dtype=bool)
+        for layer, layer_keep in masks.items():
+            labels = self.trace.producers.get(layer)
+            if labels is None:
+                notes.append(Note(layer, int((~layer_keep).sum()), "kept", "the layer did not run as a conv/linear in the traced forward"))
+                continue
+            prune_vote[labels.numpy()[~layer_keep.numpy()]] = True
+        keep[self.root[~prune_vote]] = True
+        return keep | self.blocked
+
+    def norm_affine_keep(self, masks: Masks, model: nn.Module) -> dict[tuple[str, str], Tensor]:
+        """``(norm layer, "weight" | "bias") -> bool keep-vector`` for the affine parameters of every
+        BatchNorm/InstanceNorm/GroupNorm/LayerNorm that pruned channels feed.
+
+        Zeroing these with the filters holds the whole channel at zero, so a pruned channel
+        leaves no constant behind (what masked fine-tuning does).
+        """
+        keep = self._union_keep(masks, [])
+        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        result = {}
+        for axis in self.axes:
+            module = model.get_submodule(axis.module)
+            if isinstance(module, norms) and axis.param in ("weight", "bias"):
+                kept = self._kept(keep, axis.labels)
+                if not kept.all():
+                    result[(axis.module, axis.param)] = torch.from_numpy(kept)
+        return result
 
     def _kept(self, keep: np.ndarray, labels: Tensor) -> np.ndarray:
         labels = labels.numpy()

@@ -1,0 +1,70 @@
+"""Shared test helpers: randomised statistics, random and group masks, numeric checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
+from lightning_prune.masks import Masks, is_prunable, out_channels
+
+RTOL = 1e-5
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-like norms and biases: with beta=0 and mean=0 a wrong export would still pass."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def fill(tensor: torch.Tensor, low: float, high: float) -> None:
+        tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+    for module in model.modules():
+        if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(module, "weight", None) is not None:
+                fill(module.weight, 0.5, 1.5)
+            if getattr(module, "bias", None) is not None:
+                fill(module.bias, -0.5, 0.5)
+            if getattr(module, "running_mean", None) is not None:
+                fill(module.running_mean, -0.5, 0.5)
+                fill(module.running_var, 0.5, 2.0)
+        elif is_prunable(module) and module.bias is not None:
+            fill(module.bias, -0.2, 0.2)
+    return model.eval()
+
+
+def random_masks(model: nn.Module, fraction: float = 0.5, seed: int = 0, skip: tuple[str, ...] = ()) -> Masks:
+    """Prune ``floor(fraction * C)`` random output channels of every conv and linear layer."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, module in model.named_modules():
+        if is_prunable(module) and name not in skip:
+            count = out_channels(module)
+            keep = torch.ones(count, dtype=torch.bool)
+            keep[torch.randperm(count, generator=generator)[: int(count * fraction)]] = False
+            masks[name] = keep
+    return masks
+
+
+@torch.no_grad()
+def zero_norm_affine(model: nn.Module, masks: Masks, example_input: Any) -> nn.Module:
+    """The second variant: the masked model with the norms' affine parameters of pruned channels zeroed too."""
+    masked = apply_masks(model, masks)
+    graph = ChannelGraph.from_model(masked, example_input)
+    for (layer, param), keep in graph.norm_affine_keep(masks, masked).items():
+        getattr(masked.get_submodule(layer), param)[~keep] = 0.0
+    return masked
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_and_check(reference: nn.Module, masks: Masks, example_input: Any):
+    """Export ``reference`` (already masked) and assert it is exact; returns the export result."""
+    result = export(reference, masks, example_input)
+    report = verify_equivalence(reference, result.model, example_input, rtol=RTOL)
+    assert report.passed, f"export differs from the masked model:\n{report}\nnotes: {[str(n) for n in result.notes]}"
+    return result

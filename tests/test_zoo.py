@@ -1,0 +1,50 @@
+"""Every torchvision classification builder (bar transformers and >150M params) and three
+segmentation heads: random 50% masks, randomised norms, exported == masked, fewer parameters."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchvision
+from torchvision import models
+
+from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
+
+TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+OVER_150M = {"convnext_large", "regnet_y_128gf"}  # 197.8M and 644.8M parameters
+SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+INPUT_SIZE = {"inception_v3": 80}
+
+ZOO = [
+    name
+    for name in models.list_models(module=models)
+    if not name.startswith(TRANSFORMERS) and name not in OVER_150M
+] + SEGMENTATION
+
+
+@functools.lru_cache(maxsize=1)
+def build(name: str):
+    torch.manual_seed(0)
+    kwargs = {"weights_backbone": None} if name in SEGMENTATION else {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = True
+    model = randomize(torchvision.models.get_model(name, weights=None, **kwargs))
+    size = INPUT_SIZE.get(name, 64)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return model, random_masks(model), example
+
+
+@pytest.mark.parametrize("variant", ["weights", "weights+norms"])
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ZOO])
+def test_export_is_exact_and_smaller(name: str, variant: str) -> None:
+    model, masks, example = build(name)
+    if variant == "weights":
+        from lightning_prune import apply_masks
+
+        reference = apply_masks(model, masks)
+    else:
+        reference = zero_norm_affine(model, masks, example)
+    result = export_and_check(reference, masks, example)
+    assert num_params(result.model) < num_params(model)
