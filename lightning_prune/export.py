@@ -21,7 +21,7 @@ from torch import nn
 from lightning_prune.graph import ChannelGraph, InplaceDict, Note, Plan
 from lightning_prune.inplace import load_inplace_dict
 from lightning_prune.layers import shrinker_for
-from lightning_prune.masks import Masks, MaskSource, collect_masks, unwrapped_copy, zero_pruned_channels
+from lightning_prune.masks import Masks, MaskSource, collect_masks, unshare_tensors, unwrapped_copy, zero_pruned_channels
 
 
 @dataclass
@@ -53,7 +53,7 @@ def export(
 ) -> ExportResult:
     """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
     keep = collect_masks(model if masks is None else masks, model)
-    work = unwrapped_copy(model)
+    work = unwrapped_copy(model, share_tensors=True)  # every tensor export changes is replaced, the rest cloned below
     zero_pruned_channels(work, keep)
     graph = ChannelGraph.from_model(work, example_input)
     if inplace_dict is not None and inplace_dict != "auto":
@@ -65,6 +65,7 @@ def export(
         if replacement is not module:
             parent, _, child = name.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, child, replacement)
+    unshare_tensors(work, model)
     work.train(model.training)
     return ExportResult(work, keep, plan, graph)
 

@@ -373,7 +373,7 @@ def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, cal
 def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
     """The bias change that accounts for constant input channels removed from a conv or linear."""
     constants = constants.to(weight.device, torch.float64)
-    summed = weight.double().flatten(2).sum(2) if weight.ndim > 2 else weight.double()
+    summed = (weight.flatten(2).sum(2) if weight.ndim > 2 else weight).double()
     rows, cols = summed.shape
     groups = consumer.groups if consumer.kind == "conv" else 1
     per_group = constants.reshape(groups, cols)

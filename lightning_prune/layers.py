@@ -86,9 +86,9 @@ def shrink_parameters(module: nn.Module, change: LayerChange) -> nn.Module:
         for dim, index, groups in sorted(cuts, key=lambda cut: -cut[2]):  # grouped axes before row cuts
             tensor = slice_along(tensor, dim, index, groups)
         if name in module._parameters:
-            module._parameters[name] = nn.Parameter(tensor.clone(), requires_grad=module._parameters[name].requires_grad)
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
         else:
-            module._buffers[name] = tensor.clone()
+            module._buffers[name] = tensor
     return module
 
 
@@ -101,7 +101,7 @@ def _add_bias_delta(module: nn.Module, change: LayerChange) -> None:
         module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device))
         if ("weight", 0) in change.keep:
             change.keep[("bias", 0)] = change.keep[("weight", 0)]
-    module.bias.add_(change.bias_delta.to(module.bias.device, module.bias.dtype))
+    module.bias = nn.Parameter(module.bias + change.bias_delta.to(module.bias.device, module.bias.dtype))
 
 
 @register_shrinker(nn.modules.conv._ConvNd)

@@ -175,13 +175,22 @@ def _masks_from_module(model: nn.Module) -> Masks:
     return masks
 
 
-def unwrapped_copy(model: nn.Module) -> nn.Module:
+def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     """A deep copy of ``model`` with NNI wrappers and ``torch.nn.utils.prune`` reparametrisations removed.
 
     Pruning buffers are made permanent (``weight = weight_orig * weight_mask``); NNI wrappers are
-    replaced by the modules they wrap. The argument itself is not changed.
+    replaced by the modules they wrap. The argument itself is not changed. With
+    ``share_tensors=True`` plain parameters and buffers are shared with ``model`` rather than
+    copied (cheap, for callers that replace every tensor they change and copy the rest after).
     """
-    model = copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    if share_tensors:
+        for module in model.modules():
+            if not _is_wrapped(module):
+                for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+                    if tensor is not None:
+                        memo[id(tensor)] = tensor
+    model = copy.deepcopy(model, memo)
     for name, module in list(model.named_modules()):
         wrapper = module.__dict__.get("_modules", {}).get("_nni_wrapper")
         if wrapper is not None:
@@ -195,6 +204,14 @@ def unwrapped_copy(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_wrapped(module: nn.Module) -> bool:
+    return (
+        "_nni_wrapper" in module._modules
+        or hasattr(module, "weight_mask")
+        or any(isinstance(h, torch.nn.utils.prune.BasePruningMethod) for h in module._forward_pre_hooks.values())
+    )
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -202,13 +219,31 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
-    """Zero, in place, the weights and biases of every pruned output channel."""
+    """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched)."""
     for name, keep in masks.items():
         module = model.get_submodule(name)
         pruned = (~keep.bool()).nonzero().flatten().to(module.weight.device)
-        module.weight.index_fill_(out_channel_dim(module), pruned, 0.0)
+        _replace(module, "weight", module.weight.index_fill(out_channel_dim(module), pruned, 0.0))
         if getattr(module, "bias", None) is not None:
-            module.bias.index_fill_(0, pruned, 0.0)
+            _replace(module, "bias", module.bias.index_fill(0, pruned, 0.0))
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:
+    """Clone every parameter or buffer ``copy_`` still shares with ``original``."""
+    shared = {id(t) for t in list(original.parameters()) + list(original.buffers())}
+    with torch.no_grad():
+        for module in copy_.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is not None and id(tensor) in shared:
+                        _replace(module, name, tensor.detach().clone())
 
 
 def apply_masks(model: nn.Module, masks: MaskSource | Masks) -> nn.Module:

@@ -345,7 +345,24 @@ class _Tracer:
         self.block_inputs((args, kwargs))
         self.outputs_unlabeled(out)
 
+    def _concat_along_channels(self, op: str, args: tuple, kwargs: dict, out: Tensor) -> bool:
+        """Fast path for ``cat`` along the labelled dim (DenseNet, Inception): join the label vectors."""
+        if op not in ("cat", "concat", "concatenate") or not isinstance(out, Tensor):
+            return False
+        tensors = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.ndim
+        pieces = []
+        for tensor in tensors:
+            rep = self.rep(tensor)
+            if rep is not None and rep.dims != (dim,):
+                return False
+            pieces.append(rep.labels if rep is not None else torch.full((tensor.shape[dim],), -1, dtype=torch.long))
+        self.set_rep(out, Rep((dim,), torch.cat(pieces)))
+        return True
+
     def _movement(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
+        if self._concat_along_channels(op, args, kwargs, out):
+            return
         data = args[0]
         if isinstance(data, (list, tuple)):
             sources = [t for t in data if isinstance(t, Tensor)]
