@@ -1,7 +1,8 @@
 """Export a channel-masked model to a physically smaller one that computes the same function.
 
 >>> import torch
->>> from torch import nn
+>>> import torch
+from torch import nn
 >>> from lightning_prune import export_pruned_model
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
 >>> keep = {"0": torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)}
@@ -12,15 +13,19 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from lightning_prune.graph import ChannelGraph, InplaceDict, Note, Plan
 from lightning_prune.inplace import load_inplace_dict
 from lightning_prune.layers import shrinker_for
+from lightning_prune.trace import call_model
+from lightning_prune.verify import compare_outputs
 from lightning_prune.masks import Masks, MaskSource, collect_masks, unshare_tensors, unwrapped_copy, zero_pruned_channels
 
 
@@ -53,21 +58,45 @@ def export(
 ) -> ExportResult:
     """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
     keep = collect_masks(model if masks is None else masks, model)
-    work = unwrapped_copy(model, share_tensors=True)  # every tensor export changes is replaced, the rest cloned below
-    zero_pruned_channels(work, keep)
-    graph = ChannelGraph.from_model(work, example_input)
+    masked = unwrapped_copy(model, share_tensors=True)  # export replaces what it changes; the rest is cloned below
+    zero_pruned_channels(masked, keep)
+    graph = ChannelGraph.from_model(masked, example_input)
     if inplace_dict is not None and inplace_dict != "auto":
-        graph.apply_inplace_dict(load_inplace_dict(inplace_dict), work)
-    plan = graph.plan(keep, work)
-    for name, change in plan.changes.items():
-        module = work.get_submodule(name)
-        replacement = shrinker_for(module)(module, change)
-        if replacement is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(work.get_submodule(parent) if parent else work, child, replacement)
+        graph.apply_inplace_dict(load_inplace_dict(inplace_dict), masked)
+    plan = graph.plan(keep, masked)
+    work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, plan)
+    if graph.trace.reshaped and not _reproduces(work, example_input, graph.trace.output):
+        graph.keep_reshaped()  # the guessed factor of a multi-dim view was the wrong one
+        plan = graph.plan(keep, masked)
+        plan.notes.append(Note("(views)", sum(t.numel() for t in graph.trace.reshaped), "kept", "a view spreads them over several dims and shrinking it changed the model"))
+        work = shrink_model(masked, plan)
     unshare_tensors(work, model)
     work.train(model.training)
     return ExportResult(work, keep, plan, graph)
+
+
+def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function."""
+    for name, change in plan.changes.items():
+        module = model.get_submodule(name)
+        replacement = shrinker_for(module)(module, change)
+        if replacement is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    return model
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy whose modules are new but whose tensors are shared (shrinking replaces tensors)."""
+    return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
+
+
+def _reproduces(model: nn.Module, example_input: Any, expected: Any) -> bool:
+    try:
+        with torch.no_grad():
+            return compare_outputs(expected, call_model(model.eval(), example_input), rtol=1e-4).passed
+    except Exception:  # a view the exported sizes no longer fit
+        return False
 
 
 def export_pruned_model(

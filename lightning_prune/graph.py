@@ -124,6 +124,11 @@ class ChannelGraph:
         """Layer -> labels of its output channels, for every traced conv/linear layer."""
         return self.trace.producers
 
+    def keep_reshaped(self) -> None:
+        """Keep every channel a view spread over several dims (the fallback when the guess of which
+        factor shrinks was wrong)."""
+        self.blocked |= _root_flags(self.root, self.trace.reshaped)
+
     # ----------------------------------------------------------- decisions
     def plan(self, masks: Masks, model: nn.Module) -> Plan:
         """Decide which channels go, which stay (and why), and how each layer changes.
@@ -152,6 +157,8 @@ class ChannelGraph:
         """Per group root: kept unless every member's mask prunes it and nothing blocks it."""
         keep = np.zeros(self.trace.num_labels, dtype=bool)
         prune_vote = np.zeros(self.trace.num_labels, dtype=bool)
+        for layer in self.trace.followers - set(masks):  # an unmasked depthwise conv follows its input
+            prune_vote[self.trace.producers[layer].numpy()] = True
         for layer, layer_keep in masks.items():
             labels = self.trace.producers.get(layer)
             if labels is None:

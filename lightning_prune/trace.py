@@ -90,8 +90,11 @@ class ChannelTrace:
     layer_inputs: dict[str, Tensor] = field(default_factory=dict)  # first call's input labels per layer
     norm_channel_dim: dict[str, int] = field(default_factory=dict)
     ran: set[str] = field(default_factory=set)
+    followers: set[str] = field(default_factory=set)  # depthwise layers: their channels are their input's
     warnings: list[str] = field(default_factory=list)
     input_labels: list[Tensor] = field(default_factory=list)
+    reshaped: list[Tensor] = field(default_factory=list)  # labels a view spread over several dims
+    output: Any = None  # what the traced (masked) model returned
 
     def new_labels(self, owner: str | None, count: int) -> Tensor:
         labels = torch.arange(self.num_labels, self.num_labels + count)
@@ -173,6 +176,7 @@ class _Tracer:
                     f"{type(self.model).__name__} rejected the example input "
                     f"({_describe(example_input)}): {type(err).__name__}: {err}"
                 ) from err
+            self.trace.output = output
             for tensor in tree_leaves(output):
                 if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
                     self.trace.blocked.append(rep.labels.flatten())
@@ -243,17 +247,27 @@ class _Tracer:
         labels = rep.labels.permute(order) if len(order) > 1 else rep.labels
         return labels.reshape(view).expand(tuple(tensor.shape)).contiguous()
 
-    def compress(self, full: Tensor) -> Rep | None:
-        """The :class:`Rep` of a full label tensor; couples labels that a reshape ties together."""
+    def compress(self, full: Tensor, split: bool) -> Rep | None:
+        """The :class:`Rep` of a full label tensor.
+
+        When ``split`` (a view or stack just spread single-dim channels over several dims), the
+        labels are coupled along every dim but the one the model's code will shrink: the model
+        recomputes one factor of the view from the tensor size, and that is taken to be the
+        largest (ShuffleNet's ``view(b, groups, c // groups, ...)``, a stack of a few tensors).
+        Export checks the guess and keeps these channels if the exported model disagrees.
+        """
         if full.numel() == 0 or int(full.max()) < 0:
             return None
         varying = [d for d in range(full.ndim) if full.shape[d] > 1 and not bool((full == full.narrow(d, 0, 1)).all())]
         index = tuple(slice(None) if d in varying else 0 for d in range(full.ndim))
         labels = full[index]
-        # Channels spread over several dims (a channel-shuffle view, a stack): only the innermost
-        # dim can shrink when the model's own code recomputes the view, so the others are coupled.
-        for axis in range(labels.ndim - 1):
-            self.couple(labels, labels.narrow(axis, 0, 1).expand_as(labels))
+        if split and labels.ndim > 1:
+            sizes = list(labels.shape)
+            shrinking = len(sizes) - 1 - sizes[::-1].index(max(sizes))
+            for axis in range(labels.ndim):
+                if axis != shrinking:
+                    self.couple(labels, labels.narrow(axis, 0, 1).expand_as(labels))
+            self.trace.reshaped.append(labels.flatten())
         return Rep(tuple(varying), labels)
 
     def warn_unknown(self, op: str, args: Any) -> None:
@@ -374,9 +388,10 @@ class _Tracer:
         outs, _ = tree_flatten(out)
         results, _ = tree_flatten(result)
         seen = []
+        split = all(len(self.rep(t).dims) == 1 for t in sources if self.rep(t) is not None)
         for tensor, labels in zip(outs, results):
             if isinstance(tensor, Tensor) and isinstance(labels, Tensor):
-                rep = self.compress(labels)
+                rep = self.compress(labels, split)
                 self.set_rep(tensor, rep)
                 if rep is not None:
                     seen.append(rep.labels.flatten())
@@ -470,7 +485,7 @@ class _Tracer:
         module = owner[0]
         spatial = weight.ndim - 2
         channel_dim = data.ndim - spatial - 1
-        groups = _arg(args, kwargs, 7 if transposed else 6, "groups", 1)
+        groups = _arg(args, kwargs, 6, "groups", 1)
         padding = _arg(args, kwargs, 4, "padding", 0)
         in_labels = self._channel_labels(data, channel_dim)
         n_in = data.shape[channel_dim]
@@ -483,6 +498,7 @@ class _Tracer:
             self.trace.producers[module] = out_labels
         if groups == n_in == n_out:  # depthwise: one input channel per output channel
             self.couple(in_labels, out_labels)
+            self.trace.followers.add(module)
             self.add_axis(weight, 0, out_labels)  # (channels, 1, *kernel) for conv and transposed conv
         else:
             if transposed:
