@@ -66,13 +66,12 @@ def collect_masks(source: MaskSource | Masks, model: nn.Module | None = None) ->
     if isinstance(source, (str, os.PathLike)):
         return collect_masks(_load_mask_file(source), model)
     if isinstance(source, nn.Module):
-        masks = _masks_from_module(source)
-        return _validated(masks, model if model is not None else unwrapped_copy(source))
+        return _validated(_masks_from_module(source), model if model is not None else source)
     if not isinstance(source, Mapping):
         raise MaskError(
             f"Masks must be a dict, a path to a file saved with torch.save, or a model; got {type(source).__name__}."
         )
-    model_layers = dict(model.named_modules()) if model is not None else {}
+    model_layers = _plain_layers(model) if model is not None else {}
     masks: Masks = {}
     for name, value in source.items():
         module = model_layers.get(name)
@@ -123,7 +122,7 @@ def _keep_vector(name: str, value: Any, module: nn.Module | None) -> torch.Tenso
 def _validated(masks: Masks, model: nn.Module | None) -> Masks:
     if model is None:
         return masks
-    layers = dict(model.named_modules())
+    layers = _plain_layers(model)
     for name, keep in masks.items():
         module = layers.get(name)
         if module is None:
@@ -145,8 +144,19 @@ def _validated(masks: Masks, model: nn.Module | None) -> Masks:
     return masks
 
 
+def _plain_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layer names as they are once wrappers are removed: NNI 2.x wrappers stand for the layer they wrap."""
+    layers = {}
+    for name, module in model.named_modules():
+        if _is_nni3_wrapper(module):
+            continue
+        inner = getattr(module, "module", None)
+        layers[name] = inner if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) else module
+    return layers
+
+
 def _some_prunable(model: nn.Module, limit: int = 5) -> str:
-    names = [n for n, m in model.named_modules() if is_prunable(m)]
+    names = [n for n, m in _plain_layers(model).items() if is_prunable(m)]
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") if names else "none"
 
@@ -155,7 +165,9 @@ def _masks_from_module(model: nn.Module) -> Masks:
     """Read masks a model carries: NNI 3.0/2.x wrappers, torch prune buffers, else zero filters."""
     masks: Masks = {}
     for name, module in model.named_modules():
-        wrapper = module.__dict__.get("_modules", {}).get("_nni_wrapper")
+        if _is_nni3_wrapper(module):
+            continue  # read through the module it wraps, below
+        wrapper = module._modules.get("_nni_wrapper")
         if wrapper is not None:  # NNI 3.0: the wrapper hangs off the original module
             space = wrapper.pruning_target_spaces.get("weight")
             if space is not None and space.mask is not None:
@@ -184,6 +196,11 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     copied (cheap, for callers that replace every tensor they change and copy the rest after).
     """
     memo: dict[int, Any] = {}
+    for module in model.modules():  # torch prune's computed `weight` is not a leaf: deepcopy refuses it
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                computed = getattr(module, hook._tensor_name)
+                memo[id(computed)] = computed.detach()  # recomputed by prune.remove below
     if share_tensors:
         for module in model.modules():
             if not _is_wrapped(module):
@@ -192,7 +209,9 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
                         memo[id(tensor)] = tensor
     model = copy.deepcopy(model, memo)
     for name, module in list(model.named_modules()):
-        wrapper = module.__dict__.get("_modules", {}).get("_nni_wrapper")
+        if _is_nni3_wrapper(module):
+            continue
+        wrapper = module._modules.get("_nni_wrapper")
         if wrapper is not None:
             wrapper.unwrap()
         for hook in list(module._forward_pre_hooks.values()):
@@ -202,6 +221,10 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
         if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:
             _set_submodule(model, name, inner)
     return model
+
+
+def _is_nni3_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "pruning_target_spaces")
 
 
 def _is_wrapped(module: nn.Module) -> bool:
