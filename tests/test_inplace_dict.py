@@ -1,0 +1,120 @@
+"""The seed's inplace_dict: inferred from the trace, printed for review, accepted as an override."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+import torch
+import yaml
+
+from helpers import export_and_check, random_masks, randomize
+from lightning_prune import (
+    ExampleInputError,
+    InplaceDictError,
+    PrunedToZeroError,
+    apply_masks,
+    export,
+    format_inplace_dict,
+    infer_inplace_dict,
+)
+from models import SEED_INPLACE_DICT, ConcatNet, SeedNet
+
+SEED_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def seed_model():
+    torch.manual_seed(0)
+    return randomize(SeedNet())
+
+
+def test_inferred_dict_matches_the_seed_structure(seed_model) -> None:
+    inferred = infer_inplace_dict(seed_model, SEED_INPUT)
+    assert inferred == SEED_INPLACE_DICT
+
+
+def test_printed_dict_reads_back(seed_model) -> None:
+    inferred = infer_inplace_dict(seed_model, SEED_INPUT)
+    text = format_inplace_dict(inferred)
+    assert text.startswith("inplace_dict = {")
+    assert ast.literal_eval(text.split("=", 1)[1].strip()) == inferred
+
+
+def test_hand_written_dict_is_accepted_and_exact(seed_model) -> None:
+    masks = random_masks(seed_model)
+    result = export_and_check(apply_masks(seed_model, masks), masks, SEED_INPUT)
+    restricted = dict(SEED_INPLACE_DICT)
+    for key in [k for k in restricted if k.startswith("feature_extraction.proj4")]:
+        del restricted[key]  # proj4 left out: it keeps its shape, and so does what feeds it
+    reference = apply_masks(seed_model, masks)
+    limited = export(reference, masks, SEED_INPUT, inplace_dict=restricted)
+    assert limited.model.feature_extraction.proj4.cbr_unit[0].in_channels == 16
+    assert limited.model.feature_extraction.proj4.cbr_unit[0].out_channels == 8
+    assert sum(p.numel() for p in limited.model.parameters()) > sum(p.numel() for p in result.model.parameters())
+    from lightning_prune import verify_equivalence
+
+    assert verify_equivalence(reference, limited.model, SEED_INPUT).passed
+
+
+def test_int_entries_and_network_input(tmp_path) -> None:
+    model = randomize(ConcatNet())
+    masks = {"pruned.0": torch.arange(16) < 8, "unpruned.0": torch.arange(8) < 4}
+    inplace = {
+        "pruned.0": (None,),
+        "pruned.1": ("pruned.0",),
+        "head": ("pruned.0", 8, None),  # the 8 channels of `unpruned` stay as they are
+    }
+    reference = apply_masks(model, masks)
+    for source in (inplace, _write(tmp_path / "d.yaml", yaml.safe_dump({k: list(v) for k, v in inplace.items()})),
+                   _write(tmp_path / "d.json", json.dumps(inplace))):
+        result = export(reference, masks, IMAGE, inplace_dict=source)
+        assert result.model.pruned[0].out_channels == 8
+        assert result.model.unpruned[0].out_channels == 8
+        assert result.model.head.in_channels == 8 + 8 + 3
+        from lightning_prune import verify_equivalence
+
+        assert verify_equivalence(reference, result.model, IMAGE).passed
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("inplace", "error"),
+    [
+        pytest.param({"nope": ("pruned.0",)}, r"key 'nope' is not a layer of the model", id="unknown_key"),
+        pytest.param({"head": ("pruned.0", "ghost")}, r"inplace_dict\['head'\] names 'ghost', which is not a layer", id="unknown_producer"),
+        pytest.param({"head": ("unpruned.0", "pruned.0", None)}, r"inplace_dict\['head'\] = .* disagrees with the traced graph, which has \('pruned\.0', 'unpruned\.0', None\)", id="wrong_order"),
+        pytest.param({"head": ("pruned.0",)}, r"inplace_dict\['head'\].*disagrees.*27 input channels", id="too_few_channels"),
+        pytest.param({"head": ("pruned.0", 3.5)}, r"inplace_dict\['head'\] holds 3\.5", id="bad_entry"),
+    ],
+)
+def test_disagreeing_dict_names_the_key(inplace, error) -> None:
+    model = randomize(ConcatNet())
+    with pytest.raises(InplaceDictError, match=error):
+        export(model, {"pruned.0": torch.arange(16) < 8}, IMAGE, inplace_dict=inplace)
+
+
+def test_inplace_dict_file_errors(tmp_path) -> None:
+    model = ConcatNet()
+    with pytest.raises(InplaceDictError, match=r"inplace_dict file '.*missing\.yaml' does not exist"):
+        export(model, {}, IMAGE, inplace_dict=tmp_path / "missing.yaml")
+    broken = _write(tmp_path / "broken.json", "{not json")
+    with pytest.raises(InplaceDictError, match=r"inplace_dict file '.*broken\.json' could not be parsed"):
+        export(model, {}, IMAGE, inplace_dict=broken)
+
+
+def test_layer_pruned_to_zero_channels() -> None:
+    model = ConcatNet()
+    with pytest.raises(PrunedToZeroError, match=r"Layer 'pruned\.0' would keep none of its 16 output channels"):
+        export(model, {"pruned.0": torch.zeros(16, dtype=torch.bool)}, IMAGE)
+
+
+def test_example_input_the_model_rejects() -> None:
+    with pytest.raises(ExampleInputError, match=r"ConcatNet rejected the example input \(Tensor of \[\(2, 5, 16, 16\)\]\)"):
+        export(ConcatNet(), {}, torch.randn(2, 5, 16, 16))
