@@ -1,8 +1,7 @@
 """Export a channel-masked model to a physically smaller one that computes the same function.
 
 >>> import torch
->>> import torch
-from torch import nn
+>>> from torch import nn
 >>> from lightning_prune import export_pruned_model
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
 >>> keep = {"0": torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)}
