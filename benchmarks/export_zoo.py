@@ -72,9 +72,10 @@ def torch_pruning_seconds(name: str, size: int, repeats: int) -> float | None:
         model = randomize(torchvision.models.get_model(name, weights=None))
         ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
         start = time.perf_counter()
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
-                                      pruning_ratio=0.5, ignored_layers=ignored)
-        pruner.step()
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
+                                          pruning_ratio=0.5, ignored_layers=ignored)
+            pruner.step()
         return time.perf_counter() - start
 
     return statistics.median(run() for _ in range(repeats))

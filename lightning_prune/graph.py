@@ -379,13 +379,16 @@ def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, cal
 
 def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
     """The bias change that accounts for constant input channels removed from a conv or linear."""
-    constants = constants.to(weight.device, torch.float64)
-    summed = (weight.flatten(2).sum(2) if weight.ndim > 2 else weight).double()
+    live = constants.nonzero().flatten()
+    summed = weight.flatten(2).sum(2) if weight.ndim > 2 else weight  # (out, in / groups)
     rows, cols = summed.shape
     groups = consumer.groups if consumer.kind == "conv" else 1
-    per_group = constants.reshape(groups, cols)
-    delta = torch.einsum("goc,gc->go", summed.reshape(groups, rows // groups, cols), per_group).reshape(rows)
-    return delta.to(weight.dtype)
+    group_of = live // cols
+    columns = summed[:, (live % cols).to(weight.device)].double()  # only the columns that fold
+    contribution = columns * constants[live].to(weight.device, torch.float64)
+    row_group = torch.arange(rows, device=weight.device) // (rows // groups)
+    same_group = row_group[:, None] == group_of.to(weight.device)[None, :]
+    return (contribution * same_group).sum(1).to(weight.dtype)
 
 
 def _components(count: int, edges: list[tuple[Tensor, Tensor]]) -> np.ndarray:
