@@ -1,6 +1,10 @@
 """lightning-prune: export channel-pruned PyTorch models as genuinely smaller networks, exactly."""
 
+from lightning_prune.callback import PruneExportCallback
+from lightning_prune.checkpoint import load_pruned, load_pruned_module, save_pruned
 from lightning_prune.errors import (
+    CheckpointError,
+    ConfigurationError,
     ExampleInputError,
     InplaceDictError,
     MaskError,
@@ -18,6 +22,12 @@ from lightning_prune.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
     "ChannelGraph",
+    "CheckpointError",
+    "ConfigurationError",
+    "PruneExportCallback",
+    "load_pruned",
+    "load_pruned_module",
+    "save_pruned",
     "EquivalenceReport",
     "ExampleInputError",
     "ExportResult",

@@ -29,3 +29,11 @@ class ExampleInputError(PruneExportError, ValueError):
 
 class VerificationError(PruneExportError):
     """The exported model does not compute what the masked model computes."""
+
+
+class CheckpointError(PruneExportError):
+    """A compressed checkpoint is missing, truncated, unsafe, or made for another architecture."""
+
+
+class ConfigurationError(PruneExportError, ValueError):
+    """A callback or CLI argument is outside what is supported."""
