@@ -185,30 +185,30 @@ class PruneExportCallback(Callback):
 
     # ---------------------------------------------------------------- pruning
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        example = self._example(trainer, pl_module)
-        graph = ChannelGraph.from_model(pl_module, example)
-        masks = self._masks(pl_module, graph)
+        votes = self._votes(pl_module)  # first: a user's pruner and torch prune leave wrappers to remove
+        graph = ChannelGraph.from_model(pl_module, self._example(trainer, pl_module))
+        masks = votes
+        if self.group_consistent and self.mask_source is None:
+            sparsity = self.config_list[0].get("sparse_ratio", self.sparsity)
+            masks = group_masks(graph, sparsity, model=pl_module, votes=votes, layers=votes.keys())
         self.masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
         self._hold(trainer, pl_module, graph)
         kept = sum(int(k.sum()) for k in self.masks.values())
         total = sum(k.numel() for k in self.masks.values())
         rank_zero_info(f"PruneExportCallback: pruned {total - kept} of {total} channels in {len(self.masks)} layers.")
 
-    def _masks(self, pl_module: pl.LightningModule, graph: ChannelGraph) -> Masks:
+    def _votes(self, pl_module: pl.LightningModule) -> Masks:
+        """Masks as the chosen source gives them, layer by layer."""
         if isinstance(self.pruner, str):
-            votes = nni_masks(pl_module, self.pruner, self.config_list)
-        elif self.pruner is not None:
-            votes = _prefixed(masks_from_pruner(self.pruner, getattr(self.pruner, "bound_model", pl_module)), pl_module, self.pruner)
-        elif self.mask_source is not None:
+            return nni_masks(pl_module, self.pruner, self.config_list)
+        if self.pruner is not None:
+            bound = getattr(self.pruner, "bound_model", pl_module)
+            return _prefixed(masks_from_pruner(self.pruner, bound), pl_module, bound)
+        if self.mask_source is not None:
             return collect_masks(self.mask_source, pl_module)
-        else:
-            votes = collect_masks(pl_module)
-            _make_pruning_permanent(pl_module)
-            return votes
-        if not self.group_consistent:
-            return votes
-        sparsity = self.config_list[0].get("sparse_ratio", self.sparsity)
-        return group_masks(graph, sparsity, model=pl_module, votes=votes, layers=votes.keys())
+        votes = collect_masks(pl_module)
+        _make_pruning_permanent(pl_module)
+        return votes
 
     def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, graph: Optional[ChannelGraph] = None) -> None:
         if graph is None:
@@ -357,9 +357,8 @@ def _to(value: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
 
 
-def _prefixed(masks: Masks, pl_module: pl.LightningModule, pruner: Any) -> Masks:
+def _prefixed(masks: Masks, pl_module: pl.LightningModule, bound: torch.nn.Module) -> Masks:
     """Masks from a pruner bound to a submodule, renamed relative to the LightningModule."""
-    bound = getattr(pruner, "bound_model", pl_module)
     prefix = next((name for name, module in pl_module.named_modules() if module is bound), "")
     return {f"{prefix}.{k}" if prefix else k: v for k, v in masks.items()}
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import InplaceDictError, PrunedToZeroError
-from lightning_prune.masks import Masks
+from lightning_prune.masks import Masks, unwrapped_copy
 from lightning_prune.trace import ChannelTrace, Consumer, ParamAxis, trace_channels
 
 InplaceDict = dict[str, tuple[Union[str, int, None], ...]]
@@ -358,9 +358,10 @@ def infer_inplace_dict(model: nn.Module, example_input: Any) -> InplaceDict:
 
     Keys are the traced conv, norm and linear layers; values the producers of their input
     channels in concat order. Print it with :func:`format_inplace_dict`, edit, and pass it back
-    as ``inplace_dict=`` to :func:`~lightning_prune.export_pruned_model`.
+    as ``inplace_dict=`` to :func:`~lightning_prune.export_pruned_model`. A model still wrapped
+    by a pruner (NNI, ``torch.nn.utils.prune``) is traced as the plain model it wraps.
     """
-    return ChannelGraph.from_model(model, example_input).infer_inplace_dict()
+    return ChannelGraph.from_model(unwrapped_copy(model, share_tensors=True), example_input).infer_inplace_dict()
 
 
 def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, calls: Counter) -> Optional[str]:
