@@ -52,11 +52,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def layer_shapes(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Per changed layer, what :func:`load_pruned` needs to shrink a fresh model the same way."""
+    """Per changed layer, what :func:`load_pruned` needs to shrink a fresh model the same way:
+    for each sliced axis its kept size, groups and original size (to recognise another architecture)."""
     shapes = {}
     for name, change in plan.changes.items():
         shapes[name] = {
-            "keep": {f"{param}:{dim}": [int(index.numel()), int(groups)] for (param, dim), (index, groups) in change.keep.items()},
+            "keep": {
+                f"{param}:{dim}": [int(index.numel()), int(groups), int(change.original_sizes.get((param, dim), -1))]
+                for (param, dim), (index, groups) in change.keep.items()
+            },
             "bias_added": change.bias_delta is not None,
             "norm": [change.norm.channels, change.norm.pruned] if change.norm is not None else None,
             "channel_dim": change.channel_dim,
@@ -132,12 +136,17 @@ def load_pruned_module(path: str | os.PathLike, module_class: type[nn.Module]) -
 
 def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -> LayerChange:
     change = LayerChange(channel_dim=info["channel_dim"])
-    for key, (size, groups) in info["keep"].items():
+    for key, (size, groups, original) in info["keep"].items():
         param, dim = key.rsplit(":", 1)
         tensor = getattr(module, param, None)
         if not isinstance(tensor, torch.Tensor) or int(dim) >= tensor.ndim:
             raise CheckpointError(f"Checkpoint '{path}' slices '{name}.{param}' along dim {dim}, which the model's layer lacks.")
         per_group = tensor.shape[int(dim)]  # a grouped axis is already per group (conv weight dim 1)
+        if original >= 0 and per_group != original:
+            raise CheckpointError(
+                f"Checkpoint '{path}' was made from a model whose '{name}.{param}' has {original} entries along "
+                f"dim {dim}; this model's has {per_group}. Build the model with the same configuration."
+            )
         keep_per_group = size // groups
         if keep_per_group > per_group:
             raise CheckpointError(f"Checkpoint '{path}' has {size} channels for '{name}.{param}', more than the model's {per_group * groups}.")

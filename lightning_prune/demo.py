@@ -19,7 +19,7 @@ class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's 1,797 8x8 digits, split 1,437 train / 360 held out; optionally resized
     to ``image_size`` and repeated to ``channels`` (for torchvision backbones)."""
 
-    def __init__(self, batch_size: int = 64, image_size: int = 8, channels: int = 1, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, image_size: int = 8, channels: int = 1, seed: int = 0, shuffle: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_set: Optional[TensorDataset] = None
@@ -45,7 +45,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle)
 
     @override
     def val_dataloader(self) -> DataLoader:

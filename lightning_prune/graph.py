@@ -55,6 +55,7 @@ class LayerChange:
     """How one module changes: parameter slices, a bias correction, norm constants."""
 
     keep: dict[tuple[str, int], tuple[Tensor, int]] = field(default_factory=dict)  # (param, dim) -> (index, groups)
+    original_sizes: dict[tuple[str, int], int] = field(default_factory=dict)  # (param, dim) -> size before
     bias_delta: Optional[Tensor] = None
     norm: Optional[NormConstants] = None
     channel_dim: int = -1  # where a norm's channels are in its module-level input
@@ -239,6 +240,7 @@ class ChannelGraph:
                     f"(dim {axis.dim}). Keep at least one channel in the masks of the layers feeding it."
                 )
             changes[axis.module].keep[(axis.param, axis.dim)] = (torch.from_numpy(np.flatnonzero(kept)), axis.groups)
+            changes[axis.module].original_sizes[(axis.param, axis.dim)] = kept.size // axis.groups
         for consumer in self.trace.consumers:
             pruned = ~self._kept(keep, consumer.labels)
             values = consumer.constants.numpy()

@@ -1,0 +1,221 @@
+"""PruneExportCallback in real Trainer runs: prune, hold, export, verify, save, log, resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_prune import (
+    CheckpointError,
+    ConfigurationError,
+    PruneExportCallback,
+    PruneExportError,
+    load_pruned,
+    load_pruned_module,
+    verify_equivalence,
+)
+from lightning_prune.demo import DigitsCNN, DigitsDataModule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fit(tmp_path, callback, module=None, logger=False, max_epochs=2, ckpt_path=None, extra_callbacks=(), shuffle=True, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    module = module or DigitsCNN(width=8)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, limit_train_batches=4, limit_val_batches=1, default_root_dir=tmp_path,
+        callbacks=[*extra_callbacks, callback], logger=logger, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=bool(extra_callbacks), **kwargs,
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(shuffle=shuffle), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def val_images():
+    data = DigitsDataModule()
+    data.setup()
+    return next(iter(data.val_dataloader()))[0]
+
+
+def test_pruner_by_name_exports_exact_smaller_model(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", sparsity=0.5, export_dir=str(tmp_path / "out"))
+    _, module = fit(tmp_path, callback)
+    images = val_images()
+    assert verify_equivalence(module, callback.exported_model, images).passed
+    report = callback.report
+    assert report["params_exported"] < 0.5 * report["params_dense"]
+    assert report["top1_agreement"] == 1.0 and report["accuracy_masked"] == report["accuracy_exported"]
+    assert os.path.isfile(tmp_path / "out" / "masked.ckpt") and os.path.isfile(tmp_path / "out" / "pruned.ckpt")
+    reloaded = load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=8)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), callback.exported_model(images))
+    from_class = load_pruned_module(tmp_path / "out" / "pruned.ckpt", DigitsCNN).eval()
+    with torch.no_grad():
+        assert torch.equal(from_class(images), callback.exported_model(images))
+    payload = torch.load(tmp_path / "out" / "pruned.ckpt", weights_only=True)
+    assert payload["hyper_parameters"]["width"] == 8 and set(payload["masks"]) == {"net.0", "net.3", "net.7"}
+
+
+def test_masks_hold_whole_channels_through_finetuning(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="l1", sparsity=0.5)
+    _, module = fit(tmp_path, callback)
+    keys = set(DigitsCNN(width=8).state_dict())
+    assert set(module.state_dict()) == keys  # no wrapper names
+    for layer, keep in callback.masks.items():
+        conv = module.get_submodule(layer)
+        assert conv.weight[~keep].abs().sum() == 0
+        batch_norm = module.net[int(layer.split(".")[1]) + 1]
+        assert batch_norm.weight[~keep].abs().sum() == 0 and batch_norm.bias[~keep].abs().sum() == 0
+        assert conv.weight[keep].abs().sum() > 0
+
+
+def test_users_nni_pruner_object(tmp_path) -> None:
+    from nni.compression.pruning import FPGMPruner
+
+    module = DigitsCNN(width=8)
+    pruner = FPGMPruner(module.net, [{"sparsity": 0.5, "op_types": ["Conv2d"], "op_names": ["0", "3"]}])
+    callback = PruneExportCallback(pruner=pruner)
+    fit(tmp_path, callback, module=module)
+    assert set(callback.masks) == {"net.0", "net.3"}
+    assert callback.exported_model.net[0].out_channels == 4 and callback.exported_model.net[3].out_channels == 8
+    assert not any(hasattr(m, "_nni_wrapper") for m in module.modules())
+
+
+def test_masks_from_a_file(tmp_path) -> None:
+    keep = {"net.3": torch.arange(16) % 2 == 0}
+    torch.save(keep, tmp_path / "masks.pt")
+    callback = PruneExportCallback(pruner=None, masks=str(tmp_path / "masks.pt"))
+    fit(tmp_path, callback)
+    assert callback.exported_model.net[3].out_channels == 8
+    assert torch.equal(callback.masks["net.3"], keep["net.3"])
+
+
+def test_model_pruning_interop(tmp_path) -> None:
+    from pytorch_lightning.callbacks import ModelPruning
+
+    module = DigitsCNN(width=8)
+    pruning = ModelPruning("ln_structured", amount=0.5, parameters_to_prune=[(module.net[3], "weight")], pruning_dim=0,
+                           pruning_norm=1, apply_pruning=lambda epoch: epoch == 0, use_global_unstructured=False, verbose=0)
+    callback = PruneExportCallback(pruner=None, prune_on_epoch=1)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, default_root_dir=tmp_path,
+                         callbacks=[pruning, callback], logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert callback.exported_model.net[3].out_channels == 8
+    assert not hasattr(module.net[3], "weight_orig")
+
+
+def test_resume_gives_the_same_export(tmp_path) -> None:
+    straight = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "a"))
+    fit(tmp_path / "a", straight, max_epochs=3, shuffle=False)  # a fixed batch order: resuming cannot replay shuffles
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "b"))
+    fit(tmp_path / "b", first, max_epochs=2, extra_callbacks=[checkpoint], shuffle=False)
+    middle = sorted(glob.glob(str(tmp_path / "ckpt" / "epoch=0*.ckpt")))[0]
+    resumed = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "c"))
+    fit(tmp_path / "c", resumed, max_epochs=3, ckpt_path=middle, extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")], shuffle=False)
+    assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)
+    a, b = straight.exported_model.state_dict(), resumed.exported_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_wrong_inplace_dict_fails_clearly_and_keeps_the_masked_checkpoint(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", inplace_dict={"net.3": ("net.7",)}, export_dir=str(tmp_path / "out"))
+    with pytest.raises(PruneExportError, match=r"inplace_dict\['net\.3'\] = \('net\.7',\) disagrees with the traced graph.*masked checkpoint is kept at '.*masked\.ckpt'"):
+        fit(tmp_path, callback)
+    masked = torch.load(tmp_path / "out" / "masked.ckpt", weights_only=False)
+    conv = masked["state_dict"]["net.3.weight"]
+    assert (conv.flatten(1).abs().sum(1) == 0).sum() == 8  # the fine-tuned masked weights are there
+    assert not os.path.exists(tmp_path / "out" / "pruned.ckpt")
+
+
+def test_on_failure_warn_does_not_raise(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", inplace_dict={"net.3": ("net.7",)}, on_failure="warn")
+    with pytest.warns(UserWarning, match="export failed"):
+        fit(tmp_path, callback)
+    assert callback.exported_model is None
+
+
+def test_metrics_reach_csv_and_tensorboard(tmp_path) -> None:
+    csv_logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    tb_logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
+    callback = PruneExportCallback(pruner="fpgm")
+    fit(tmp_path, callback, logger=[csv_logger, tb_logger])
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("prune/") and v}
+    assert logged["prune/params_exported"] == callback.report["params_exported"]
+    assert logged["prune/max_relative_error"] <= 1e-5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tb_logger.log_dir)
+    events.Reload()
+    assert "prune/params_exported" in events.Tags()["scalars"]
+    assert events.Scalars("prune/params_dense")[-1].value == callback.report["params_dense"]
+
+
+def test_yaml_config_through_the_command(tmp_path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  limit_train_batches: 4
+  limit_val_batches: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_prune.PruneExportCallback
+      init_args: {{pruner: l2, sparsity: 0.5, export_dir: {tmp_path / 'out'}}}
+model:
+  class_path: lightning_prune.demo.DigitsCNN
+  init_args: {{width: 8}}
+data:
+  class_path: lightning_prune.demo.DigitsDataModule
+""")
+    command = os.path.join(os.path.dirname(sys.executable), "lightning-prune")
+    result = subprocess.run([command, "fit", "--config", str(config)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    small = load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=8))
+    assert small.net[3].out_channels == 8
+
+
+@pytest.mark.parametrize("script", ["quickstart", "seed_workflow", "model_pruning"])
+def test_examples_run(script, tmp_path) -> None:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{script}.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        pytest.param({"pruner": "taylor"}, r"pruner='taylor'\)` is not supported. Choose one of \['fpgm', 'l1', 'l2'\]", id="pruner_name"),
+        pytest.param({"pruner": object()}, r"got a object, which has no `compress\(\)`", id="pruner_object"),
+        pytest.param({"sparsity": 1.5}, r"sparsity=1\.5\)` must be in \(0, 1\)", id="sparsity"),
+        pytest.param({"on_failure": "ignore"}, r"on_failure='ignore'\)` must be one of \('raise', 'warn'\)", id="on_failure"),
+        pytest.param({"prune_on_epoch": -1}, r"prune_on_epoch=-1\)` must be an int >= 0", id="prune_on_epoch"),
+        pytest.param({"rtol": 0}, r"rtol=0\)` must be > 0", id="rtol"),
+        pytest.param({"inplace_dict": "missing.yaml"}, r"inplace_dict='missing\.yaml'\)` is neither 'auto' nor an existing", id="inplace_dict_file"),
+        pytest.param({"pruner": None, "masks": "missing.pt"}, r"masks='missing\.pt'\)`: mask file not found", id="mask_file"),
+    ],
+)
+def test_arguments_are_validated_eagerly(kwargs, error) -> None:
+    with pytest.raises(ConfigurationError, match=error):
+        PruneExportCallback(**kwargs)
+
+
+def test_checkpoint_for_another_architecture(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "out"))
+    fit(tmp_path, callback)
+    with pytest.raises(CheckpointError, match=r"pruned\.ckpt' was made from a model whose 'net\.0\.weight' has 8 entries along dim 0; this model's has 16"):
+        load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=16))
