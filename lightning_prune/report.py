@@ -3,7 +3,7 @@
 >>> import torch
 >>> from torch import nn
 >>> count_macs(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 10, 10))
-17280
+13824
 """
 
 from __future__ import annotations
