@@ -219,3 +219,15 @@ def test_checkpoint_for_another_architecture(tmp_path) -> None:
     fit(tmp_path, callback)
     with pytest.raises(CheckpointError, match=r"pruned\.ckpt' was made from a model whose 'net\.0\.weight' has 8 entries along dim 0; this model's has 16"):
         load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=16))
+
+
+@pytest.mark.parametrize("config", ["resnet18", "mobilenet_v2"])
+def test_recipe_configs_parse_and_run_one_step(config, tmp_path) -> None:
+    """The shipped recipes run as written, shortened to a few steps."""
+    from lightning_prune.cli import main
+
+    main(["fit", "--config", os.path.join(ROOT, "configs", f"{config}.yaml"), "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks.init_args.prune_on_epoch=0",
+          "--trainer.enable_progress_bar=false"])
+    assert os.path.isfile(tmp_path / "pruned" / "pruned.ckpt")
