@@ -76,6 +76,7 @@ def main() -> None:
         times["held"].append(run(copy.deepcopy(base), [NoExport(pruner="l1", sparsity=0.5)], args.steps, args.warmup))
         times["nni"].append(run(copy.deepcopy(wrapped), [], args.steps, args.warmup))
     unmasked, held, nni = (statistics.median(times[k]) for k in ("unmasked", "held", "nni"))
+    hold_alone = hold_seconds(copy.deepcopy(base))
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {args.arch}, batch 64, 32x32\n")
@@ -83,6 +84,26 @@ def main() -> None:
     print("|---|---|---|")
     for name, seconds in (("unmasked", unmasked), ("PruneExportCallback (mask hold)", held), ("NNI 3.0 wrapped model", nni)):
         print(f"| {name} | {seconds * 1e3:.1f} | {seconds / unmasked - 1:+.1%} |")
+    print(f"| the mask hold alone (zero grads + zero weights, timed in isolation) | {hold_alone * 1e3:.1f} "
+          f"| {hold_alone / unmasked:+.1%} |")
+
+
+def hold_seconds(module: pl.LightningModule, repeats: int = 50) -> float:
+    """The hold's own cost per step, free of the step-to-step noise of a whole training step."""
+    from lightning_prune.hold import MaskHold
+    from lightning_prune.masks import is_prunable
+
+    masks = {n: torch.arange(m.weight.shape[0]) % 2 == 0 for n, m in module.named_modules() if is_prunable(m) and n != "net.fc"}
+    hold = MaskHold.build(module, masks, module.example_input_array)
+    for parameter in module.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hold.zero_grads()
+        hold.apply()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

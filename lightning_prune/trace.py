@@ -572,9 +572,7 @@ class _Tracer:
         params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
         self._per_channel(op, args, kwargs, out, params)
 
-    def _instance_norm(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
-        params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-        self._per_channel(op, args, kwargs, out, params)
+    _instance_norm = _batch_norm  # same signature, per-channel statistics too
 
     def _prelu(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
         weight = _arg(args, kwargs, 1, "weight")
