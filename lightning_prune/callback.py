@@ -56,6 +56,8 @@ class PruneExportCallback(Callback):
         rtol: relative error allowed between masked and exported outputs.
         group_consistent: prune whole coupled groups so export loses no sparsity to unions.
         verify_batches: how many validation batches verification runs.
+        gather_full_state: export from a fresh module (built from the module's hyper-parameters)
+            holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
 
     After ``fit``, ``callback.exported_model`` holds the small model and ``callback.report`` its figures.
     """
@@ -77,6 +79,7 @@ class PruneExportCallback(Callback):
         rtol: float = 1e-5,
         group_consistent: bool = True,
         verify_batches: int = 4,
+        gather_full_state: Optional[bool] = None,
     ) -> None:
         if isinstance(pruner, str) and pruner not in PRUNERS:
             raise ConfigurationError(
@@ -116,6 +119,7 @@ class PruneExportCallback(Callback):
         self.rtol = rtol
         self.group_consistent = group_consistent
         self.verify_batches = verify_batches
+        self.gather_full_state = gather_full_state
         self.masks: Optional[Masks] = None
         self.hold: Optional[MaskHold] = None
         self.exported_model: Optional[torch.nn.Module] = None
@@ -161,13 +165,15 @@ class PruneExportCallback(Callback):
         trainer.save_checkpoint(temporary)  # every rank takes part; the fine-tuned weights are safe before export
         if trainer.is_global_zero:
             os.replace(temporary, masked_path)
+        module = self._full_module(trainer, pl_module)  # collective under sharded strategies
         outcome: dict[str, Any] = {"error": None, "report": {}}
         if trainer.is_global_zero:
             try:
-                outcome["report"] = self._export(trainer, pl_module)
-            except PruneExportError as err:
-                outcome["error"] = f"{err} The masked checkpoint is kept at '{masked_path}'."
-        outcome = trainer.strategy.broadcast(outcome, src=0)
+                outcome["report"] = self._export(trainer, module)
+            except Exception as err:  # whatever rank zero hits must reach every rank, never hang them
+                kind = "" if isinstance(err, PruneExportError) else f"{type(err).__name__}: "
+                outcome["error"] = f"{kind}{err} The masked checkpoint is kept at '{masked_path}'."
+        outcome = trainer.strategy.broadcast(outcome, src=0)  # the other ranks wait here for rank zero
         self.report = outcome["report"]
         if outcome["error"] is not None:
             if self.on_failure == "raise":
@@ -217,6 +223,19 @@ class PruneExportCallback(Callback):
         self.hold.apply()
 
     # ----------------------------------------------------------------- export
+    def _full_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
+        """The module to export: itself, or under a sharded strategy (FSDP, DeepSpeed) a fresh
+        unsharded copy built from its hyper-parameters and the gathered full state."""
+        sharded = self.gather_full_state if self.gather_full_state is not None else _is_sharded(trainer.strategy)
+        if not sharded:
+            return pl_module
+        state = trainer.strategy.lightning_module_state_dict()  # every rank takes part in the gather
+        if not trainer.is_global_zero:
+            return pl_module
+        full = type(pl_module)(**pl_module.hparams)
+        full.load_state_dict(state)
+        return full.to(pl_module.device)
+
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         example = self._example(trainer, pl_module)
         start = time.perf_counter()
@@ -232,6 +251,7 @@ class PruneExportCallback(Callback):
             latency_dense_ms=measure_latency(pl_module, example) * 1e3,
             latency_exported_ms=measure_latency(small, example) * 1e3,
             export_seconds=export_seconds,
+            device=str(pl_module.device),
         )
         hparams = dict(pl_module.hparams) if hasattr(pl_module, "hparams") else {}
         pruned_path = os.path.join(self.export_dir, "pruned.ckpt")
@@ -243,7 +263,7 @@ class PruneExportCallback(Callback):
 
     @torch.no_grad()
     def _verify(self, trainer: pl.Trainer, pl_module: pl.LightningModule, small: torch.nn.Module, example: Any) -> dict[str, Any]:
-        from torchmetrics.classification import MulticlassAccuracy
+        from torchmetrics.classification import MulticlassAccuracy  # rank zero alone: no cross-rank sync
 
         was_training = pl_module.training
         pl_module.eval()
@@ -263,9 +283,9 @@ class PruneExportCallback(Callback):
                 if isinstance(reference, torch.Tensor) and reference.ndim == 2:  # classifier logits
                     classes = reference.shape[1]
                     if agreement is None:
-                        agreement = MulticlassAccuracy(classes, average="micro").to(reference.device)
+                        agreement = MulticlassAccuracy(classes, average="micro", sync_on_compute=False).to(reference.device)
                         if target is not None:
-                            accuracy = {k: MulticlassAccuracy(classes, average="micro").to(reference.device) for k in ("masked", "exported")}
+                            accuracy = {k: MulticlassAccuracy(classes, average="micro", sync_on_compute=False).to(reference.device) for k in ("masked", "exported")}
                     agreement.update(candidate, reference.argmax(1))
                     if target is not None:
                         accuracy["masked"].update(reference, _to(target, reference.device))
@@ -320,6 +340,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| top-1 agreement | | {report['top1_agreement']:.4f} |")
     lines.append(f"| export seconds | | {report.get('export_seconds', float('nan')):.3f} |")
     return "\n".join(lines)
+
+
+def _is_sharded(strategy: Any) -> bool:
+    return any(cls.__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") for cls in type(strategy).__mro__)
 
 
 def _first_batches(trainer: pl.Trainer, count: int) -> list[tuple[Any, Any]]:

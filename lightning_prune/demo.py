@@ -80,16 +80,25 @@ class Classifier(pl.LightningModule):
 
 
 class DigitsCNN(Classifier):
-    """A small CNN (conv-BN-ReLU x3, global pooling, linear) for 8x8 digits."""
+    """A small CNN (conv-BN-ReLU x3, global pooling, linear) for 8x8 digits.
 
-    def __init__(self, width: int = 32, lr: float = 0.05, num_classes: int = 10) -> None:
+    ``batch_norm=False`` swaps each BatchNorm for an identity (the convs then get biases): a
+    model whose DDP training matches single-process training step for step, since CPU DDP has
+    no synchronised BatchNorm.
+    """
+
+    def __init__(self, width: int = 32, lr: float = 0.05, num_classes: int = 10, batch_norm: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1, bias=not batch_norm), norm(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=not batch_norm), norm(2 * width), nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=not batch_norm), norm(2 * width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
         )
         self.example_input_array = torch.zeros(1, 1, 8, 8)

@@ -1,0 +1,80 @@
+"""Real DDP on CPU (2 processes, gloo) through a Lightning Trainer, run as scripts in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_prune import load_pruned, verify_equivalence
+from lightning_prune.demo import DigitsCNN, DigitsDataModule
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
+
+
+def run(out, devices: int, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, str(out), str(devices), *flags], capture_output=True, text=True, timeout=timeout)
+
+
+def masked_module(path) -> DigitsCNN:
+    module = DigitsCNN(width=8, batch_norm=False)
+    module.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def two_and_one(tmp_path_factory):
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    results = run(two, 2), run(one, 1)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return two, one
+
+
+def test_ddp_writes_each_file_once_and_every_rank_sees_the_result(two_and_one) -> None:
+    two, _ = two_and_one
+    assert sorted(os.listdir(two / "export")) == ["masked.ckpt", "pruned.ckpt"]  # no temporary files left
+    reports = [(two / f"report-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1] and reports[0].endswith(str(two / "export" / "pruned.ckpt"))
+
+
+def test_ddp_export_equals_the_masked_model(two_and_one) -> None:
+    two, _ = two_and_one
+    data = DigitsDataModule()
+    data.setup()
+    images = next(iter(data.val_dataloader()))[0]
+    small = load_pruned(two / "export" / "pruned.ckpt", DigitsCNN(width=8, batch_norm=False))
+    assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(p.numel() for p in DigitsCNN(width=8, batch_norm=False).parameters())
+    assert verify_equivalence(masked_module(two / "export" / "masked.ckpt"), small, images).passed
+
+
+def test_one_and_two_processes_export_the_same_model(two_and_one) -> None:
+    two, one = two_and_one
+    a = torch.load(two / "export" / "pruned.ckpt", weights_only=True)
+    b = torch.load(one / "export" / "pruned.ckpt", weights_only=True)
+    assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in b["masks"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, tensor in b["state_dict"].items():  # the same steps; only float summation order differs
+        assert torch.allclose(a["state_dict"][key], tensor, rtol=1e-5, atol=1e-6), key
+
+
+def test_rank_zero_failure_reaches_every_rank(tmp_path) -> None:
+    result = run(tmp_path, 2, "fail", timeout=60)  # a hang would time out here
+    assert result.returncode != 0
+    for rank in (0, 1):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert "inplace_dict['net.3'] = ('net.7',) disagrees with the traced graph" in message
+        assert "masked checkpoint is kept" in message
+    assert sorted(os.listdir(tmp_path / "export")) == ["masked.ckpt"]
+
+
+def test_gathered_full_state_path_exports_the_same(tmp_path, two_and_one) -> None:
+    """The path sharded strategies take (gather, rebuild from hyper-parameters, export), run under DDP."""
+    result = run(tmp_path, 2, "gather")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / "export" / "pruned.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(two_and_one[0] / "export" / "pruned.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
