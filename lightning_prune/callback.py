@@ -88,7 +88,7 @@ class PruneExportCallback(Callback):
             )
         if pruner is not None and not isinstance(pruner, str) and not hasattr(pruner, "compress"):
             raise ConfigurationError(
-                f"`PruneExportCallback(pruner=...)` got a {type(pruner).__name__}, which has no `compress()`; "
+                f"`PruneExportCallback(pruner=...)` got a value of type {type(pruner).__name__!r}, which has no `compress()`; "
                 "pass an NNI 3.0 pruner object, a pruner name, or None."
             )
         if not 0.0 < sparsity < 1.0:

@@ -46,7 +46,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException as err:
         if os.path.exists(temporary):
             os.remove(temporary)
-        if isinstance(err, OSError):
+        if isinstance(err, Exception):  # a full disk surfaces as OSError or as torch's zip-writer RuntimeError
             raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
         raise
 

@@ -200,7 +200,7 @@ def test_examples_run(script, tmp_path) -> None:
     ("kwargs", "error"),
     [
         pytest.param({"pruner": "taylor"}, r"pruner='taylor'\)` is not supported. Choose one of \['fpgm', 'l1', 'l2'\]", id="pruner_name"),
-        pytest.param({"pruner": object()}, r"got a object, which has no `compress\(\)`", id="pruner_object"),
+        pytest.param({"pruner": object()}, r"got a value of type 'object', which has no `compress\(\)`", id="pruner_object"),
         pytest.param({"sparsity": 1.5}, r"sparsity=1\.5\)` must be in \(0, 1\)", id="sparsity"),
         pytest.param({"on_failure": "ignore"}, r"on_failure='ignore'\)` must be one of \('raise', 'warn'\)", id="on_failure"),
         pytest.param({"prune_on_epoch": -1}, r"prune_on_epoch=-1\)` must be an int >= 0", id="prune_on_epoch"),
