@@ -7,7 +7,7 @@ Each model: randomised BN statistics, random 50% masks on every conv and hidden 
 one 3xSxS input. "export s" is trace plus rebuild (no verification), the median of --repeats
 runs; "verify s" is one masked-vs-exported comparison. Where torch-pruning is installed,
 resnet50 and densenet201 are also pruned by Torch-Pruning's MetaPruner at the same ratio and
-its graph build plus prune step is timed in the same run.
+its graph build plus prune step is timed in the same run, interleaved with ours (medians).
 """
 
 from __future__ import annotations
@@ -61,24 +61,34 @@ def zoo_row(name: str, size: int, repeats: int) -> str:
             f"| {m0 / 1e9:.3f}G | {m1 / 1e9:.3f}G ({m1 / m0:.0%}) | {report.max_relative_error:.1e} |")
 
 
-def torch_pruning_seconds(name: str, size: int, repeats: int) -> float | None:
+def torch_pruning_once(name: str, size: int) -> float | None:
+    """Seconds for Torch-Pruning's MetaPruner graph build plus one 50% prune step, or None if not installed."""
     try:
         import torch_pruning as tp
     except ImportError:
         return None
     example = torch.randn(1, 3, size, size)
+    model = randomize(torchvision.models.get_model(name, weights=None))
+    ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    start = time.perf_counter()
+    with torch.enable_grad():  # Torch-Pruning traces through autograd
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
+                                      pruning_ratio=0.5, ignored_layers=ignored)
+        pruner.step()
+    return time.perf_counter() - start
 
-    def run():
-        model = randomize(torchvision.models.get_model(name, weights=None))
-        ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+
+def side_by_side(name: str, size: int, repeats: int) -> tuple[float, float | None]:
+    """Median seconds of ours and Torch-Pruning's, runs interleaved so machine drift hits both alike."""
+    model, masks = build(name)
+    example = torch.randn(1, 3, size, size)
+    ours, theirs = [], []
+    for _ in range(repeats):
         start = time.perf_counter()
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
-                                          pruning_ratio=0.5, ignored_layers=ignored)
-            pruner.step()
-        return time.perf_counter() - start
-
-    return statistics.median(run() for _ in range(repeats))
+        export(model, masks, example)
+        ours.append(time.perf_counter() - start)
+        theirs.append(torch_pruning_once(name, size))
+    return statistics.median(ours), None if theirs[0] is None else statistics.median(theirs)
 
 
 def main() -> None:
@@ -103,10 +113,7 @@ def main() -> None:
     print("\n| model | lightning-prune export s | Torch-Pruning graph + prune s |")
     print("|---|---|---|")
     for name in ("resnet50", "densenet201"):
-        model, masks = build(name)
-        example = torch.randn(1, 3, args.size, args.size)
-        ours, _ = timed(lambda: export(model, masks, example), args.repeats)
-        theirs = torch_pruning_seconds(name, args.size, args.repeats)
+        ours, theirs = side_by_side(name, args.size, max(args.repeats, 5))
         print(f"| {name} | {ours:.3f} | {'not installed' if theirs is None else f'{theirs:.3f}'} |", flush=True)
 
     print("\n| model | depth (conv layers) | export s | export s per conv layer |")
