@@ -21,9 +21,9 @@ from lightning_prune.demo import DigitsCNN, DigitsDataModule
 
 def main(root: str) -> dict:
     pl.seed_everything(0, verbose=False)
-    callback = PruneExportCallback(pruner="fpgm", sparsity=0.5, prune_on_epoch=8)
+    callback = PruneExportCallback(pruner="fpgm", sparsity=0.5, prune_on_epoch=6)
     trainer = pl.Trainer(
-        max_epochs=16,
+        max_epochs=12,
         accelerator="auto",
         devices=1,
         default_root_dir=root,
