@@ -27,7 +27,7 @@ from lightning_prune.export import export
 from lightning_prune.graph import ChannelGraph
 from lightning_prune.groups import group_masks
 from lightning_prune.hold import MaskHold
-from lightning_prune.masks import Masks, collect_masks
+from lightning_prune.masks import Masks, collect_masks, make_pruning_permanent
 from lightning_prune.pruners import PRUNERS, build_config_list, masks_from_pruner, nni_masks
 from lightning_prune.report import count_macs, count_params, measure_latency
 from lightning_prune.verify import compare_outputs
@@ -213,7 +213,7 @@ class PruneExportCallback(Callback):
         if self.mask_source is not None:
             return collect_masks(self.mask_source, pl_module)
         votes = collect_masks(pl_module)
-        _make_pruning_permanent(pl_module)
+        make_pruning_permanent(pl_module)
         return votes
 
     def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, graph: Optional[ChannelGraph] = None) -> None:
@@ -385,15 +385,6 @@ def _prefixed(masks: Masks, pl_module: pl.LightningModule, bound: torch.nn.Modul
     """Masks from a pruner bound to a submodule, renamed relative to the LightningModule."""
     prefix = next((name for name, module in pl_module.named_modules() if module is bound), "")
     return {f"{prefix}.{k}" if prefix else k: v for k, v in masks.items()}
-
-
-def _make_pruning_permanent(module: torch.nn.Module) -> None:
-    """Remove ``torch.nn.utils.prune`` reparametrisations so state-dict keys are the module's own."""
-    for sub in module.modules():
-        for key, hook in list(sub._forward_pre_hooks.items()):
-            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
-                hook.remove(sub)
-                del sub._forward_pre_hooks[key]
 
 
 __all__ = ["PruneExportCallback", "format_report"]

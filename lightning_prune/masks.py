@@ -214,13 +214,20 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
         wrapper = module._modules.get("_nni_wrapper")
         if wrapper is not None:
             wrapper.unwrap()
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
-                torch.nn.utils.prune.remove(module, hook._tensor_name)
         inner = getattr(module, "module", None)
         if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:
             _set_submodule(model, name, inner)
+    make_pruning_permanent(model)
     return model
+
+
+def make_pruning_permanent(model: nn.Module) -> None:
+    """Remove ``torch.nn.utils.prune`` reparametrisations in place (``weight = weight_orig * weight_mask``),
+    so parameter names are the module's own again."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                torch.nn.utils.prune.remove(module, hook._tensor_name)
 
 
 def _is_nni3_wrapper(module: nn.Module) -> bool:
@@ -292,6 +299,7 @@ __all__: Sequence[str] = [
     "collect_masks",
     "is_prunable",
     "keep_fraction",
+    "make_pruning_permanent",
     "out_channel_dim",
     "unwrapped_copy",
     "zero_pruned_channels",
