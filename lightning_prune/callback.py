@@ -162,7 +162,7 @@ class PruneExportCallback(Callback):
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
         temporary = trainer.strategy.broadcast(os.path.join(self.export_dir, f".masked-{os.getpid()}.ckpt.part"), src=0)
-        trainer.save_checkpoint(temporary)  # every rank takes part; the fine-tuned weights are safe before export
+        trainer.save_checkpoint(temporary, weights_only=False)  # every rank takes part; resumable, saved before export
         if trainer.is_global_zero:
             os.replace(temporary, masked_path)
         module = self._full_module(trainer, pl_module)  # collective under sharded strategies
