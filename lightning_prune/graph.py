@@ -112,13 +112,17 @@ class ChannelGraph:
         Every member of a group is kept or pruned together; a group-consistent mask prunes
         whole groups, so nothing is lost to the union at export.
         """
+        return list(self.group_members().values())
+
+    def group_members(self) -> dict[int, list[tuple[str, int]]]:
+        """:attr:`groups` keyed by each group's root label (what ``self.root`` maps a label to)."""
         members: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for label in range(self.trace.num_labels):
             name = self.owner_names[self.owner[label]]
-            root = self.root[label]
+            root = int(self.root[label])
             if name is not None and not self.blocked[root]:
                 members[root].append((name, int(self.owner_channel[label])))
-        return list(members.values())
+        return dict(members)
 
     @property
     def producers(self) -> dict[str, Tensor]:

@@ -44,6 +44,8 @@ def group_masks(
     ``score="random"`` draws with ``seed``. With ``votes`` (masks from a per-layer pruner such as
     NNI's), a group ranks first by how many of its members the pruner kept, the score breaking
     ties. With ``layers``, only groups whose members all lie in those layers can be pruned.
+    The channels a grouped conv reads or writes are picked group by group, the same number in
+    each, so export need not widen the mask (ResNeXt, RegNet).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1); got {sparsity}.")
@@ -51,30 +53,51 @@ def group_masks(
         raise ValueError("score='l1' needs the model whose filters are scored.")
     if score not in ("l1", "random"):
         raise ValueError(f"score must be 'l1' or 'random'; got {score!r}.")
-    generator = torch.Generator().manual_seed(seed)
-    families: dict[tuple[str, ...], list[list[tuple[str, int]]]] = defaultdict(list)
+    members = graph.group_members()
     allowed = set(layers) if layers is not None else None
-    for group in graph.groups:
-        if allowed is not None and not all(layer in allowed for layer, _ in group):
-            continue
-        families[tuple(sorted({layer for layer, _ in group}))].append(group)
-    norms = _filter_norms(model, graph) if score == "l1" else {}
+    candidates = {root: group for root, group in members.items() if allowed is None or all(l in allowed for l, _ in group)}
+    scores = _scores(candidates, score, model, graph, seed)
+    if votes is not None:  # the vote decides, the score breaks ties
+        top = max((abs(v) for v in scores.values()), default=0.0) + 1
+        scores = {r: sum(bool(votes[l][c]) for l, c in candidates[r] if l in votes) + v / top for r, v in scores.items()}
+    families: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for root, group in candidates.items():
+        families[tuple(sorted({layer for layer, _ in group}))].append(root)
+    pruned: set[int] = set()
+    for roots in families.values():
+        count = min(math.floor(sparsity * len(roots)), len(roots) - 1)
+        pruned.update(sorted(roots, key=scores.__getitem__)[: max(count, 0)])
+    _balance_grouped_convs(graph, pruned, scores, sparsity)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
-    for groups in families.values():
-        count = min(math.floor(sparsity * len(groups)), len(groups) - 1)
-        if count <= 0:
-            continue
-        if score == "l1":
-            scores = torch.tensor([sum(float(norms[layer][channel]) for layer, channel in g) for g in groups])
-        else:
-            scores = torch.rand(len(groups), generator=generator)
-        if votes is not None:
-            kept = torch.tensor([sum(bool(votes[layer][channel]) for layer, channel in g if layer in votes) for g in groups])
-            scores = kept + scores / (scores.abs().max() + 1)  # the vote decides, the score breaks ties
-        for index in scores.argsort()[:count].tolist():
-            for layer, channel in groups[index]:
-                masks[layer][channel] = False
+    for root in pruned:
+        for layer, channel in candidates[root]:
+            masks[layer][channel] = False
     return {layer: keep for layer, keep in masks.items() if not bool(keep.all())}
+
+
+def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: Optional[nn.Module], graph: ChannelGraph, seed: int) -> dict[int, float]:
+    if score == "random":
+        draws = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+        return dict(zip(sorted(candidates), draws))
+    norms = _filter_norms(model, graph)
+    return {root: sum(float(norms[layer][channel]) for layer, channel in group) for root, group in candidates.items()}
+
+
+def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float], sparsity: float) -> None:
+    """A grouped conv needs the same number of channels pruned in each of its groups: re-pick
+    within each group by score, rather than let export widen the mask to the largest group."""
+    for _, labels, groups in graph.trace.even_groups:
+        labels = labels.numpy()
+        if (labels < 0).any():
+            continue
+        roots = graph.root[labels].reshape(groups, -1)
+        if len(set(roots.flat)) != roots.size or not all(int(r) in scores for r in roots.flat):
+            continue  # shared or fixed channels: left to export's widening
+        target = min(math.floor(sparsity * roots.shape[1]), roots.shape[1] - 1)
+        for chunk in roots.tolist():
+            order = sorted(chunk, key=scores.__getitem__)
+            pruned.difference_update(order[target:])
+            pruned.update(order[:target])
 
 
 def _filter_norms(model: nn.Module, graph: ChannelGraph) -> dict[str, torch.Tensor]:
