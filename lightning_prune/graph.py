@@ -195,6 +195,13 @@ class ChannelGraph:
         labels = labels.numpy()
         return np.where(labels >= 0, keep[self.root[np.maximum(labels, 0)]], True)
 
+    def _pruned_inputs(self, keep: np.ndarray, consumer: Consumer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A consumer's pruned input positions, those among them not exactly zero (NaN, not constant,
+        counts as live), and the traced constants."""
+        pruned = ~self._kept(keep, consumer.labels)
+        values = consumer.constants.numpy()
+        return pruned, pruned & (values != 0), values
+
     def _widen_groups(self, keep: np.ndarray, notes: list[Note]) -> bool:
         """A grouped conv needs the same number of channels kept in every group: widen to the largest."""
         changed = False
@@ -217,11 +224,7 @@ class ChannelGraph:
         """Keep pruned channels whose constant value a consumer cannot absorb exactly."""
         changed = False
         for consumer in self.trace.consumers:
-            pruned = ~self._kept(keep, consumer.labels)
-            if not pruned.any():
-                continue
-            values = consumer.constants.numpy()
-            live = pruned & (values != 0)  # NaN (not constant) counts as live
+            pruned, live, values = self._pruned_inputs(keep, consumer)
             if not live.any():
                 continue
             reason = _why_not_absorbed(consumer, values[live], self.tainted[self.root[consumer.labels.numpy()[live]]].any(), calls)
@@ -246,9 +249,7 @@ class ChannelGraph:
             changes[axis.module].keep[(axis.param, axis.dim)] = (torch.from_numpy(np.flatnonzero(kept)), axis.groups)
             changes[axis.module].original_sizes[(axis.param, axis.dim)] = kept.size // axis.groups
         for consumer in self.trace.consumers:
-            pruned = ~self._kept(keep, consumer.labels)
-            values = consumer.constants.numpy()
-            live = pruned & (values != 0)
+            pruned, live, values = self._pruned_inputs(keep, consumer)
             if not (live.any() or (pruned.any() and consumer.kind == "layer_norm")):
                 continue
             constants = torch.from_numpy(np.where(live, values, 0.0))

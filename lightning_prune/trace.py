@@ -284,6 +284,7 @@ class _Tracer:
         if name == "__get__":  # a property such as Tensor.T or Tensor.data
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         op = rules.normalise_op_name(name)
+        rule = rules.rule_for(op)
         self.func = func
         labeled = any(self.rep(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor))
         if op == "setitem":
@@ -292,12 +293,11 @@ class _Tracer:
             return
         if not labeled:
             self.outputs_unlabeled(out)
-            if rules.rule_for(op) in ("conv", "linear", "conv_transpose"):
-                self.handlers[rules.rule_for(op)](op, args, kwargs, out)
+            if rule in ("conv", "linear", "conv_transpose"):  # a producer even of unlabelled input
+                self.handlers[rule](op, args, kwargs, out)
             return
         if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
             return
-        rule = rules.rule_for(op)
         if rule is None:
             self.warn_unknown(op, (args, kwargs))
             self.outputs_unlabeled(out)
@@ -558,13 +558,15 @@ class _Tracer:
             self._give_up(op, args, kwargs, out)
             return None
         for tensor in params:
-            if tensor is not None:
-                if self.param_name(tensor) is None:
-                    self._give_up(op, args, kwargs, out)
-                    return None
-                self.add_axis(tensor, 0, rep.labels)
-                self.trace.ran.add(self.param_name(tensor)[0])
-                self.trace.layer_inputs.setdefault(self.param_name(tensor)[0], rep.labels)
+            if tensor is None:
+                continue
+            owner = self.param_name(tensor)
+            if owner is None:
+                self._give_up(op, args, kwargs, out)
+                return None
+            self.add_axis(tensor, 0, rep.labels)
+            self.trace.ran.add(owner[0])
+            self.trace.layer_inputs.setdefault(owner[0], rep.labels)
         self.set_rep(out, rep)
         return rep.labels
 
