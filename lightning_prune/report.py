@@ -1,4 +1,4 @@
-"""Size and speed of a model: parameters, multiply-accumulates, measured latency.
+"""Size and speed of a model: parameters, multiply-accumulates, measured latency with its spread.
 
 >>> import torch
 >>> from torch import nn
@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,24 +60,149 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     return counter.macs
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, warmup: int = 2) -> float:
-    """Median seconds of one eval-mode forward pass (synchronising CUDA when the input is on a GPU)."""
-    was_training = model.training
-    model.eval()
-    leaves = [t for t in torch.utils._pytree.tree_leaves(example_input) if isinstance(t, torch.Tensor)]
-    cuda = any(t.is_cuda for t in leaves)
-    times = []
-    try:
-        for step in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one model's forward pass: median and interquartile range over ``samples`` timings.
+
+    >>> Latency(median_ms=2.0, q1_ms=1.5, q3_ms=2.75, samples=25).spread_ms
+    1.25
+    """
+
+    median_ms: float
+    q1_ms: float  # 25th percentile
+    q3_ms: float  # 75th percentile
+    samples: int
+
+    @property
+    def spread_ms(self) -> float:
+        """The interquartile range, ``q3_ms - q1_ms``: how much the machine's noise moves a timing."""
+        return self.q3_ms - self.q1_ms
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> "Latency":
+        """Summarise timings given in seconds.
+
+        >>> Latency.of([0.001, 0.002, 0.003, 0.004, 0.005])
+        Latency(median_ms=3.0, q1_ms=2.0, q3_ms=4.0, samples=5)
+        """
+        if not seconds:
+            raise ValueError("Latency.of needs at least one timing.")
+        ms = [s * 1e3 for s in seconds]
+        if len(ms) == 1:
+            return cls(ms[0], ms[0], ms[0], 1)
+        q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+        return cls(median_ms=median, q1_ms=q1, q3_ms=q3, samples=len(ms))
+
+
+def latency_is_noise(a: Latency, b: Latency) -> bool:
+    """True when the two interquartile ranges overlap: the difference is within the machine's noise.
+
+    >>> latency_is_noise(Latency(10.0, 9.0, 11.0, 25), Latency(10.5, 10.8, 12.0, 25))
+    True
+    >>> latency_is_noise(Latency(10.0, 9.0, 11.0, 25), Latency(5.0, 4.5, 5.5, 25))
+    False
+    """
+    return a.q1_ms <= b.q3_ms and b.q1_ms <= a.q3_ms
+
+
+_MIN_SAMPLES = 5
+_clock = time.perf_counter  # the wall clock for CPU timings and the budget (tests replace it)
+
+
+class _Timer:
+    """Times one call: CUDA events when the input is on a GPU, the wall clock otherwise."""
+
+    def __init__(self, example_input: Any) -> None:
+        leaves = [t for t in torch.utils._pytree.tree_leaves(example_input) if isinstance(t, torch.Tensor)]
+        self.cuda = next((t.device for t in leaves if t.is_cuda), None)
+
+    def __call__(self, model: nn.Module, example_input: Any) -> float:
+        """Seconds one forward pass takes."""
+        if self.cuda is None:
+            start = _clock()
             call_model(model, example_input)
-            if cuda:
-                torch.cuda.synchronize()
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
+            return _clock() - start
+        torch.cuda.synchronize(self.cuda)  # earlier work does not count against this call
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call_model(model, example_input)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+
+@torch.no_grad()
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    example_input: Any,
+    *,
+    rounds: int = 5,
+    repeats: int = 5,
+    warmup: int = 2,
+    budget_s: float = 3.0,
+) -> dict[str, Latency]:
+    """Time several models fairly: interleaved rounds, median and interquartile range per model.
+
+    Each round times every model ``repeats`` times, the model order alternating per round; eval
+    mode, ``no_grad``, CUDA synchronised (CUDA events when the input is on a GPU). The budget caps
+    the total time: fewer repeats for slow models, but at least 5 samples each. Every submodule is
+    restored to the training mode it had. Interleaving spreads the machine's drifting load (other processes, clock boost, thermal state)
+    over every model alike, so two models are compared under the same conditions. Each model is
+    first called ``warmup`` times (untimed; at least once, which also estimates its cost). The
+    repeats per round are then cut for models whose ``rounds * repeats`` calls would not fit their
+    share of ``budget_s``, down to ``ceil(5 / rounds)`` per round; rounds stop early once the budget
+    is spent and every model has 5 samples.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> times = compare_latency({"dense": nn.Linear(64, 64), "small": nn.Linear(64, 8)}, torch.randn(4, 64))
+    >>> sorted(times), times["dense"].samples
+    (['dense', 'small'], 25)
+    """
+    if not models:
+        return {}
+    if rounds < 1 or repeats < 1 or warmup < 0 or not budget_s > 0:
+        raise ValueError(f"compare_latency needs rounds >= 1, repeats >= 1, warmup >= 0 and budget_s > 0; got {rounds}, {repeats}, {warmup}, {budget_s}.")
+    names = list(models)
+    modes = {name: [(m, m.training) for m in models[name].modules()] for name in names}
+    timer = _Timer(example_input)
+    started = _clock()
+    try:
+        for model in models.values():
+            model.eval()
+        cost = {}
+        for name in names:  # warm-up, and a first estimate of each model's cost
+            cost[name] = min(timer(models[name], example_input) for _ in range(max(warmup, 1)))
+        share = max(budget_s - (_clock() - started), 0.0) / len(names)
+        least = math.ceil(_MIN_SAMPLES / rounds)
+        per_round = {name: max(least, min(repeats, _fitting(share, rounds * cost[name]))) for name in names}
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for round_index in range(rounds):
+            order = names if round_index % 2 == 0 else names[::-1]
+            for name in order:
+                samples[name].extend(timer(models[name], example_input) for _ in range(per_round[name]))
+            spent = _clock() - started > budget_s
+            if spent and all(len(s) >= _MIN_SAMPLES for s in samples.values()):
+                break
     finally:
-        model.train(was_training)
-    return statistics.median(times)
+        for pairs in modes.values():
+            for module, training in pairs:
+                module.training = training
+    return {name: Latency.of(samples[name]) for name in names}
+
+
+def _fitting(seconds: float, cost: float) -> int:
+    """How many calls of ``cost`` seconds fit in ``seconds`` (as many as wanted when either is unbounded)."""
+    if cost <= 0 or math.isinf(seconds):
+        return 2**31
+    return int(seconds / cost)
+
+
+def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of one eval-mode forward pass (synchronising CUDA when the input is on a GPU).
+
+    ``max(repeats, 5)`` timings, no time budget; :func:`compare_latency` times several models
+    fairly and gives the spread.
+    """
+    latency = compare_latency({"model": model}, example_input, rounds=1, repeats=max(repeats, _MIN_SAMPLES), warmup=warmup, budget_s=math.inf)
+    return latency["model"].median_ms / 1e3
