@@ -13,13 +13,29 @@ hyper-parameters.
 >>> save_pruned(path, result)
 >>> load_pruned(path, build())[2].in_channels
 3
+
+A checkpoint saved from a wrapper (a LightningModule holding ``self.net``) loads into the bare
+network too, and the other way round; the attribute prefix is found from the names:
+
+>>> class Wrapper(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.net = build()
+...     def forward(self, x):
+...         return self.net(x)
+>>> save_pruned(path, export(Wrapper(), {"net.0": torch.arange(8) < 3}, torch.randn(1, 3, 8, 8)))
+>>> load_pruned(path, build())[2].in_channels
+3
+>>> load_pruned(path, Wrapper()).net[2].in_channels
+3
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,26 +88,44 @@ def save_pruned(
     path: str | os.PathLike,
     result: ExportResult,
     *,
-    report: Optional[dict[str, Any]] = None,
-    hyper_parameters: Optional[dict[str, Any]] = None,
+    report: dict[str, Any] | None = None,
+    hyper_parameters: dict[str, Any] | None = None,
+    network_prefix: str | None = None,
 ) -> None:
-    """Write the compressed checkpoint for an export ``result`` (atomically)."""
-    atomic_save(
-        {
-            "format": FORMAT,
-            "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-            "layers": layer_shapes(result.plan),
-            "masks": {k: v.cpu() for k, v in result.masks.items()},
-            "report": _plain(report or {}),
-            "hyper_parameters": _plain(hyper_parameters or {}),
-        },
-        path,
-    )
+    """Write the compressed checkpoint for an export ``result`` (atomically).
+
+    ``network_prefix`` (optional) is the attribute path of the deployable network inside the
+    exported module, ``"model"`` for a LightningModule holding ``self.model``; :func:`load_pruned`
+    prefers it when it matches the names in both ways.
+    """
+    data = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "layers": layer_shapes(result.plan),
+        "masks": {k: v.cpu() for k, v in result.masks.items()},
+        "report": _plain(report or {}),
+        "hyper_parameters": _plain(hyper_parameters or {}),
+    }
+    if network_prefix is not None:
+        try:
+            result.model.get_submodule(network_prefix)
+        except AttributeError as err:
+            raise CheckpointError(
+                f"save_pruned('{os.fspath(path)}', network_prefix={network_prefix!r}): the exported "
+                f"{type(result.model).__name__} has no submodule {network_prefix!r}. Pass the attribute path of "
+                f"the network inside it (e.g. 'model' for self.model), or leave network_prefix out."
+            ) from err
+        data["network_prefix"] = network_prefix
+    atomic_save(data, path)
 
 
 def read_pruned(path: str | os.PathLike) -> dict[str, Any]:
     """Load a compressed checkpoint safely (``weights_only=True``) and check its format."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "pruned.ckpt")
+        hint = f"Did you mean '{inside}'?" if os.path.isfile(inside) else "Pass the path of the pruned.ckpt file the export wrote."
+        raise CheckpointError(f"'{path}' is a directory, not a checkpoint file. {hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     try:
@@ -104,28 +138,147 @@ def read_pruned(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_pruned(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+@dataclass(frozen=True)
+class _Mapping:
+    """How checkpoint names land on the model: ``strip`` removes ``prefix.`` from them (the model is the
+    network that was at ``prefix``), ``add`` loads them into the model's submodule ``prefix``."""
+
+    mode: str  # "same", "strip" or "add"
+    prefix: str = ""
+
+    def local(self, name: str) -> str | None:
+        """The name relative to the module loaded into; None for a name outside the network."""
+        if self.mode != "strip":
+            return name
+        if name == self.prefix:
+            return ""
+        return name[len(self.prefix) + 1 :] if name.startswith(self.prefix + ".") else None
+
+    def target(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.prefix) if self.mode == "add" else model
+
+    def describe(self) -> str:
+        return {"same": "as saved", "strip": f"prefix={self.prefix!r} (the network inside the saved module)",
+                "add": f"prefix={self.prefix!r} (the network inside this model)"}[self.mode]
+
+
+def _misfit(mapping: _Mapping, layers: list[str], keys: list[str], modules: set[str], model_keys: set[str]) -> str | None:
+    """Why the checkpoint's names do not fit the model under ``mapping`` (None when they do).
+
+    Shapes are not looked at here: a fitting model of another size gets the precise shape error later."""
+    def full(local: str) -> str:
+        if mapping.mode != "add":
+            return local
+        return f"{mapping.prefix}.{local}" if local else mapping.prefix
+
+    for layer in layers:
+        local = mapping.local(layer)
+        if local is None or full(local) not in modules:
+            return f"it changes layer '{layer}', which the model does not have"
+    mapped = set()
+    for key in keys:
+        local = mapping.local(key)
+        if local is None:
+            continue
+        owner = full(local).rpartition(".")[0]
+        if owner not in modules:
+            return f"its state_dict key '{key}' belongs to no module of the model"
+        mapped.add(full(local))
+    if not mapped:
+        return f"none of its state_dict keys start with '{mapping.prefix}.'"
+    scope = mapping.prefix + "." if mapping.mode == "add" else ""
+    missing = sorted(k for k in model_keys if k.startswith(scope) and k not in mapped)
+    return f"the model's '{missing[0]}' is not in it" if missing else None
+
+
+def _find_mapping(data: dict[str, Any], model: nn.Module, path: str, prefix: str | None) -> _Mapping:
+    layers, keys = list(data["layers"]), list(data["state_dict"])
+    modules = {name for name, _ in model.named_modules()}
+    model_keys = set(model.state_dict())
+    if prefix is not None:  # explicit: the checkpoint's names start with prefix., or this model holds the network at prefix
+        if prefix == "":
+            candidates = [_Mapping("same")]
+        else:
+            candidates = [_Mapping("strip", prefix)] if any(n.startswith(prefix + ".") for n in layers + keys) else []
+            if prefix in modules:
+                candidates.append(_Mapping("add", prefix))
+        if not candidates:
+            raise CheckpointError(
+                f"Checkpoint '{path}' does not fit prefix={prefix!r}: none of its names start with '{prefix}.' "
+                f"({'first layer' if layers else 'first key'} '{(layers or keys)[0]}') and the {type(model).__name__} has no submodule {prefix!r}. "
+                f"Pass the attribute path of the network inside the LightningModule (e.g. prefix='model'), or leave prefix out."
+            )
+        reasons = [_misfit(c, layers, keys, modules, model_keys) for c in candidates]
+        if None in reasons:
+            return candidates[reasons.index(None)]
+        raise CheckpointError(
+            f"Checkpoint '{path}' does not fit the {type(model).__name__} with prefix={prefix!r}: {reasons[0]}. "
+            f"Check the prefix, or leave it out to have it found."
+        )
+    same = _Mapping("same")
+    first = _misfit(same, layers, keys, modules, model_keys)
+    if first is None:
+        return same
+    names = layers or keys
+    strips = {name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)}
+    if layers:  # every changed layer must lie inside the network
+        strips = {p for p in strips if all(n == p or n.startswith(p + ".") for n in layers)}
+    candidates = [_Mapping("strip", p) for p in sorted(strips)]
+    candidates += [_Mapping("add", name) for name in sorted(modules) if name]
+    fits = [c for c in candidates if _misfit(c, layers, keys, modules, model_keys) is None]
+    stored = data.get("network_prefix")
+    preferred = [c for c in fits if c.mode == "strip" and c.prefix == stored]
+    if len(fits) == 1 or preferred:
+        return (preferred or fits)[0]
+    if not fits:
+        raise CheckpointError(
+            f"Checkpoint '{path}' does not fit the {type(model).__name__}: {first}, and no attribute prefix maps its "
+            f"names onto the model. Pass the module it was saved from, or the network inside it built with the same "
+            f"configuration; if the network sits under another attribute, pass prefix='<attribute>'."
+        )
+    raise CheckpointError(
+        f"Checkpoint '{path}' fits the {type(model).__name__} in {len(fits)} ways: "
+        + ", ".join(c.describe() for c in fits)
+        + f". Pass prefix= to choose one (e.g. prefix={fits[0].prefix!r})."
+    )
+
+
+def load_pruned(path: str | os.PathLike, model: nn.Module, *, prefix: str | None = None) -> nn.Module:
     """Shrink ``model`` (a freshly built original) to the checkpoint's shapes, load its weights strictly, return it.
 
+    ``model`` may be the module the checkpoint was saved from (a LightningModule, say) or the
+    network inside it (``resnet18(num_classes=10)`` for a module holding ``self.model``), or a
+    wrapper holding the network a checkpoint was saved from. The attribute prefix that maps the
+    checkpoint's names onto ``model`` is found automatically; ``prefix="model"`` names it (the
+    checkpoint's names start with ``model.`` and ``model`` is that network, or ``model`` holds the
+    saved network at ``.model``); ``prefix=""`` loads the names as they are. Loading into the
+    network loads only the checkpoint's keys under the prefix, strictly for that network.
+
     ``model`` is changed in place. Raises :class:`CheckpointError` naming the file and the first
-    layer that does not fit when the checkpoint was made for another architecture.
+    layer that does not fit when the checkpoint was made for another architecture, or when the
+    prefix is ambiguous (pass ``prefix=``).
     """
+    path = os.fspath(path)
     data = read_pruned(path)
+    mapping = _find_mapping(data, model, path, prefix)
+    target = mapping.target(model)
+    layers = {mapping.local(n): info for n, info in data["layers"].items()}
+    state_dict = {mapping.local(k): v for k, v in data["state_dict"].items() if mapping.local(k) is not None}
     plan = Plan({}, {}, [])
-    for name, info in data["layers"].items():
+    for name, info in layers.items():
         try:
-            module = model.get_submodule(name)
+            module = target.get_submodule(name)
         except AttributeError as err:
-            raise CheckpointError(f"Checkpoint '{os.fspath(path)}' changes layer '{name}', which the model does not have.") from err
-        plan.changes[name] = _change_for(module, info, os.fspath(path), name)
-    shrink_model(model, plan)
-    mismatch = _first_mismatch(model, data["state_dict"])
+            raise CheckpointError(f"Checkpoint '{path}' changes layer '{name}', which the model does not have.") from err
+        plan.changes[name] = _change_for(module, info, path, name)
+    shrink_model(target, plan)
+    mismatch = _first_mismatch(target, state_dict)
     if mismatch:
-        raise CheckpointError(f"Checkpoint '{os.fspath(path)}' does not fit the model: {mismatch}.")
+        raise CheckpointError(f"Checkpoint '{path}' does not fit the model: {mismatch}.")
     try:
-        model.load_state_dict(data["state_dict"], strict=True)
+        target.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"Checkpoint '{os.fspath(path)}' does not fit the model: {err}") from err
+        raise CheckpointError(f"Checkpoint '{path}' does not fit the model: {err}") from err
     return model
 
 

@@ -81,6 +81,8 @@ CASES = {
     "checkpoint-foreign": lambda t: load_pruned(write(t, "plain.ckpt", model().state_dict()), model()),
     "checkpoint-architecture": lambda t: load_pruned(checkpoint(t), nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))),
     "checkpoint-pickle": lambda t: load_pruned(write(t, "evil.ckpt", {"format": "lightning-prune/1", "x": Evil()}), model()),
+    "checkpoint-directory": lambda t: (checkpoint(t), load_pruned(t, model())),
+    "checkpoint-prefix": lambda t: load_pruned(checkpoint(t), model(), prefix="backbone"),
 }
 
 
