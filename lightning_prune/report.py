@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ class Latency:
         return self.q3_ms - self.q1_ms
 
     @classmethod
-    def of(cls, seconds: Sequence[float]) -> "Latency":
+    def of(cls, seconds: Sequence[float]) -> Latency:
         """Summarise timings given in seconds.
 
         >>> Latency.of([0.001, 0.002, 0.003, 0.004, 0.005])
@@ -122,13 +123,14 @@ class _Timer:
             start = _clock()
             call_model(model, example_input)
             return _clock() - start
-        torch.cuda.synchronize(self.cuda)  # earlier work does not count against this call
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        call_model(model, example_input)
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / 1e3
+        with torch.cuda.device(self.cuda):  # events on the input's device, not the current one
+            torch.cuda.synchronize()  # earlier work does not count against this call
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            call_model(model, example_input)
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / 1e3
 
 
 @torch.no_grad()

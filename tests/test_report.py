@@ -16,7 +16,7 @@ class Recorder(nn.Module):
     """Appends its name to a shared log on every call, with the grad and training state it saw;
     ``cost`` seconds pass on the fake clock per call."""
 
-    def __init__(self, name: str, log: list, clock: "FakeClock | None" = None, cost: float = 0.0) -> None:
+    def __init__(self, name: str, log: list, clock: FakeClock | None = None, cost: float = 0.0) -> None:
         super().__init__()
         self.name, self.log, self.clock, self.cost = name, log, clock, cost
         self.linear = nn.Linear(2, 2)
@@ -115,6 +115,14 @@ def test_default_arguments_give_25_samples_each() -> None:
     times = compare_latency({"dense": nn.Linear(32, 32), "small": nn.Linear(32, 4)}, torch.randn(2, 32))
     for latency in times.values():
         assert latency.samples == 25 and 0 < latency.q1_ms <= latency.median_ms <= latency.q3_ms
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_inputs_are_timed_with_events() -> None:
+    dense, small = nn.Linear(256, 256).cuda().train(), nn.Linear(256, 16).cuda()
+    times = compare_latency({"dense": dense, "small": small}, torch.randn(64, 256, device="cuda"))
+    assert all(t.samples == 25 and 0 < t.q1_ms <= t.median_ms <= t.q3_ms for t in times.values())
+    assert dense.training and not small.training
 
 
 def test_bad_arguments() -> None:
