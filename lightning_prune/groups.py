@@ -28,7 +28,7 @@ from lightning_prune.masks import Masks, out_channel_dim
 
 def group_masks(
     graph: ChannelGraph,
-    sparsity: float,
+    sparsity: float | None,
     *,
     model: Optional[nn.Module] = None,
     score: str = "l1",
@@ -43,11 +43,16 @@ def group_masks(
     ``score="l1"`` ranks a group by the summed L1 norm of its members' filters (needs ``model``);
     ``score="random"`` draws with ``seed``. With ``votes`` (masks from a per-layer pruner such as
     NNI's), a group ranks first by how many of its members the pruner kept, the score breaking
-    ties. With ``layers``, only groups whose members all lie in those layers can be pruned.
-    The channels a grouped conv reads or writes are picked group by group, the same number in
-    each, so export need not widen the mask (ResNeXt, RegNet).
+    ties. ``sparsity=None`` (with ``votes``) keeps the votes' own amount: each family prunes as
+    many groups as its layers' votes prune channels on average, so a pruner or mask that asked
+    for 25% gets 25%, only aligned within each coupled group. With ``layers``, only groups whose
+    members all lie in those layers can be pruned. The channels a grouped conv reads or writes
+    are picked group by group, the same number in each, so export need not widen the mask
+    (ResNeXt, RegNet).
     """
-    if not 0.0 <= sparsity < 1.0:
+    if sparsity is None and votes is None:
+        raise ValueError("sparsity=None keeps the amount of `votes`; pass votes, or a sparsity in [0, 1).")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1); got {sparsity}.")
     if score == "l1" and model is None:
         raise ValueError("score='l1' needs the model whose filters are scored.")
@@ -64,10 +69,15 @@ def group_masks(
     for root, group in candidates.items():
         families[tuple(sorted({layer for layer, _ in group}))].append(root)
     pruned: set[int] = set()
-    for roots in families.values():
-        count = min(math.floor(sparsity * len(roots)), len(roots) - 1)
+    for layers_spanned, roots in families.items():
+        if sparsity is None:
+            voted_out = sum(not bool(votes[l][c]) for r in roots for l, c in candidates[r] if l in votes)
+            count = round(voted_out / len(layers_spanned))  # the average over the family's layers
+        else:
+            count = math.floor(sparsity * len(roots))
+        count = min(count, len(roots) - 1)
         pruned.update(sorted(roots, key=scores.__getitem__)[: max(count, 0)])
-    _balance_grouped_convs(graph, pruned, scores, sparsity)
+    _balance_grouped_convs(graph, pruned, scores)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
     for root in pruned:
         for layer, channel in candidates[root]:
@@ -83,9 +93,10 @@ def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: Opt
     return {root: sum(float(norms[layer][channel]) for layer, channel in group) for root, group in candidates.items()}
 
 
-def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float], sparsity: float) -> None:
+def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float]) -> None:
     """A grouped conv needs the same number of channels pruned in each of its groups: re-pick
-    within each group by score, rather than let export widen the mask to the largest group."""
+    within each group by score (the same total, spread evenly), rather than let export widen
+    the mask to the largest group."""
     for _, labels, groups in graph.trace.even_groups:
         labels = labels.numpy()
         if (labels < 0).any():
@@ -93,7 +104,8 @@ def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[i
         roots = graph.root[labels].reshape(groups, -1)
         if len(set(roots.flat)) != roots.size or not all(int(r) in scores for r in roots.flat):
             continue  # shared or fixed channels: left to export's widening
-        target = min(math.floor(sparsity * roots.shape[1]), roots.shape[1] - 1)
+        total = sum(int(r) in pruned for r in roots.flat)
+        target = min(round(total / roots.shape[0]), roots.shape[1] - 1)
         for chunk in roots.tolist():
             order = sorted(chunk, key=scores.__getitem__)
             pruned.difference_update(order[target:])

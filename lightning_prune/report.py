@@ -208,3 +208,32 @@ def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, war
     """
     latency = compare_latency({"model": model}, example_input, rounds=1, repeats=max(repeats, _MIN_SAMPLES), warmup=warmup, budget_s=math.inf)
     return latency["model"].median_ms / 1e3
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """An export report (as :class:`~lightning_prune.PruneExportCallback` makes it) as a small markdown table.
+
+    >>> print(format_report({"params_dense": 1000, "params_exported": 400, "max_relative_error": 1e-7}))
+    | | dense (masked) | exported |
+    |---|---|---|
+    | params | 1,000 | 400 |
+    | max relative error | | 1.00e-07 |
+    """
+    rows = [
+        ("params", "params_dense", "params_exported", "{:,.0f}"),
+        ("MACs", "macs_dense", "macs_exported", "{:,.0f}"),
+        ("latency ms (median)", "latency_dense_ms", "latency_exported_ms", "{:.3f}"),
+        ("latency spread ms (IQR)", "latency_dense_iqr_ms", "latency_exported_iqr_ms", "{:.3f}"),
+        ("accuracy", "accuracy_masked", "accuracy_exported", "{:.4f}"),
+    ]
+    lines = ["| | dense (masked) | exported |", "|---|---|---|"]
+    for label, dense, small, fmt in rows:
+        if dense in report and small in report:
+            lines.append(f"| {label} | {fmt.format(report[dense])} | {fmt.format(report[small])} |")
+    if report.get("latency_within_noise"):
+        lines.append("| latency | the difference is within this machine's noise (the ranges overlap) | |")
+    for label, key, fmt in (("max relative error", "max_relative_error", "{:.2e}"), ("top-1 agreement", "top1_agreement", "{:.4f}"),
+                            ("export seconds", "export_seconds", "{:.3f}")):
+        if key in report:
+            lines.append(f"| {label} | | {fmt.format(report[key])} |")
+    return "\n".join(lines)

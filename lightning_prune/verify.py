@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lightning_prune.errors import VerificationError
 from lightning_prune.trace import call_model
 
 
@@ -53,18 +56,73 @@ class EquivalenceReport:
         return "\n".join(lines + ([f"  {self.problem}"] if self.problem else []))
 
 
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block, then back in the mode each was in."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
 @torch.no_grad()
 def verify_equivalence(reference: nn.Module, candidate: nn.Module, example_input: Any, rtol: float = 1e-5) -> EquivalenceReport:
     """Run both models in eval mode on ``example_input`` and compare every output tensor."""
-    outputs = []
-    for model in (reference, candidate):
-        was_training = model.training
-        model.eval()
-        try:
-            outputs.append(call_model(model, example_input))
-        finally:
-            model.train(was_training)
-    return compare_outputs(outputs[0], outputs[1], rtol)
+    with evaluating(reference, candidate):
+        return compare_outputs(call_model(reference, example_input), call_model(candidate, example_input), rtol)
+
+
+@torch.no_grad()
+def verify_on_batches(
+    reference: nn.Module, candidate: nn.Module, batches: Iterable[tuple[Any, Any]], rtol: float = 1e-5
+) -> dict[str, float]:
+    """Compare ``candidate`` with ``reference`` on ``(inputs, target or None)`` batches, in eval mode.
+
+    Returns the worst relative error over every output tensor and, for classifier logits (a 2D
+    output), top-1 agreement and each model's accuracy where targets are given (torchmetrics).
+    Raises :class:`~lightning_prune.errors.VerificationError` naming the batch that differs.
+
+    >>> import torch
+    >>> layer = torch.nn.Linear(4, 3)
+    >>> report = verify_on_batches(layer, layer, [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))])
+    >>> report["max_relative_error"], report["top1_agreement"]
+    (0.0, 1.0)
+    """
+    from torchmetrics.classification import MulticlassAccuracy  # one process: no cross-rank sync
+
+    def accuracy(classes: int, device: torch.device) -> MulticlassAccuracy:
+        return MulticlassAccuracy(classes, average="micro", sync_on_compute=False).to(device)
+
+    worst, count, metrics = 0.0, 0, {}
+    with evaluating(reference, candidate):
+        for index, (inputs, target) in enumerate(batches):
+            expected, got = call_model(reference, inputs), call_model(candidate, inputs)
+            comparison = compare_outputs(expected, got, rtol)
+            worst, count = max(worst, comparison.max_relative_error), count + 1
+            if not comparison.passed:
+                raise VerificationError(
+                    f"The exported model differs from the masked model on batch {index}: "
+                    f"max relative error {comparison.max_relative_error:.2e} > rtol {rtol:g}. {comparison.problem}".rstrip()
+                )
+            if not (isinstance(expected, Tensor) and expected.ndim == 2 and expected.is_floating_point()):
+                continue
+            classes, device = expected.shape[1], expected.device
+            metrics.setdefault("top1_agreement", accuracy(classes, device)).update(got, expected.argmax(1))
+            if isinstance(target, Tensor) and target.shape == expected.shape[:1] and not target.is_floating_point():
+                target = target.to(device)
+                metrics.setdefault("accuracy_masked", accuracy(classes, device)).update(expected, target)
+                metrics.setdefault("accuracy_exported", accuracy(classes, device)).update(got, target)
+    report = {"max_relative_error": worst, "verified_batches": count}
+    report.update({name: float(metric.compute()) for name, metric in metrics.items()})
+    if report.get("top1_agreement", 1.0) < 1.0:
+        raise VerificationError(
+            f"Exported and masked models disagree on top-1 for {1 - report['top1_agreement']:.2%} of samples."
+        )
+    return report
 
 
 def compare_outputs(reference: Any, candidate: Any, rtol: float = 1e-5) -> EquivalenceReport:
