@@ -1,6 +1,7 @@
 """lightning-prune: export channel-pruned PyTorch models as genuinely smaller networks, exactly."""
 
-from lightning_prune.callback import PruneExportCallback
+from typing import Any
+
 from lightning_prune.checkpoint import load_pruned, load_pruned_module, save_pruned
 from lightning_prune.errors import (
     CheckpointError,
@@ -49,3 +50,12 @@ __all__ = [
     "shrink_parameters",
     "verify_equivalence",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The Lightning callback is imported on first use, so the core works without Lightning."""
+    if name == "PruneExportCallback":
+        from lightning_prune.callback import PruneExportCallback
+
+        return PruneExportCallback
+    raise AttributeError(f"module 'lightning_prune' has no attribute {name!r}")

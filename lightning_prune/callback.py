@@ -5,74 +5,91 @@ Thin Lightning glue over the core (:mod:`~lightning_prune.masks`, :mod:`~lightni
 
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
     trainer.fit(module, datamodule)   # prune -> masked fine-tune -> export -> verify -> save
+
+The class derives from the ``Callback`` of every Lightning namespace installed
+(``pytorch_lightning`` and ``lightning.pytorch``), so either ``Trainer`` accepts it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
-from collections.abc import Sequence
+import weakref
 from typing import Any, Optional, Union
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch.utils._pytree import tree_map
 from typing_extensions import override
 
-from lightning_prune.checkpoint import save_pruned
-from lightning_prune.errors import ConfigurationError, PruneExportError, VerificationError
+from lightning_prune._lightning import Handoff, callback_bases, info, warn
+from lightning_prune.batches import split_batch
+from lightning_prune.callback_checks import is_sharded, validate_arguments, writable_problem
+from lightning_prune.checkpoint import save_pruned, temporary_path
+from lightning_prune.errors import ConfigurationError, MaskError, PruneExportError
 from lightning_prune.export import export
 from lightning_prune.graph import ChannelGraph
 from lightning_prune.groups import group_masks
 from lightning_prune.hold import MaskHold
+from lightning_prune.inplace import load_inplace_dict
 from lightning_prune.masks import Masks, collect_masks, make_pruning_permanent
-from lightning_prune.pruners import PRUNERS, build_config_list, masks_from_pruner, nni_masks
-from lightning_prune.report import count_macs, count_params, measure_latency
-from lightning_prune.verify import compare_outputs
+from lightning_prune.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
+from lightning_prune.report import compare_latency, count_macs, count_params, format_report, latency_is_noise
+from lightning_prune.trainer_data import first_batches
+from lightning_prune.verify import verify_on_batches
 
-_ON_FAILURE = ("raise", "warn")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class PruneExportCallback(Callback):
+class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     r"""Prune channels, hold them at zero while fine-tuning, and export a smaller, verified model.
 
     Args:
-        pruner: ``"fpgm"``, ``"l1"`` or ``"l2"`` (NNI 3.0 one-shot pruners built from the config
-            below), an NNI pruner object you built (the seed's flow), or ``None`` to take masks
-            from ``masks`` or from the model itself (``torch.nn.utils.prune`` buffers as
-            Lightning's ``ModelPruning`` leaves them, or zeroed filters).
-        sparsity: fraction of channels to prune in each targeted layer.
-        op_types, op_names, exclude_op_names: which layers NNI prunes.
+        pruner: ``"auto"`` (the masks given in ``masks``, else FPGM), ``"fpgm"``, ``"l1"`` or
+            ``"l2"`` (NNI 3.0 one-shot pruners built from the config below), an NNI pruner object
+            you built, or ``None`` to read masks from the model itself (``torch.nn.utils.prune``
+            buffers as Lightning's ``ModelPruning`` leaves them, or zeroed filters).
+        sparsity: fraction of channels to prune in each targeted layer (named pruners only; a
+            pruner object or given masks keep their own amount).
+        op_types, op_names, exclude_op_names: which layers a named pruner prunes (names are paths
+            from the LightningModule, as ``named_modules()`` gives them).
         config_list: a full NNI ``config_list`` instead (NNI 2.x's ``"sparsity"`` key accepted).
         masks: masks (any form :func:`~lightning_prune.collect_masks` takes) or a path to a mask file.
-        inplace_dict: ``"auto"`` (inferred), a dict in the seed's format, or a path to YAML/JSON.
-        example_input: a tensor (or a list of ints: the shape of a random one) for tracing;
-            default: the module's ``example_input_array``, else the first validation batch.
-        prune_on_epoch: ``0`` prunes at fit start; ``k`` trains dense for ``k`` epochs first.
-        export_dir: where files go; default ``<trainer log dir>/pruned``.
+        inplace_dict: ``"auto"`` (inferred), a dict giving each layer's input producers in concat
+            order (``None``: the network input), or a path to such a dict in YAML/JSON.
+        example_input: a tensor, a tuple of positional inputs or a dict of keyword inputs (or a
+            list of ints: the shape of a random tensor) for tracing; default: the module's
+            ``example_input_array``, else the input of the first validation (or training) batch.
+        input_key: for dict batches, the key holding the model input, when the keys do not match
+            the parameters of the module's ``forward``.
+        prune_on_epoch: ``0`` prunes when training starts (after any checkpoint is restored, so a
+            resumed dense model is ranked on its trained weights); ``k`` trains dense for ``k`` epochs first.
+        export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
-        group_consistent: prune whole coupled groups so export loses no sparsity to unions.
-        verify_batches: how many validation batches verification runs.
+        group_consistent: align masks within each coupled group (residual adds, concatenations),
+            keeping each source's amount, so export loses no sparsity to unions.
+        verify_batches: how many validation batches verification runs (``0``: the example input only).
         gather_full_state: export from a fresh module (built from the module's hyper-parameters)
             holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
 
-    After ``fit``, ``callback.exported_model`` holds the small model and ``callback.report`` its figures.
+    After ``fit``: ``exported_model`` (a copy of your LightningModule with smaller layers),
+    ``exported_network`` (the network inside it that holds the layers, what you deploy) and
+    ``report`` (its figures), also in the launching process of a ``ddp_spawn`` run. A second
+    ``fit`` on another model starts afresh; on the same model it continues with the same masks.
     """
 
     def __init__(
         self,
-        pruner: Union[str, Any, None] = "fpgm",
+        pruner: Union[str, Any, None] = "auto",
         sparsity: float = 0.5,
-        op_types: Sequence[str] = ("Conv2d",),
-        op_names: Optional[Sequence[str]] = None,
-        exclude_op_names: Optional[Sequence[str]] = None,
+        op_types: Optional[list[str]] = None,
+        op_names: Optional[list[str]] = None,
+        exclude_op_names: Optional[list[str]] = None,
         config_list: Optional[list[dict[str, Any]]] = None,
         masks: Union[dict[str, Any], str, None] = None,
         inplace_dict: Union[str, dict[str, Any]] = "auto",
-        example_input: Union[torch.Tensor, list[int], None] = None,
+        example_input: Union[torch.Tensor, list[int], tuple, dict[str, Any], None] = None,
+        input_key: Optional[str] = None,
         prune_on_epoch: int = 0,
         export_dir: Optional[str] = None,
         on_failure: str = "raise",
@@ -81,104 +98,144 @@ class PruneExportCallback(Callback):
         verify_batches: int = 4,
         gather_full_state: Optional[bool] = None,
     ) -> None:
-        if isinstance(pruner, str) and pruner not in PRUNERS:
-            raise ConfigurationError(
-                f"`PruneExportCallback(pruner={pruner!r})` is not supported. Choose one of {sorted(PRUNERS)}, "
-                "an NNI pruner object, or None. HINT: None reads masks from `masks=` or from the model."
-            )
-        if pruner is not None and not isinstance(pruner, str) and not hasattr(pruner, "compress"):
-            raise ConfigurationError(
-                f"`PruneExportCallback(pruner=...)` got a value of type {type(pruner).__name__!r}, which has no `compress()`; "
-                "pass an NNI 3.0 pruner object, a pruner name, or None."
-            )
-        if not 0.0 < sparsity < 1.0:
-            raise ConfigurationError(f"`PruneExportCallback(sparsity={sparsity!r})` must be in (0, 1), e.g. 0.5.")
-        if on_failure not in _ON_FAILURE:
-            raise ConfigurationError(f"`PruneExportCallback(on_failure={on_failure!r})` must be one of {_ON_FAILURE}.")
-        if not isinstance(prune_on_epoch, int) or prune_on_epoch < 0:
-            raise ConfigurationError(f"`PruneExportCallback(prune_on_epoch={prune_on_epoch!r})` must be an int >= 0.")
-        if rtol <= 0:
-            raise ConfigurationError(f"`PruneExportCallback(rtol={rtol!r})` must be > 0.")
-        if pruner is None and masks is None:
-            rank_zero_info("PruneExportCallback: pruner=None and no masks given; masks will be read from the model.")
-        if isinstance(inplace_dict, str) and inplace_dict != "auto" and not os.path.isfile(inplace_dict):
-            raise ConfigurationError(
-                f"`PruneExportCallback(inplace_dict={inplace_dict!r})` is neither 'auto' nor an existing YAML/JSON file."
-            )
-        if isinstance(masks, str) and not os.path.isfile(masks):
-            raise ConfigurationError(f"`PruneExportCallback(masks={masks!r})`: mask file not found.")
+        validate_arguments(
+            pruner=pruner, sparsity=sparsity, op_types=op_types, op_names=op_names, exclude_op_names=exclude_op_names,
+            config_list=config_list, masks=masks, inplace_dict=inplace_dict, example_input=example_input,
+            input_key=input_key, prune_on_epoch=prune_on_epoch, export_dir=export_dir, on_failure=on_failure,
+            rtol=rtol, group_consistent=group_consistent, verify_batches=verify_batches,
+            gather_full_state=gather_full_state,
+        )
         self.pruner = pruner
-        self.sparsity = sparsity
-        self.config_list = build_config_list(sparsity, op_types, op_names, exclude_op_names, config_list)
+        self.sparsity = float(sparsity)
+        self._config_argument = "config_list" if config_list is not None else "op_names/op_types"
+        self.config_list = build_config_list(self.sparsity, op_types or ["Conv2d"], op_names, exclude_op_names, config_list)
         self.mask_source = masks
-        self.inplace_dict = inplace_dict
+        try:  # a file's contents are read now, not after training
+            self.inplace_dict = None if inplace_dict == "auto" else load_inplace_dict(inplace_dict)
+        except PruneExportError as err:
+            raise ConfigurationError(f"`PruneExportCallback(inplace_dict={inplace_dict!r})`: {err}") from err
         self.example_input = example_input
+        self.input_key = input_key
         self.prune_on_epoch = prune_on_epoch
+        self._export_dir_argument = export_dir
         self.export_dir = export_dir
         self.on_failure = on_failure
         self.rtol = rtol
         self.group_consistent = group_consistent
         self.verify_batches = verify_batches
         self.gather_full_state = gather_full_state
+        self._handoff = Handoff()
+        self._reset()
+
+    def _reset(self) -> None:
         self.masks: Optional[Masks] = None
         self.hold: Optional[MaskHold] = None
-        self.exported_model: Optional[torch.nn.Module] = None
-        self.report: dict[str, Any] = {}
+        self._exported_model: Optional[torch.nn.Module] = None
+        self._network_prefix = ""
+        self._report: dict[str, Any] = {}
+        self._module: Optional[weakref.ref] = None
+        self._pruner_votes: Optional[Masks] = None
+
+    @property
+    def pruner_name(self) -> Optional[str]:
+        """The NNI pruner this callback runs by name, or ``None`` (a pruner object, given masks, or the model's own)."""
+        if self.pruner == "auto":
+            return None if self.mask_source is not None else "fpgm"
+        return self.pruner if isinstance(self.pruner, str) else None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Params, MACs, latency, errors and accuracy before and after export, and the checkpoint path."""
+        self._receive()
+        return self._report
+
+    @property
+    def exported_model(self) -> Optional[torch.nn.Module]:
+        """A copy of the LightningModule with physically smaller layers (``None`` before export)."""
+        self._receive()
+        return self._exported_model
+
+    @property
+    def exported_network(self) -> Optional[torch.nn.Module]:
+        """The network inside :attr:`exported_model` that holds every parameter (e.g. ``module.model``),
+        or the module itself when the parameters are spread over several children."""
+        model = self.exported_model
+        return model.get_submodule(self._network_prefix) if model is not None else None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        pruner = self.pruner if isinstance(self.pruner, (str, type(None))) else type(self.pruner).__name__
+        return self._generate_state_key(pruner=pruner, sparsity=self.sparsity, prune_on_epoch=self.prune_on_epoch)
 
     # ------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        directory = self.export_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "pruned")
+        if self._module is not None and self._module() is not pl_module:
+            self._reset()  # a new model: the masks and figures of the previous fit are not its own
+        self._module = weakref.ref(pl_module)
+        directory = self._export_dir_argument or os.path.join(trainer.log_dir or trainer.default_root_dir, "pruned")
         self.export_dir = trainer.strategy.broadcast(directory, src=0)
-        if trainer.ckpt_path is None and self.masks is None and self.prune_on_epoch == 0:
-            self._prune(trainer, pl_module)  # before configure_optimizers runs
+        problem = trainer.strategy.broadcast(writable_problem(self.export_dir) if trainer.is_global_zero else None, src=0)
+        if problem is not None:
+            raise ConfigurationError(
+                f"`PruneExportCallback(export_dir={self.export_dir!r})` cannot be written: {problem}. "
+                "HINT: choose a directory this process can create files in; it is checked before training so no work is lost."
+            )
+        self._check_against_model(trainer, pl_module)
+        if self.masks is None and self._pruner_votes is None and self._pruner_object() is not None:
+            # NNI wraps the model as soon as a pruner is built on it: read its masks and unwrap now,
+            # before a checkpoint is restored into the plain layers and optimizers see them.
+            bound = getattr(self.pruner, "bound_model", pl_module)
+            self._pruner_votes = _prefixed(masks_from_pruner(self.pruner, bound), pl_module, bound)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is not None and self.hold is None:  # masks restored from a checkpoint
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.masks is None and self.prune_on_epoch == 0:
+            self._prune(trainer, pl_module)  # after a checkpoint is restored: a dense one is ranked on its own weights
+        elif self.masks is not None and self.hold is None:  # masks restored from a checkpoint, or a second fit
             self._hold(trainer, pl_module)
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.masks is None and self.prune_on_epoch > 0 and trainer.current_epoch + 1 >= self.prune_on_epoch:
             self._prune(trainer, pl_module)
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.hold is not None:
             self.hold.zero_grads()
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hold is not None:
             self.hold.apply()
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.masks is None:
-            rank_zero_warn("PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported.")
+            warn(trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported.")
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
-        temporary = trainer.strategy.broadcast(os.path.join(self.export_dir, f".masked-{os.getpid()}.ckpt.part"), src=0)
-        trainer.save_checkpoint(temporary, weights_only=False)  # every rank takes part; resumable, saved before export
-        if trainer.is_global_zero:
-            os.replace(temporary, masked_path)
-        module = self._full_module(trainer, pl_module)  # collective under sharded strategies
-        outcome: dict[str, Any] = {"error": None, "report": {}}
-        if trainer.is_global_zero:
-            try:
-                outcome["report"] = self._export(trainer, module)
-            except Exception as err:  # whatever rank zero hits must reach every rank, never hang them
-                kind = "" if isinstance(err, PruneExportError) else f"{type(err).__name__}: "
-                outcome["error"] = f"{kind}{err} The masked checkpoint is kept at '{masked_path}'."
-        outcome = trainer.strategy.broadcast(outcome, src=0)  # the other ranks wait here for rank zero
-        self.report = outcome["report"]
-        if outcome["error"] is not None:
-            if self.on_failure == "raise":
-                raise PruneExportError(outcome["error"])
-            rank_zero_warn(f"PruneExportCallback: export failed: {outcome['error']}")
+        error = self._save_masked(trainer, masked_path)  # every rank takes part; saved before export starts
+        if error is None:
+            module = self._full_module(trainer, pl_module)  # collective under sharded strategies
+            if trainer.is_global_zero:
+                try:
+                    self._report = self._export(trainer, module)
+                except Exception as err:  # whatever rank zero hits must reach every rank, never hang them
+                    kind = "" if isinstance(err, PruneExportError) else f"{type(err).__name__}: "
+                    error = f"{kind}{err} The masked checkpoint is kept at '{masked_path}'."
+            error = trainer.strategy.broadcast(error, src=0)  # the other ranks wait here for rank zero
+            self._report = trainer.strategy.broadcast(self._report, src=0)
+        if error is None:
+            self._handoff.send(trainer, self._report, self._exported_model, self._network_prefix)
+        elif self.on_failure == "raise":
+            raise PruneExportError(error)
+        else:
+            warn(trainer, f"PruneExportCallback: export failed: {error}")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -189,44 +246,116 @@ class PruneExportCallback(Callback):
         self.masks = state_dict.get("masks")
         self.hold = None
 
-    # ---------------------------------------------------------------- pruning
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        votes = self._votes(pl_module)  # first: a user's pruner and torch prune leave wrappers to remove
-        graph = ChannelGraph.from_model(pl_module, self._example(trainer, pl_module))
-        masks = votes
-        if self.group_consistent and self.mask_source is None:
-            sparsity = self.config_list[0].get("sparse_ratio", self.sparsity)
-            masks = group_masks(graph, sparsity, model=pl_module, votes=votes, layers=votes.keys())
-        self.masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
-        self._hold(trainer, pl_module, graph)
-        kept = sum(int(k.sum()) for k in self.masks.values())
-        total = sum(k.numel() for k in self.masks.values())
-        rank_zero_info(f"PruneExportCallback: pruned {total - kept} of {total} channels in {len(self.masks)} layers.")
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks", {})
+        if self.state_key not in states and type(self).__qualname__ in states:  # saved by version 0.1.0
+            self.load_state_dict(states[type(self).__qualname__])
 
-    def _votes(self, pl_module: pl.LightningModule) -> Masks:
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _module=None)  # a weak reference does not pickle (ddp_spawn pickles callbacks)
+
+    def _receive(self) -> None:
+        """In the launching process of a ``ddp_spawn`` run: take rank zero's results once they exist."""
+        data = self._handoff.receive()
+        if data is not None:
+            self._report, self._exported_model, self._network_prefix = data["report"], data["model"], data["network_prefix"]
+
+    # ---------------------------------------------------------------- checks
+    def _check_against_model(self, trainer: Any, pl_module: Any) -> None:
+        """What can be checked before training: layers the config names, masks, the inplace_dict's
+        names, and that an example input can be found."""
+        if self.pruner_name is not None:
+            layers_to_prune(pl_module, self.config_list, self._config_argument)
+        if self.mask_source is not None:
+            try:
+                collect_masks(self.mask_source, pl_module)
+            except MaskError as err:
+                raise ConfigurationError(f"`PruneExportCallback(masks=...)` does not fit the model: {err}") from err
+        names = {name for name, _ in pl_module.named_modules()}
+        for key, value in (self.inplace_dict or {}).items():
+            unknown = [n for n in (key, *value) if isinstance(n, str) and n not in names]
+            if unknown:
+                raise ConfigurationError(
+                    f"`PruneExportCallback(inplace_dict=...)` entry {key!r}: {unknown[0]!r} is not a layer of the model. "
+                    "HINT: names are paths from the LightningModule, as in `named_modules()`."
+                )
+        for batch in first_batches(trainer, 1 if self.verify_batches else 0):
+            split_batch(batch, pl_module.forward, self.input_key)  # verification will read batches this way
+        self._example(trainer, pl_module)
+
+    # ---------------------------------------------------------------- pruning
+    def _prune(self, trainer: Any, pl_module: Any) -> None:
+        example = self._example(trainer, pl_module)
+        votes = self._votes(pl_module)
+        graph = ChannelGraph.from_model(pl_module, example)
+        masks = votes
+        if self.group_consistent and votes:
+            masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys())
+        masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
+        pruned = sum(int((~keep).sum()) for keep in masks.values())
+        if pruned == 0:
+            chosen = sorted(votes) or "none"
+            raise ConfigurationError(
+                f"PruneExportCallback: nothing to prune. The {self._source()} chose layers {chosen}, but none of "
+                "their pruned channels can be removed: each is tied to the model's input or output, or reaches an "
+                "op that keeps its channels (see the warnings above). HINT: target other layers (`op_types`, `op_names`)."
+            )
+        self.masks = masks
+        self._hold(trainer, pl_module, graph)
+        total = sum(k.numel() for k in masks.values())
+        info(trainer, f"PruneExportCallback: pruned {pruned} of {total} channels in {len(masks)} layers ({self._source()}).")
+
+    def _pruner_object(self) -> Any:
+        return None if self.pruner is None or isinstance(self.pruner, str) else self.pruner
+
+    def _source(self) -> str:
+        if self.pruner_name is not None:
+            return f"{self.pruner_name} pruner"
+        if self._pruner_object() is not None:
+            return f"{type(self.pruner).__name__} pruner"
+        return "given masks" if self.mask_source is not None else "masks read from the model"
+
+    def _votes(self, pl_module: Any) -> Masks:
         """Masks as the chosen source gives them, layer by layer."""
-        if isinstance(self.pruner, str):
-            return nni_masks(pl_module, self.pruner, self.config_list)
-        if self.pruner is not None:
-            bound = getattr(self.pruner, "bound_model", pl_module)
-            return _prefixed(masks_from_pruner(self.pruner, bound), pl_module, bound)
+        if self.pruner_name is not None:
+            return nni_masks(pl_module, self.pruner_name, self.config_list)
+        if self._pruner_votes is not None:
+            return self._pruner_votes
         if self.mask_source is not None:
             return collect_masks(self.mask_source, pl_module)
         votes = collect_masks(pl_module)
         make_pruning_permanent(pl_module)
         return votes
 
-    def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, graph: Optional[ChannelGraph] = None) -> None:
+    def _hold(self, trainer: Any, pl_module: Any, graph: Optional[ChannelGraph] = None) -> None:
         if graph is None:
             graph = ChannelGraph.from_model(pl_module, self._example(trainer, pl_module))
         self.hold = MaskHold.build(pl_module, self.masks, graph=graph)
         self.hold.apply()
 
     # ----------------------------------------------------------------- export
-    def _full_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
+    def _save_masked(self, trainer: Any, path: str) -> Optional[str]:
+        """Write the resumable masked checkpoint; a failed write on rank zero reaches every rank."""
+        temporary = trainer.strategy.broadcast(temporary_path(path), src=0)
+        error = None
+        try:
+            trainer.save_checkpoint(temporary, weights_only=False)
+            if trainer.is_global_zero:
+                os.replace(temporary, path)
+        except Exception as err:
+            if not trainer.is_global_zero:
+                raise
+            error = f"Could not write the masked checkpoint '{path}': {type(err).__name__}: {err}"
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            trainer.strategy.barrier("Trainer.save_checkpoint")  # the other ranks wait there for this one
+        return trainer.strategy.broadcast(error, src=0)
+
+    def _full_module(self, trainer: Any, pl_module: Any) -> Any:
         """The module to export: itself, or under a sharded strategy (FSDP, DeepSpeed) a fresh
         unsharded copy built from its hyper-parameters and the gathered full state."""
-        sharded = self.gather_full_state if self.gather_full_state is not None else _is_sharded(trainer.strategy)
+        sharded = self.gather_full_state if self.gather_full_state is not None else is_sharded(trainer.strategy)
         if not sharded:
             return pl_module
         state = trainer.strategy.lightning_module_state_dict()  # every rank takes part in the gather
@@ -234,157 +363,100 @@ class PruneExportCallback(Callback):
             return pl_module
         full = type(pl_module)(**pl_module.hparams)
         full.load_state_dict(state)
-        return full.to(pl_module.device)
+        return full.to(device=pl_module.device, dtype=_dtype(pl_module))
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        example = self._example(trainer, pl_module)
+    def _export(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        trained_dtype = _dtype(pl_module)
+        # Half-precision sums differ with the number of channels: export and verify in float32.
+        reference = copy.deepcopy(pl_module).float() if trained_dtype in _LOW_PRECISION else pl_module
+        dtype = _dtype(reference)
+        example = _cast(self._example(trainer, pl_module), dtype)
         start = time.perf_counter()
-        result = export(pl_module, self.masks, example, inplace_dict=self.inplace_dict)
+        result = export(reference, self.masks, example, inplace_dict=self.inplace_dict)
         export_seconds = time.perf_counter() - start
         small = result.model.to(pl_module.device).eval()
-        report = self._verify(trainer, pl_module, small, example)
+        batches = [(_cast(self._prepare(trainer, pl_module, inputs), dtype), target) for inputs, target in self._batches(trainer, pl_module)]
+        report = verify_on_batches(reference, small, batches or [(example, None)], self.rtol)
+        latency = compare_latency({"dense": reference, "exported": small}, example)
         report.update(
-            params_dense=count_params(pl_module),
+            params_dense=count_params(reference),
             params_exported=count_params(small),
-            macs_dense=count_macs(pl_module, example),
+            macs_dense=count_macs(reference, example),
             macs_exported=count_macs(small, example),
-            latency_dense_ms=measure_latency(pl_module, example) * 1e3,
-            latency_exported_ms=measure_latency(small, example) * 1e3,
+            latency_dense_ms=latency["dense"].median_ms,
+            latency_dense_iqr_ms=latency["dense"].spread_ms,
+            latency_exported_ms=latency["exported"].median_ms,
+            latency_exported_iqr_ms=latency["exported"].spread_ms,
+            latency_within_noise=latency_is_noise(latency["dense"], latency["exported"]),
             export_seconds=export_seconds,
             device=str(pl_module.device),
+            verified_dtype=str(dtype).replace("torch.", ""),
+            notes=[str(note) for note in result.notes],
         )
+        result.model = small.to(trained_dtype)
+        self._network_prefix = _network_prefix(result.model)
         hparams = dict(pl_module.hparams) if hasattr(pl_module, "hparams") else {}
         pruned_path = os.path.join(self.export_dir, "pruned.ckpt")
-        save_pruned(pruned_path, result, report=report, hyper_parameters=hparams)
+        save_pruned(pruned_path, result, report=report, hyper_parameters=hparams, network_prefix=self._network_prefix)
         report["path"] = pruned_path
-        self.exported_model = small
+        report["network_prefix"] = self._network_prefix
+        self._exported_model = result.model
         self._log(trainer, report)
         return report
 
-    @torch.no_grad()
-    def _verify(self, trainer: pl.Trainer, pl_module: pl.LightningModule, small: torch.nn.Module, example: Any) -> dict[str, Any]:
-        from torchmetrics.classification import MulticlassAccuracy  # rank zero alone: no cross-rank sync
+    def _batches(self, trainer: Any, pl_module: Any) -> list[tuple[Any, Any]]:
+        """``(model input, target)`` pairs from the first validation (or training) batches."""
+        return [split_batch(b, pl_module.forward, self.input_key) for b in first_batches(trainer, self.verify_batches)]
 
-        was_training = pl_module.training
-        pl_module.eval()
-        batches = _first_batches(trainer, self.verify_batches) or [(example, None)]
-        worst, agreement, accuracy = 0.0, None, {}
-        try:
-            for index, (inputs, target) in enumerate(batches):
-                inputs = _to(inputs, pl_module.device)
-                reference, candidate = pl_module(inputs), small(inputs)
-                comparison = compare_outputs(reference, candidate, self.rtol)
-                worst = max(worst, comparison.max_relative_error)
-                if not comparison.passed:
-                    raise VerificationError(
-                        f"The exported model differs from the masked model on validation batch {index}: "
-                        f"max relative error {comparison.max_relative_error:.2e} > rtol {self.rtol:g}."
-                    )
-                if isinstance(reference, torch.Tensor) and reference.ndim == 2:  # classifier logits
-                    classes = reference.shape[1]
-                    if agreement is None:
-                        agreement = MulticlassAccuracy(classes, average="micro", sync_on_compute=False).to(reference.device)
-                        if target is not None:
-                            accuracy = {k: MulticlassAccuracy(classes, average="micro", sync_on_compute=False).to(reference.device) for k in ("masked", "exported")}
-                    agreement.update(candidate, reference.argmax(1))
-                    if target is not None:
-                        accuracy["masked"].update(reference, _to(target, reference.device))
-                        accuracy["exported"].update(candidate, _to(target, reference.device))
-        finally:
-            pl_module.train(was_training)
-        report: dict[str, Any] = {"max_relative_error": worst, "verified_batches": len(batches)}
-        if agreement is not None:
-            report["top1_agreement"] = float(agreement.compute())
-            if report["top1_agreement"] < 1.0:
-                raise VerificationError(f"Exported and masked models disagree on top-1 for {1 - report['top1_agreement']:.2%} of samples.")
-        for name, metric in accuracy.items():
-            report[f"accuracy_{name}"] = float(metric.compute())
-        return report
-
-    def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
-        metrics = {f"prune/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))}
+    def _log(self, trainer: Any, report: dict[str, Any]) -> None:
+        metrics = {f"prune/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        rank_zero_info(format_report(report))
+        info(trainer, format_report(report))
 
-    def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        if isinstance(self.example_input, (list, tuple)) and all(isinstance(v, int) for v in self.example_input):
-            example: Any = torch.randn(*self.example_input)
+    def _example(self, trainer: Any, pl_module: Any) -> Any:
+        """The input to trace with, in the module's precision and on its device."""
+        if isinstance(self.example_input, list) and all(isinstance(v, int) for v in self.example_input):
+            example: Any = torch.randn(*self.example_input, generator=torch.Generator().manual_seed(0))
         elif self.example_input is not None:
             example = self.example_input
-        elif pl_module.example_input_array is not None:
+        elif getattr(pl_module, "example_input_array", None) is not None:
             example = pl_module.example_input_array
         else:
-            batches = _first_batches(trainer, 1)
+            batches = first_batches(trainer, 1)
             if not batches:
                 raise ConfigurationError(
-                    "PruneExportCallback needs an example input: set `example_input=`, the module's "
-                    "`example_input_array`, or give the trainer validation data."
+                    "PruneExportCallback needs an example input and found no data to take one from: set "
+                    "`example_input=`, the module's `example_input_array`, or give the trainer training or validation data."
                 )
-            example = batches[0][0]
-        return _to(example, pl_module.device)
+            example = split_batch(batches[0], pl_module.forward, self.input_key)[0]
+        return self._prepare(trainer, pl_module, example)
+
+    def _prepare(self, trainer: Any, pl_module: Any, inputs: Any) -> Any:
+        converted = trainer.precision_plugin.convert_input(inputs)
+        return torch.utils._pytree.tree_map(lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, converted)
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The export summary as a small markdown table (dense vs exported)."""
-    rows = [("params", "params_dense", "params_exported", "{:,.0f}"), ("MACs", "macs_dense", "macs_exported", "{:,.0f}"),
-            ("latency ms", "latency_dense_ms", "latency_exported_ms", "{:.3f}"),
-            ("accuracy", "accuracy_masked", "accuracy_exported", "{:.4f}")]
-    lines = ["| | dense (masked) | exported |", "|---|---|---|"]
-    for label, dense, small, fmt in rows:
-        if dense in report and small in report:
-            lines.append(f"| {label} | {fmt.format(report[dense])} | {fmt.format(report[small])} |")
-    lines.append(f"| max relative error | | {report.get('max_relative_error', float('nan')):.2e} |")
-    if "top1_agreement" in report:
-        lines.append(f"| top-1 agreement | | {report['top1_agreement']:.4f} |")
-    lines.append(f"| export seconds | | {report.get('export_seconds', float('nan')):.3f} |")
-    return "\n".join(lines)
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _is_sharded(strategy: Any) -> bool:
-    return any(cls.__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") for cls in type(strategy).__mro__)
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``value`` (nested) cast to ``dtype``."""
+    return torch.utils._pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
 
 
-def _first_batches(trainer: pl.Trainer, count: int) -> list[tuple[Any, Any]]:
-    """Up to ``count`` (inputs, target) pairs from the validation data, else the training data."""
-    sources = [trainer.val_dataloaders]
-    if trainer.datamodule is not None:
-        sources += [getattr(trainer.datamodule, "val_dataloader", None), getattr(trainer.datamodule, "train_dataloader", None)]
-    for source in sources:
-        loader = source() if callable(source) else source
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if loader is None:
-            continue
-        batches = []
-        for batch in loader:
-            batches.append(_split_batch(batch))
-            if len(batches) >= count:
-                break
-        if batches:
-            return batches
-    return []
+def _network_prefix(module: torch.nn.Module) -> str:
+    """The deepest submodule path that holds every parameter (``""``: the module itself)."""
+    owners = [name.split(".")[:-1] for name, _ in module.named_parameters()]
+    return ".".join(os.path.commonprefix(owners)) if owners else ""
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0], batch[1] if len(batch) > 1 else None
-    raise ConfigurationError(
-        f"PruneExportCallback cannot tell the model input in a {type(batch).__name__} batch; set `example_input=`."
-    )
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
-
-
-def _prefixed(masks: Masks, pl_module: pl.LightningModule, bound: torch.nn.Module) -> Masks:
+def _prefixed(masks: Masks, pl_module: Any, bound: torch.nn.Module) -> Masks:
     """Masks from a pruner bound to a submodule, renamed relative to the LightningModule."""
     prefix = next((name for name, module in pl_module.named_modules() if module is bound), "")
     return {f"{prefix}.{k}" if prefix else k: v for k, v in masks.items()}
 
 
-__all__ = ["PruneExportCallback", "format_report"]
+__all__ = ["PruneExportCallback"]

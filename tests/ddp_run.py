@@ -1,17 +1,27 @@
-"""A real Lightning run for the distributed tests: `python tests/ddp_run.py OUT DEVICES [fail]`.
+"""A real Lightning run for the distributed tests: `python tests/ddp_run.py OUT DEVICES [FLAGS]`.
 
 Prunes DigitsCNN with FPGM at fit start, fine-tunes a few steps (DDP on CPU with gloo when
-DEVICES is 2), exports and verifies. With `fail`, a disagreeing inplace_dict makes rank zero's
-export fail; each rank then records the error it got in OUT/error-rank<N>.txt and exits non-zero.
+DEVICES is 2), exports and verifies. Flags:
+
+- `fail`: a disagreeing inplace_dict makes rank zero's export fail;
+- `fullwrite`: rank zero's files are capped at 4 kB (RLIMIT_FSIZE, as on a full disk) just
+  before the masked checkpoint is written;
+- `gather`: export through the gathered full state (the sharded strategies' path);
+- `spawn`: `ddp_spawn`; the launching process then records what its own callback holds.
+
+On a PruneExportError each rank records it in OUT/error-rank<N>.txt and exits non-zero.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import sys
 import warnings
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -30,7 +40,17 @@ class InOrder(DigitsDataModule):
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False)
 
 
-def main(out: str, devices: int, fail: bool, gather: bool) -> None:
+class FullDisk(pl.Callback):
+    """From the end of training on, rank zero cannot write more than 4 kB to a file."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.RLIM_INFINITY))
+
+
+def main(out: str, devices: int, flags: list[str]) -> None:
+    fail, gather, spawn = "fail" in flags, "gather" in flags, "spawn" in flags
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     callback = PruneExportCallback(
@@ -38,9 +58,9 @@ def main(out: str, devices: int, fail: bool, gather: bool) -> None:
         inplace_dict={"net.3": ("net.7",)} if fail else "auto",
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy=("ddp_spawn" if spawn else "ddp") if devices > 1 else "auto",
         max_steps=4, limit_val_batches=1, use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=out, callbacks=[callback],
+        enable_checkpointing=False, default_root_dir=out, callbacks=[FullDisk(), callback] if "fullwrite" in flags else [callback],
     )
     try:  # the same global batch of 64 in both layouts: 64 on one process, 32 on each of two
         trainer.fit(DigitsCNN(width=8, lr=0.05, batch_norm=False), datamodule=InOrder(batch_size=64 // devices))
@@ -48,9 +68,12 @@ def main(out: str, devices: int, fail: bool, gather: bool) -> None:
         with open(os.path.join(out, f"error-rank{trainer.global_rank}.txt"), "w") as handle:
             handle.write(str(err))
         raise
-    with open(os.path.join(out, f"report-rank{trainer.global_rank}.txt"), "w") as handle:
+    name = "main" if spawn else f"rank{trainer.global_rank}"  # under ddp_spawn this is the launching process
+    with open(os.path.join(out, f"report-{name}.txt"), "w") as handle:
         handle.write(f"{callback.report['params_exported']} {callback.report['path']}")
+    if spawn:
+        torch.save(callback.exported_network.state_dict(), os.path.join(out, "exported-network-main.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), "fail" in sys.argv[3:], "gather" in sys.argv[3:])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

@@ -196,24 +196,6 @@ def test_examples_run(script, tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error"),
-    [
-        pytest.param({"pruner": "taylor"}, r"pruner='taylor'\)` is not supported. Choose one of \['fpgm', 'l1', 'l2'\]", id="pruner_name"),
-        pytest.param({"pruner": object()}, r"got a value of type 'object', which has no `compress\(\)`", id="pruner_object"),
-        pytest.param({"sparsity": 1.5}, r"sparsity=1\.5\)` must be in \(0, 1\)", id="sparsity"),
-        pytest.param({"on_failure": "ignore"}, r"on_failure='ignore'\)` must be one of \('raise', 'warn'\)", id="on_failure"),
-        pytest.param({"prune_on_epoch": -1}, r"prune_on_epoch=-1\)` must be an int >= 0", id="prune_on_epoch"),
-        pytest.param({"rtol": 0}, r"rtol=0\)` must be > 0", id="rtol"),
-        pytest.param({"inplace_dict": "missing.yaml"}, r"inplace_dict='missing\.yaml'\)` is neither 'auto' nor an existing", id="inplace_dict_file"),
-        pytest.param({"pruner": None, "masks": "missing.pt"}, r"masks='missing\.pt'\)`: mask file not found", id="mask_file"),
-    ],
-)
-def test_arguments_are_validated_eagerly(kwargs, error) -> None:
-    with pytest.raises(ConfigurationError, match=error):
-        PruneExportCallback(**kwargs)
-
-
 def test_checkpoint_for_another_architecture(tmp_path) -> None:
     callback = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "out"))
     fit(tmp_path, callback)

@@ -51,6 +51,36 @@ def test_ddp_export_equals_the_masked_model(two_and_one) -> None:
     assert verify_equivalence(masked_module(two / "export" / "masked.ckpt"), small, images).passed
 
 
+def test_ddp_checkpoint_loads_into_the_bare_network(two_and_one) -> None:
+    two, _ = two_and_one
+    module = load_pruned(two / "export" / "pruned.ckpt", DigitsCNN(width=8, batch_norm=False)).eval()
+    network = load_pruned(two / "export" / "pruned.ckpt", DigitsCNN(width=8, batch_norm=False).net).eval()
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(network(images), module(images))
+
+
+def test_ddp_spawn_results_reach_the_launching_process(tmp_path) -> None:
+    result = run(tmp_path, 2, "spawn")
+    assert result.returncode == 0, result.stderr[-3000:]
+    params, path = (tmp_path / "report-main.txt").read_text().split()
+    assert path == str(tmp_path / "export" / "pruned.ckpt")
+    network = load_pruned(path, DigitsCNN(width=8, batch_norm=False).net)
+    assert int(params) == sum(p.numel() for p in network.parameters())
+    held = torch.load(tmp_path / "exported-network-main.pt", weights_only=True)  # what the launching process's callback holds
+    assert held.keys() == network.state_dict().keys()
+    assert all(torch.equal(held[k], v) for k, v in network.state_dict().items())
+
+
+def test_failed_masked_checkpoint_write_reaches_every_rank(tmp_path) -> None:
+    result = run(tmp_path, 2, "fullwrite", timeout=120)  # a hang would time out here
+    assert result.returncode != 0
+    for rank in (0, 1):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert f"Could not write the masked checkpoint '{tmp_path / 'export' / 'masked.ckpt'}'" in message
+    assert os.listdir(tmp_path / "export") == []  # no partial file left behind
+
+
 def test_one_and_two_processes_export_the_same_model(two_and_one) -> None:
     two, one = two_and_one
     a = torch.load(two / "export" / "pruned.ckpt", weights_only=True)
