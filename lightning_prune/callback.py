@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_prune._lightning import Handoff, callback_bases, info, warn
 from lightning_prune.batches import split_batch
 from lightning_prune.callback_checks import is_sharded, validate_arguments, writable_problem
-from lightning_prune.checkpoint import save_pruned, temporary_path
+from lightning_prune.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
 from lightning_prune.errors import ConfigurationError, MaskError, PruneExportError
 from lightning_prune.export import export
 from lightning_prune.graph import ChannelGraph
@@ -338,6 +338,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def _save_masked(self, trainer: Any, path: str) -> Optional[str]:
         """Write the resumable masked checkpoint; a failed write on rank zero reaches every rank."""
         temporary = trainer.strategy.broadcast(temporary_path(path), src=0)
+        if trainer.is_global_zero:
+            remove_stale_temporaries(self.export_dir)  # what a killed earlier run left beside its files
         error = None
         try:
             trainer.save_checkpoint(temporary, weights_only=False)

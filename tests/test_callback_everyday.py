@@ -234,3 +234,26 @@ def test_configuration_errors_come_before_training(tmp_path, kwargs, module, kin
     with pytest.raises(ConfigurationError, match=error):
         run(tmp_path, PruneExportCallback(**kwargs), module=user_module, kind=kind)
     assert not os.path.exists(tmp_path / "pruned" / "masked.ckpt")
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".tmp-elsewhere-1-0123456789abcdef.part"  # another host's writer, long gone
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    callback = PruneExportCallback(pruner="l1", export_dir=str(out))
+    run(tmp_path, callback)
+    assert sorted(os.listdir(out)) == ["masked.ckpt", "pruned.ckpt"]
+
+
+def test_the_core_imports_without_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_prune; from lightning_prune import export_pruned_model, load_pruned; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchmetrics', 'nni') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
