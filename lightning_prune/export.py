@@ -39,7 +39,8 @@ class ExportResult:
 
     @property
     def notes(self) -> list[Note]:
-        """Channels kept against the masks, constants folded, norms corrected: one line each."""
+        """Channels kept against the masks (per layer and reason; a layer's ``"kept"`` counts add up to
+        its masked channels kept), constants folded, norms corrected: one line each."""
         return self.plan.notes
 
     @property
@@ -65,9 +66,8 @@ def export(
     plan = graph.plan(keep, masked)
     work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, plan)
     if graph.trace.reshaped and not _reproduces(work, example_input, graph.trace.output):
-        graph.keep_reshaped()  # the guessed factor of a multi-dim view was the wrong one
-        plan = graph.plan(keep, masked)
-        plan.notes.append(Note("(views)", sum(t.numel() for t in graph.trace.reshaped), "kept", "a view spreads them over several dims and shrinking it changed the model"))
+        graph.keep_reshaped()  # a guessed size (a multi-dim view's factor, a written tensor's) was wrong
+        plan = graph.plan(keep, masked)  # its notes say which channels this kept
         work = shrink_model(masked, plan)
     unshare_tensors(work, model)
     work.train(model.training)

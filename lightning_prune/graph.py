@@ -24,7 +24,9 @@ from lightning_prune.trace import ChannelTrace, Consumer, ParamAxis, trace_chann
 
 InplaceDict = dict[str, tuple[Union[str, int, None], ...]]
 """The seed's format: layer -> producers of its input channels, in concat order (``None``: the
-network input; an ``int``: that many channels from an unpruned source)."""
+network input, and ``(None,)`` alone, for a layer over a reshaped tensor or over no layer's
+channels, "its input channels are not pruned"; an ``int``: that many channels from an unpruned
+source)."""
 
 
 @dataclass
@@ -86,7 +88,8 @@ class ChannelGraph:
                 if other.labels.shape == calls[0].labels.shape:
                     edges.append((calls[0].labels, other.labels))
                 else:
-                    extra_blocked += [calls[0].labels, other.labels]
+                    why = f"'{other.module}' is called on different numbers of channels"
+                    extra_blocked += [(calls[0].labels, why), (other.labels, why)]
             self.axes.append(calls[0])
         self.root = _components(trace.num_labels, edges)
         self.owner = np.full(trace.num_labels, -1, dtype=np.int64)
@@ -96,7 +99,11 @@ class ChannelGraph:
             self.owner[start : start + count] = index
             self.owner_channel[start : start + count] = np.arange(count)
             self.owner_names.append(name)
-        self.blocked = _root_flags(self.root, trace.blocked + extra_blocked)
+        self.blocked = np.zeros(trace.num_labels, dtype=bool)  # per group root: must be kept
+        self.block_reason = np.full(trace.num_labels, -1, dtype=np.int64)  # per root: index into reasons
+        self.reasons: list[str] = []
+        for labels, reason in trace.blocked + extra_blocked:
+            self.block(labels, reason)
         self.tainted = _root_flags(self.root, trace.tainted)
 
     @classmethod
@@ -129,24 +136,47 @@ class ChannelGraph:
         """Layer -> labels of its output channels, for every traced conv/linear layer."""
         return self.trace.producers
 
+    def block(self, labels: Union[Tensor, np.ndarray], reason: str) -> None:
+        """Keep the groups of ``labels`` whatever the masks say; the first reason given for a group
+        is the one its notes report."""
+        labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+        labels = labels.ravel()
+        roots = self.root[labels[labels >= 0]]
+        if not roots.size:
+            return
+        code = self._reason_code(reason)
+        self.blocked[roots] = True
+        fresh = roots[self.block_reason[roots] < 0]
+        self.block_reason[fresh] = code
+
+    def _reason_code(self, reason: str) -> int:
+        try:
+            return self.reasons.index(reason)
+        except ValueError:
+            self.reasons.append(reason)
+            return len(self.reasons) - 1
+
     def keep_reshaped(self) -> None:
-        """Keep every channel a view spread over several dims (the fallback when the guess of which
-        factor shrinks was wrong)."""
-        self.blocked |= _root_flags(self.root, self.trace.reshaped)
+        """Keep every channel whose exported size was a guess (a view spread over several dims, a
+        write into a tensor the model's code sizes): the fallback when the guess was wrong."""
+        for labels in self.trace.reshaped:
+            self.block(labels, "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)")
 
     # ----------------------------------------------------------- decisions
     def plan(self, masks: Masks, model: nn.Module) -> Plan:
         """Decide which channels go, which stay (and why), and how each layer changes.
 
-        ``model`` is the masked model that was traced (its weights give the bias folds).
+        ``model`` is the masked model that was traced (its weights give the bias folds). Every
+        channel a mask prunes that the plan keeps gets a note: the notes of action ``"kept"`` for
+        a layer add up to the number of its masked channels kept, one note per reason.
         """
         notes: list[Note] = []
         root = self.root
-        keep = self._union_keep(masks, notes)
+        keep, why = self._initial_keep(masks, notes)
         calls = Counter(c.module for c in self.trace.consumers)
         changed = True
         while changed:
-            changed = self._widen_groups(keep, notes) | self._keep_unfoldable(keep, calls, notes)
+            changed = self._widen_groups(keep, why) | self._keep_unfoldable(keep, why, calls)
         kept_channels = {}
         for layer, labels in self.trace.producers.items():
             kept = int(keep[root[labels.numpy()]].sum())
@@ -156,10 +186,12 @@ class ChannelGraph:
                     "Keep at least one channel in its mask, or drop the mask for this layer."
                 )
             kept_channels[layer] = kept
+        notes += self._kept_notes(masks, keep, why)
         return Plan(self._changes(keep, model, notes), kept_channels, notes)
 
-    def _union_keep(self, masks: Masks, notes: list[Note]) -> np.ndarray:
-        """Per group root: kept unless every member's mask prunes it and nothing blocks it."""
+    def _initial_keep(self, masks: Masks, notes: Optional[list[Note]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per group root: kept unless every member's mask prunes it and nothing blocks it; and
+        why (an index into :attr:`reasons`, ``-1`` where nothing keeps it)."""
         keep = np.zeros(self.trace.num_labels, dtype=bool)
         prune_vote = np.zeros(self.trace.num_labels, dtype=bool)
         for layer in self.trace.followers - set(masks):  # an unmasked depthwise conv follows its input
@@ -167,11 +199,38 @@ class ChannelGraph:
         for layer, layer_keep in masks.items():
             labels = self.trace.producers.get(layer)
             if labels is None:
-                notes.append(Note(layer, int((~layer_keep).sum()), "kept", "the layer did not run as a conv/linear in the traced forward"))
+                if notes is not None and not bool(layer_keep.all()):
+                    notes.append(Note(layer, int((~layer_keep).sum()), "kept", "the layer did not run as a conv/linear in the traced forward"))
                 continue
             prune_vote[labels.numpy()[~layer_keep.numpy()]] = True
-        keep[self.root[~prune_vote]] = True
-        return keep | self.blocked
+        why = np.where(self.blocked, self.block_reason, -1)
+        voters = np.flatnonzero(~prune_vote)  # labels whose owner keeps them: their groups keep the union
+        roots, first = np.unique(self.root[voters], return_index=True)
+        keep[roots] = True
+        for group, index in zip(roots.tolist(), first.tolist()):
+            if why[group] >= 0:
+                continue
+            name = self.owner_names[self.owner[voters[index]]]
+            if name in masks:
+                reason = f"coupled with '{name}', whose mask keeps them (a coupled group keeps the union of its masks)"
+            else:
+                reason = f"coupled with '{name}', which has no mask (a coupled group keeps the union of its masks)"
+            why[group] = self._reason_code(reason)
+        return keep | self.blocked, why
+
+    def _kept_notes(self, masks: Masks, keep: np.ndarray, why: np.ndarray) -> list[Note]:
+        """One note per (layer, reason) for the channels a layer's mask prunes that are kept."""
+        notes = []
+        for layer, layer_keep in masks.items():
+            labels = self.trace.producers.get(layer)
+            if labels is None:
+                continue
+            roots = self.root[labels.numpy()]
+            against = ~layer_keep.numpy() & keep[roots]
+            for code, count in sorted(Counter(why[roots[against]].tolist()).items()):
+                reason = self.reasons[code] if code >= 0 else "kept by the plan without a recorded reason"
+                notes.append(Note(layer, count, "kept", reason))
+        return notes
 
     def norm_affine_keep(self, masks: Masks, model: nn.Module) -> dict[tuple[str, str], Tensor]:
         """``(norm layer, "weight" | "bias") -> bool keep-vector`` for the affine parameters of every
@@ -180,7 +239,7 @@ class ChannelGraph:
         Zeroing these with the filters holds the whole channel at zero, so a pruned channel
         leaves no constant behind (what masked fine-tuning does).
         """
-        keep = self._union_keep(masks, [])
+        keep, _ = self._initial_keep(masks)
         norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
         result = {}
         for axis in self.axes:
@@ -202,7 +261,13 @@ class ChannelGraph:
         values = consumer.constants.numpy()
         return pruned, pruned & (values != 0), values
 
-    def _widen_groups(self, keep: np.ndarray, notes: list[Note]) -> bool:
+    def _keep_groups(self, keep: np.ndarray, why: np.ndarray, labels: np.ndarray, reason: str) -> None:
+        roots = self.root[labels[labels >= 0]]
+        fresh = roots[~keep[roots]]
+        keep[fresh] = True
+        why[fresh] = self._reason_code(reason)
+
+    def _widen_groups(self, keep: np.ndarray, why: np.ndarray) -> bool:
         """A grouped conv needs the same number of channels kept in every group: widen to the largest."""
         changed = False
         for layer, labels, groups in self.trace.even_groups:
@@ -210,17 +275,13 @@ class ChannelGraph:
             counts = kept.sum(axis=1)
             if counts.min() == counts.max():
                 continue
-            added = 0
-            for g in range(groups):
-                missing = int(counts.max() - counts[g])
-                extra = np.flatnonzero(~kept[g])[:missing] + g * kept.shape[1]
-                keep[self.root[labels.numpy()[extra]]] = True
-                added += missing
-            notes.append(Note(layer, added, "kept", f"its {groups} groups must keep equal channel counts (mask widened)"))
+            extra = [np.flatnonzero(~kept[g])[: int(counts.max() - counts[g])] + g * kept.shape[1] for g in range(groups)]
+            reason = f"'{layer}' is a grouped conv whose {groups} groups must keep equal channel counts (mask widened)"
+            self._keep_groups(keep, why, labels.numpy()[np.concatenate(extra)], reason)
             changed = True
         return changed
 
-    def _keep_unfoldable(self, keep: np.ndarray, calls: Counter, notes: list[Note]) -> bool:
+    def _keep_unfoldable(self, keep: np.ndarray, why: np.ndarray, calls: Counter) -> bool:
         """Keep pruned channels whose constant value a consumer cannot absorb exactly."""
         changed = False
         for consumer in self.trace.consumers:
@@ -230,8 +291,7 @@ class ChannelGraph:
             reason = _why_not_absorbed(consumer, values[live], self.tainted[self.root[consumer.labels.numpy()[live]]].any(), calls)
             if reason is None:
                 continue
-            keep[self.root[consumer.labels.numpy()[live]]] = True
-            notes.append(Note(consumer.module, int(live.sum()), "kept", reason))
+            self._keep_groups(keep, why, consumer.labels.numpy()[live], f"they reach '{consumer.module}' {reason}")
             changed = True
         return changed
 
@@ -296,60 +356,151 @@ class ChannelGraph:
 
         Layers of a kind the dict can name (conv, norm, linear) but absent from its keys keep
         their shape, as in the seed's workflow; an ``int`` entry marks channels the user wants
-        left unpruned. Raises :class:`InplaceDictError` naming the key on any disagreement.
+        left unpruned. ``None`` is the network input; ``(None,)`` alone also means "this layer's
+        input channels are not pruned" for a layer that reads no layer's channels directly: its
+        input carries only the network input or channels of no layer, or is a tensor a view gave
+        another rank (the seed's 2D conv over a reshaped 5D volume). Every entry the trace
+        contradicts is reported at once, in one :class:`InplaceDictMismatchError` whose
+        ``corrected`` dict has each fixed.
         """
         layers = dict(model.named_modules())
+        problems: dict[str, str] = {}
+        corrected: InplaceDict = {}
+        blocks: list[tuple[np.ndarray, str]] = []
         for key, value in inplace_dict.items():
             if key not in layers:
-                raise InplaceDictError(f"inplace_dict key '{key}' is not a layer of the model.")
+                problems[key] = f"inplace_dict key '{key}' is not a layer of the model (dropped from the corrected dict)"
+                continue
             if key not in self.trace.layer_inputs:
-                raise InplaceDictError(f"inplace_dict key '{key}' names a layer that did not run on channels in the traced forward.")
+                problems[key] = f"inplace_dict key '{key}' names a layer that did not run on channels in the traced forward (dropped from the corrected dict)"
+                continue
+            traced = self._describe(self.trace.layer_inputs[key])
             if not isinstance(value, (tuple, list)) or not value:
-                raise InplaceDictError(f"inplace_dict['{key}'] must be a non-empty tuple of layer names, None or ints; got {value!r}.")
-            self._check_entry(key, tuple(value), layers)
+                problems[key] = f"inplace_dict['{key}'] must be a non-empty tuple of layer names, None or ints; got {value!r}; the trace has {traced!r}"
+                corrected[key] = traced
+                continue
+            problem = self._check_entry(key, tuple(value), layers, blocks)
+            if problem is None:
+                corrected[key] = tuple(value)
+            else:
+                problems[key] = problem
+                corrected[key] = traced
+        if problems:
+            raise InplaceDictMismatchError(problems, corrected)
+        for labels, reason in blocks:
+            self.block(labels, reason)
         for layer, labels in self.trace.layer_inputs.items():
             if layer not in inplace_dict:
-                self.blocked[self.root[labels.numpy()[labels.numpy() >= 0]]] = True
+                reason = f"'{layer}' is not a key of the inplace_dict, so it keeps its shape"
+                self.block(labels, reason)
                 produced = self.trace.producers.get(layer)
                 if produced is not None:
-                    self.blocked[self.root[produced.numpy()]] = True
+                    self.block(produced, reason)
 
-    def _check_entry(self, key: str, value: tuple, layers: dict[str, nn.Module]) -> None:
+    def _check_entry(self, key: str, value: tuple, layers: dict[str, nn.Module], blocks: list) -> Optional[str]:
+        """What is wrong with ``inplace_dict[key] = value`` (None if nothing); the channels it keeps
+        go to ``blocks``."""
         graph_labels = self.trace.layer_inputs[key].numpy()
+        traced = self._describe(self.trace.layer_inputs[key])
+        inputs = torch.cat(self.trace.input_labels).numpy() if self.trace.input_labels else np.empty(0, np.int64)
         expected, wildcard = [], []
         for item in value:
             if item is None:
-                labels = torch.cat(self.trace.input_labels).numpy() if self.trace.input_labels else np.empty(0, np.int64)
+                labels = inputs
             elif isinstance(item, int) and not isinstance(item, bool):
                 labels = np.full(item, -1, dtype=np.int64)
             elif isinstance(item, str):
                 if item not in layers:
-                    raise InplaceDictError(f"inplace_dict['{key}'] names '{item}', which is not a layer of the model.")
+                    return f"inplace_dict['{key}'] names '{item}', which is not a layer of the model; the trace has {traced!r}"
                 produced = self.trace.producers.get(item)
                 if produced is None:
-                    raise InplaceDictError(f"inplace_dict['{key}'] names '{item}', which produced no channels in the traced forward.")
+                    return f"inplace_dict['{key}'] names '{item}', which produced no channels in the traced forward; the trace has {traced!r}"
                 labels = produced.numpy()
             else:
-                raise InplaceDictError(f"inplace_dict['{key}'] holds {item!r}; entries are layer names, None or ints.")
+                return f"inplace_dict['{key}'] holds {item!r}; entries are layer names, None or ints; the trace has {traced!r}"
             expected.append(labels)
             wildcard.append(np.full(len(labels), isinstance(item, int)))
+        if value == (None,) and self._reads_no_layer_directly(key, graph_labels):
+            blocks.append((graph_labels, f"inplace_dict['{key}'] is (None,): its input channels are not pruned"))
+            return None
         mine, free = np.concatenate(expected), np.concatenate(wildcard)
         if len(graph_labels) != len(mine) and len(mine) and len(graph_labels) % len(mine) == 0:
             mine, free = np.repeat(mine, len(graph_labels) // len(mine)), np.repeat(free, len(graph_labels) // len(mine))
         ok = len(mine) == len(graph_labels)
         if ok:
-            both = ~free & (graph_labels >= 0) & (mine >= 0)
-            ok = bool((self.root[graph_labels[both]] == self.root[mine[both]]).all()) and not bool(
-                (~free & ((graph_labels >= 0) != (mine >= 0))).any()
-            )
+            network = ~free & np.isin(mine, inputs)  # the network input: its labels may be lost on the way
+            named = ~free & ~network
+            both = named & (graph_labels >= 0) & (mine >= 0)
+            ok = bool((self.root[graph_labels[both]] == self.root[mine[both]]).all())
+            ok &= not bool((named & ((graph_labels >= 0) != (mine >= 0))).any())
+            seen = graph_labels[network & (graph_labels >= 0)]
+            ok &= bool(np.isin(self.root[seen], self.root[inputs]).all())
         if not ok:
-            raise InplaceDictError(
+            return (
                 f"inplace_dict['{key}'] = {value!r} disagrees with the traced graph, which has "
-                f"{self._describe(self.trace.layer_inputs[key])!r} ({len(graph_labels)} input channels). "
-                "Fix the entry or pass inplace_dict='auto'."
+                f"{traced!r} ({len(graph_labels)} input channels): {self._difference(value, traced)}"
             )
         fixed = graph_labels[free & (graph_labels >= 0)]
-        self.blocked[self.root[fixed]] = True
+        blocks.append((fixed, f"inplace_dict['{key}'] gives them as an int (channels left unpruned)"))
+        return None
+
+    def _reads_no_layer_directly(self, key: str, labels: np.ndarray) -> bool:
+        """Whether ``key``'s input holds no layer's channels, or reads a tensor a view reshaped."""
+        labels = labels[labels >= 0]
+        from_layers = np.array([name is not None for name in self.owner_names], dtype=bool)[self.owner[labels]]
+        return not from_layers.any() or key in self.trace.reshaped_inputs
+
+    def _difference(self, given: tuple, traced: tuple) -> str:
+        """Wrong order, wrong producer or missing producer, comparing producers up to coupling."""
+
+        def identity(item: Any) -> Any:
+            if item is None:
+                return ("input",)
+            labels = self.trace.producers.get(item)
+            return ("group", int(self.root[int(labels[0])])) if labels is not None and labels.numel() else ("name", item)
+
+        mine = [(item, identity(item)) for item in given if item is None or isinstance(item, str)]
+        theirs = [(item, identity(item)) for item in traced if item is None or isinstance(item, str)]
+        mine_ids, their_ids = [i for _, i in mine], [i for _, i in theirs]
+        if Counter(mine_ids) == Counter(their_ids):
+            return "wrong order" if mine_ids != their_ids else "wrong channel counts"
+        parts = []
+        extra = [item for item, i in mine if i not in their_ids]
+        missing = [item for item, i in theirs if i not in mine_ids]
+        if extra:
+            parts.append("wrong producer " + ", ".join(repr(i) for i in extra) + " (not an input of this layer)")
+        if missing:
+            parts.append("missing producer " + ", ".join(repr(i) for i in missing))
+        return "; ".join(parts) or "wrong channel counts"
+
+
+class InplaceDictMismatchError(InplaceDictError):
+    """Every entry of an ``inplace_dict`` the traced graph contradicts, reported at once.
+
+    ``problems``: key -> what is wrong (wrong producer, wrong order, missing producer, unknown
+    name) and what the trace has. ``corrected``: the dict with each wrong entry replaced by the
+    trace's and unknown keys dropped, ready for :func:`format_inplace_dict`, so a hand-written
+    dict is fixed in one pass.
+    """
+
+    def __init__(self, problems: dict[str, str], corrected: InplaceDict) -> None:
+        self.problems = dict(problems)
+        self.corrected = dict(corrected)
+        count = len(self.problems)
+        fixed = {key: value for key, value in self.corrected.items() if key in self.problems}
+        lines = [
+            f"inplace_dict has {count} wrong entr{'y' if count == 1 else 'ies'}, all listed; the error's "
+            "`corrected` dict has each fixed (print it with format_inplace_dict):"
+        ]
+        lines += [f"  {message}" for message in self.problems.values()]
+        if fixed:
+            lines.append("Corrected entries:")
+            lines += [f"  {line.strip()}" for line in format_inplace_dict(fixed).splitlines()[1:-1]]
+        lines.append("Fix the entries or pass inplace_dict='auto'.")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple:  # picklable (errors travel between ranks)
+        return (type(self), (self.problems, self.corrected))
 
 
 def format_inplace_dict(inplace_dict: InplaceDict) -> str:
@@ -372,17 +523,18 @@ def infer_inplace_dict(model: nn.Module, example_input: Any) -> InplaceDict:
 
 
 def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, calls: Counter) -> Optional[str]:
+    """Why pruned channels that reach ``consumer`` nonzero cannot go, or None where a fold is exact."""
     if np.isnan(values).any():
-        return "pruned channels are not constant where they reach this layer (zero padding, pooling or data)"
+        return "not constant (zero padding, pooling or data in between), so they cannot be dropped or folded"
     if tainted:
-        return "pruned channels are scaled by input-dependent values before this layer"
+        return "scaled by input-dependent values, so their constant cannot be folded"
     if calls[consumer.module] > 1:
-        return "the layer is called more than once and a constant cannot be folded per call"
+        return "carrying a constant, and the layer is called more than once, so it cannot be folded per call"
     if consumer.kind == "layer_norm" or consumer.foldable:
         return None
     if consumer.kind == "conv_transpose":
-        return "a transposed conv cannot absorb a constant input exactly"
-    return "pruned channels carry a constant and the conv zero-pads, so it cannot be folded into the bias exactly"
+        return "carrying a constant, which a transposed conv cannot absorb exactly"
+    return "carrying a constant, and the conv zero-pads, so it cannot be folded into the bias exactly"
 
 
 def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
@@ -427,4 +579,4 @@ def _root_flags(root: np.ndarray, label_sets: list[Tensor]) -> np.ndarray:
     return flags
 
 
-__all__ = ["ChannelGraph", "InplaceDict", "Note", "Plan", "format_inplace_dict", "infer_inplace_dict"]
+__all__ = ["ChannelGraph", "InplaceDict", "InplaceDictMismatchError", "Note", "Plan", "format_inplace_dict", "infer_inplace_dict"]

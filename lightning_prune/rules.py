@@ -23,6 +23,9 @@ RULES = (
     "reduce",  # reduction over given dims
     "softmax",  # normalises along one dim
     "ignore",  # no effect on channels (in-place RNG, metadata)
+    "factory",  # reads only metadata: *_like (positions follow the input), new_empty/zeros (fresh constants)
+    "fill",  # in-place constant fill (fill_, zero_): positions keep their channels, values are constants
+    "write",  # assignment (setitem, copy_, index_put_): the source's channels move into the destination
     "conv",
     "conv_transpose",
     "linear",
@@ -64,6 +67,12 @@ interpolate upsample upsample_nearest upsample_bilinear pad
 _REDUCE = "mean sum amax amin max min std var logsumexp prod nansum nanmean median norm all any"
 _SOFTMAX = "softmax log_softmax softmin"
 _IGNORE = "size dim numel stride is_contiguous data_ptr element_size get_device item tolist"
+_FACTORY = """
+new_empty new_zeros new_ones new_full empty_like zeros_like ones_like full_like rand_like randn_like
+randint_like empty zeros ones full
+"""
+_FILL = "fill zero"
+_WRITE = "setitem copy index_put"
 
 _TABLE: dict[str, str] = {}
 for _rule, _names in (
@@ -75,6 +84,9 @@ for _rule, _names in (
     ("reduce", _REDUCE),
     ("softmax", _SOFTMAX),
     ("ignore", _IGNORE),
+    ("factory", _FACTORY),
+    ("fill", _FILL),
+    ("write", _WRITE),
 ):
     _TABLE.update(dict.fromkeys(_names.split(), _rule))
 _TABLE.update(

@@ -91,8 +91,9 @@ def test_unmasked_depthwise_follows_its_input() -> None:
     model = randomize(DepthwiseNet())
     masks = {"expand.0": torch.arange(48) < 24}  # the depthwise conv zero-pads a constant: kept, noted
     result = export_and_check(apply_masks(model, masks), masks, IMAGE)
-    kept = [n for n in result.notes if n.layer == "project.0" and n.action == "kept"]
-    assert kept and 0 < kept[0].channels <= 24  # channels whose constant is 0 after ReLU6 still go
+    kept = [n for n in result.notes if n.layer == "expand.0" and n.action == "kept"]
+    assert len(kept) == 1 and "'project.0' not constant" in kept[0].reason
+    assert 0 < kept[0].channels <= 24  # channels whose constant is 0 after ReLU6 still go
     assert result.model.expand[0].out_channels == 24 + kept[0].channels
 
 
@@ -100,8 +101,8 @@ def test_constant_before_padded_conv_is_kept_and_reported() -> None:
     model = randomize(SENet())
     masks = {"body.0": torch.arange(32) < 16, "se.fc2": torch.arange(32) < 16}
     result = export_and_check(apply_masks(model, masks), masks, IMAGE)
-    kept = [n for n in result.notes if n.layer == "head" and n.action == "kept"]
-    assert kept and "zero-pads" in kept[0].reason
+    kept = [n for n in result.notes if n.layer == "body.0" and n.action == "kept"]
+    assert len(kept) == 1 and "'head'" in kept[0].reason and "zero-pads" in kept[0].reason
     assert result.model.head.in_channels == 32 - 16 + kept[0].channels
 
 
