@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -255,3 +256,222 @@ SEED_INPLACE_DICT = {
 }
 """Hand-written in the seed's style (the residual sum named by its downsample producer, the
 pyramid sum by its last path); only the layers to shrink are keys."""
+
+
+# --------------------------------------------------------------------------------------------
+# The seed page's own network, HSMNet (high-res-stereo), in miniature: the same module names, so
+# the page's hand-written inplace_dict applies as written, and the same forward: a 2D residual
+# feature extractor with pyramid pooling and concat-upsampling (`iconv`), four projections, cost
+# volumes built the CPU way (`new_empty(...).fill_(0.)`, then one slice assignment per
+# disparity), 3D conv decoders, and a 2D conv over the reshaped 5D volume (`projfeat3d`).
+# Widths are the original's divided by 4, decoders have 2 blocks instead of 5-6.
+
+
+class HSMConvBnRelu(nn.Module):
+    """``conv2DBatchNormRelu``: ``cbr_unit`` = conv, BN, LeakyReLU(0.1)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None) -> None:
+        super().__init__()
+        padding = k // 2 if padding is None else padding
+        self.cbr_unit = nn.Sequential(
+            nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)
+        )
+
+    def forward(self, x):
+        return self.cbr_unit(x)
+
+
+class HSMConvBn(nn.Module):
+    """``conv2DBatchNorm``: ``cb_unit`` = conv, BN."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cb_unit = nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.cb_unit(x)
+
+
+class HSMResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.convbnrelu1 = HSMConvBnRelu(cin, cout, 3, stride)
+        self.convbn2 = HSMConvBn(cout, cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.convbn2(self.convbnrelu1(x))
+        residual = self.downsample(x)
+        out += residual
+        return out
+
+
+class HSMPyramidPooling(nn.Module):
+    """ICNet-style sum of pooled, convolved and upsampled paths."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.path_module_list = nn.ModuleList(HSMConvBnRelu(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        sizes = [(int(h / p), int(w / p)) for p in np.linspace(1, min(h, w) // 2, 4, dtype=int)][::-1]
+        pp_sum = x
+        for module, size in zip(self.path_module_list, sizes):
+            out = module(F.avg_pool2d(x, size, stride=size, padding=0))
+            pp_sum = pp_sum + 0.25 * F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return F.relu(pp_sum / 2.0, inplace=True)
+
+
+class HSMFeatures(nn.Module):
+    """HSMNet's ``unet`` feature extractor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convbnrelu1_1 = HSMConvBnRelu(3, 4, 3, 2)
+        self.convbnrelu1_2 = HSMConvBnRelu(4, 4)
+        self.convbnrelu1_3 = HSMConvBnRelu(4, 8)
+        self.res_block3 = nn.Sequential(HSMResidualBlock(8, 16, 2))
+        self.res_block5 = nn.Sequential(HSMResidualBlock(16, 32, 2))
+        self.res_block6 = nn.Sequential(HSMResidualBlock(32, 32, 2))
+        self.res_block7 = nn.Sequential(HSMResidualBlock(32, 32, 2))
+        self.pyramid_pooling = HSMPyramidPooling(32)
+        self.upconv6 = nn.Sequential(nn.Upsample(scale_factor=2), HSMConvBnRelu(32, 16))
+        self.iconv5 = HSMConvBnRelu(48, 32)
+        self.upconv5 = nn.Sequential(nn.Upsample(scale_factor=2), HSMConvBnRelu(32, 16))
+        self.iconv4 = HSMConvBnRelu(48, 32)
+        self.upconv4 = nn.Sequential(nn.Upsample(scale_factor=2), HSMConvBnRelu(32, 16))
+        self.iconv3 = HSMConvBnRelu(32, 16)
+        self.proj6 = HSMConvBnRelu(32, 8, 1)
+        self.proj5 = HSMConvBnRelu(32, 4, 1)
+        self.proj4 = HSMConvBnRelu(32, 4, 1)
+        self.proj3 = HSMConvBnRelu(16, 4, 1)
+
+    def forward(self, x):
+        conv1 = self.convbnrelu1_3(self.convbnrelu1_2(self.convbnrelu1_1(x)))
+        pool1 = F.max_pool2d(conv1, 3, 2, 1)
+        conv3 = self.res_block3(pool1)
+        conv4 = self.res_block5(conv3)
+        conv5 = self.res_block6(conv4)
+        conv6 = self.pyramid_pooling(self.res_block7(conv5))
+        conv5 = self.iconv5(torch.cat((conv5, self.upconv6(conv6)), dim=1))
+        conv4 = self.iconv4(torch.cat((conv4, self.upconv5(conv5)), dim=1))
+        conv3 = self.iconv3(torch.cat((conv3, self.upconv4(conv4)), dim=1))
+        return self.proj6(conv6), self.proj5(conv5), self.proj4(conv4), self.proj3(conv3)
+
+
+def sep_conv3d(cin: int, cout: int, k: int, stride, pad: int, bias: bool = False) -> nn.Sequential:
+    if bias:
+        return nn.Sequential(nn.Conv3d(cin, cout, k, stride, pad, bias=True))
+    return nn.Sequential(nn.Conv3d(cin, cout, k, stride, pad, bias=False), nn.BatchNorm3d(cout))
+
+
+class ProjFeat3d(nn.Module):
+    """A 2D conv over a 5D volume viewed as 4D: channels stay channels, depth becomes height."""
+
+    def __init__(self, cin: int, cout: int, stride) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(cin, cout, 1, stride=stride[:2], bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        b, c, d, h, w = x.size()
+        x = self.bn(self.conv1(x.view(b, c, d, h * w)))
+        return x.view(b, -1, d // self.stride[0], h, w)
+
+
+class SepConv3dBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride=(1, 1, 1)) -> None:
+        super().__init__()
+        self.downsample = None if cin == cout and stride == (1, 1, 1) else ProjFeat3d(cin, cout, stride)
+        self.conv1 = sep_conv3d(cin, cout, 3, stride, 1)
+        self.conv2 = sep_conv3d(cout, cout, 3, (1, 1, 1), 1)
+
+    def forward(self, x):
+        out = F.relu(self.conv1(x), inplace=True)
+        if self.downsample:
+            x = self.downsample(x)
+        return F.relu(x + self.conv2(out), inplace=True)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, nconvs: int, cin: int, channels: int, stride=(1, 1, 1), up: bool = False, pool: bool = False) -> None:
+        super().__init__()
+        strides = [stride] + [(1, 1, 1)] * (nconvs - 1)
+        self.convs = nn.Sequential(*[SepConv3dBlock(cin if i == 0 else channels, channels, strides[i]) for i in range(nconvs)])
+        self.classify = nn.Sequential(sep_conv3d(channels, channels, 3, (1, 1, 1), 1), nn.ReLU(inplace=True), sep_conv3d(channels, 1, 3, (1, 1, 1), 1, bias=True))
+        self.up = None
+        if up:
+            self.up = nn.Sequential(nn.Upsample(scale_factor=(2, 2, 2), mode="trilinear", align_corners=False), sep_conv3d(channels, channels // 2, 3, (1, 1, 1), 1), nn.ReLU(inplace=True))
+        self.pool = pool
+        if pool:
+            self.pool_convs = nn.ModuleList(sep_conv3d(channels, channels, 1, (1, 1, 1), 0) for _ in range(4))
+
+    def forward(self, fvl):
+        fvl = self.convs(fvl)
+        if self.pool:
+            fvl_out = fvl
+            _, _, d, h, w = fvl.shape
+            for i, pool_size in enumerate(np.linspace(1, min(d, h, w) // 2, 4, dtype=int)):
+                kernel = (int(d / pool_size), int(h / pool_size), int(w / pool_size))
+                out = self.pool_convs[i](F.avg_pool3d(fvl, kernel, stride=kernel))
+                fvl_out = fvl_out + 0.25 * F.interpolate(out, size=(d, h, w), mode="trilinear", align_corners=False)
+            fvl = F.relu(fvl_out / 2.0, inplace=True)
+        if self.up is not None:
+            fvl = self.up(fvl)
+            costl = fvl
+        else:
+            costl = self.classify(fvl)
+        return fvl, costl.squeeze(1)
+
+
+class DisparityRegression(nn.Module):
+    def __init__(self, maxdisp: int, divisor: int) -> None:
+        super().__init__()
+        self.register_buffer("disp", torch.arange(maxdisp // divisor, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.divisor = divisor
+
+    def forward(self, x):
+        disp = self.disp.repeat(x.size(0), 1, x.size(2), x.size(3))
+        return torch.sum(x * disp, 1) * self.divisor
+
+
+class HSMNetLike(nn.Module):
+    """HSMNet at level 1 (all four decoders), evaluated with ``clean=-1``; input: (left, right)."""
+
+    def __init__(self, maxdisp: int = 128) -> None:
+        super().__init__()
+        self.maxdisp = maxdisp
+        self.feature_extraction = HSMFeatures()
+        self.decoder6 = DecoderBlock(2, 8, 8, up=True, pool=True)
+        self.decoder5 = DecoderBlock(2, 8, 8, up=True, pool=True)
+        self.decoder4 = DecoderBlock(2, 8, 8, up=True)
+        self.decoder3 = DecoderBlock(2, 8, 8, stride=(2, 1, 1))
+        self.disp_reg8 = DisparityRegression(maxdisp, 16)
+
+    @staticmethod
+    def feature_vol(refimg_fea, targetimg_fea, maxdisp: int):
+        """The difference cost volume, built the CPU way: a fresh tensor, one slice write per disparity."""
+        b, c, h, width = refimg_fea.shape
+        cost = refimg_fea.new_empty(b, c, maxdisp, h, width).fill_(0.0)
+        for i in range(maxdisp):
+            feata = refimg_fea[:, :, :, i:width]
+            featb = targetimg_fea[:, :, :, : width - i]
+            cost[:, :c, i, :, i:] = torch.abs(feata - featb)
+        return cost.contiguous()
+
+    def forward(self, left, right):
+        nsample = left.shape[0]
+        conv4, conv3, conv2, conv1 = self.feature_extraction(torch.cat([left, right], 0))
+        feat6 = self.feature_vol(conv4[:nsample], conv4[nsample:], self.maxdisp // 64)
+        feat5 = self.feature_vol(conv3[:nsample], conv3[nsample:], self.maxdisp // 32)
+        feat4 = self.feature_vol(conv2[:nsample], conv2[nsample:], self.maxdisp // 16)
+        feat3 = self.feature_vol(conv1[:nsample], conv1[nsample:], self.maxdisp // 8)
+        feat6_2x, _ = self.decoder6(feat6)
+        feat5_2x, _ = self.decoder5(torch.cat((feat6_2x, feat5), dim=1))
+        feat4_2x, _ = self.decoder4(torch.cat((feat5_2x, feat4), dim=1))
+        _, cost3 = self.decoder3(torch.cat((feat4_2x, feat3), dim=1))
+        cost3 = F.interpolate(cost3, [left.size(2), left.size(3)], mode="bilinear", align_corners=False)
+        pred3 = self.disp_reg8(F.softmax(cost3, 1))
+        return pred3, torch.squeeze(pred3)
