@@ -94,6 +94,8 @@ CASES = {
     "checkpoint-pickle": lambda t: load_pruned(write(t, "evil.ckpt", {"format": "lightning-prune/1", "x": Evil()}), model()),
     "checkpoint-directory": lambda t: (checkpoint(t), load_pruned(t, model())),
     "checkpoint-prefix": lambda t: load_pruned(checkpoint(t), model(), prefix="backbone"),
+    "inplace-several-wrong": lambda t: export(model(), {}, IMAGE, inplace_dict={"1": ("3",), "3": (None,)}),
+    "inplace-python-code": lambda t: export(model(), {}, IMAGE, inplace_dict=write(t, "d.py", "inplace_dict = __import__('os').system('true')")),
 }
 
 
