@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from lightning_prune.trace import call_model
 
@@ -27,38 +27,67 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class _MacCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.macs = 0
+def _attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Flops of one scaled-dot-product attention (``q @ k^T`` and ``attention @ v``), from the shapes."""
+    from torch.utils.flop_counter import sdpa_flop_count
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        name = getattr(func, "__name__", "")
-        if name.startswith("conv") and name[-2:] in ("1d", "2d", "3d") and isinstance(out, torch.Tensor):
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            if "transpose" in name:  # every input element meets (out / groups) x kernel weights
-                self.macs += args[0].numel() * math.prod(weight.shape[1:])
-            else:
-                self.macs += out.numel() * math.prod(weight.shape[1:])
-        elif name == "linear" and isinstance(out, torch.Tensor):
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.macs += out.numel() * weight.shape[1]
-        return out
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """Formulas ``FlopCounterMode`` lacks: the CPU kernel of ``scaled_dot_product_attention``."""
+    aten = torch.ops.aten
+    return {getattr(aten, name): _attention_flops for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(aten, name)}
+
+
+@contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    """Route ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` through their plain ops for the block.
+
+    In eval mode without grad both take a fused kernel (``_native_multi_head_attention``) that
+    ``FlopCounterMode`` cannot see into: the projections and the attention matmuls would go uncounted.
+    The plain path computes the same products, so counting it counts what the fused kernel does.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_input: Any) -> int:
-    """Multiply-accumulates of conv and linear ops in one forward pass on ``example_input``."""
+    """Multiply-accumulates of one eval-mode forward pass on ``example_input``, from torch's ``FlopCounterMode``.
+
+    MACs are half the flops that ``torch.utils.flop_counter.FlopCounterMode`` counts: convolutions
+    (transposed, grouped and depthwise too), linear layers and every matrix product (``mm``, ``bmm``,
+    ``addmm``, ``baddbmm``, ``matmul``, ``einsum``), and attention, whether written out or through
+    ``scaled_dot_product_attention`` or ``nn.MultiheadAttention`` (its fused eval-mode fast path is
+    switched off for the count, so the projections and ``q @ k^T``, ``attention @ v`` are seen).
+    Elementwise ops, norms and pooling are not counted. The model is run in eval mode under
+    ``no_grad`` and its training mode restored.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> count_macs(nn.Linear(16, 4), torch.randn(2, 16))
+    128
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
-    counter = _MacCounter()
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
     try:
-        with counter:
+        with _mha_fastpath_disabled(), counter:
             call_model(model, example_input)
     finally:
         model.train(was_training)
-    return counter.macs
+    return int(counter.get_total_flops()) // 2
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,63 @@ def test_counts_are_unchanged() -> None:
     assert count_params(conv) == 8 * 3 * 9 + 8
     assert count_macs(conv, torch.randn(1, 3, 10, 10)) == 8 * 8 * 8 * 27
     assert math.isfinite(measure_latency(conv, torch.randn(1, 3, 10, 10)))
+
+
+def _vit_macs(image: int, patch: int, layers: int, dim: int, mlp: int, classes: int, batch: int = 1) -> int:
+    """Hand count for torchvision's VisionTransformer: patch conv, per block qkv / q@k^T / attn@v /
+    out projection / MLP, and the head on the class token."""
+    patches = (image // patch) ** 2
+    tokens = patches + 1
+    conv = patches * dim * 3 * patch * patch
+    block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * mlp
+    return batch * (conv + layers * block + dim * classes)
+
+
+def test_count_macs_counts_attention_of_a_tiny_vision_transformer() -> None:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3)
+    # 4 patches + class token = 5 tokens of width 8: conv 4*8*768, qkv 5*8*24, q@k^T 5*5*8, attn@v 5*5*8,
+    # out projection 5*8*8, MLP 2*5*8*16, head 8*3
+    assert count_macs(model, torch.randn(1, 3, 32, 32)) == 24576 + 960 + 200 + 200 + 320 + 1280 + 24 == 27560
+    assert count_macs(model, torch.randn(2, 3, 32, 32)) == 2 * 27560
+
+
+def test_count_macs_of_vit_b_16_at_a_small_image_matches_the_hand_count() -> None:
+    from torchvision.models import vit_b_16
+
+    model = vit_b_16(weights=None, image_size=64).train()
+    assert count_macs(model, torch.randn(1, 3, 64, 64)) == _vit_macs(64, 16, 12, 768, 3072, 1000)
+    assert model.training and model.encoder.layers[0].training  # the mode comes back
+    assert torch.backends.mha.get_fastpath_enabled()  # and so does the fused attention path
+
+
+def test_count_macs_counts_the_fused_eval_attention_of_nn_transformer_layers() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    # 2 x 5 tokens: in-projection 10*16*48, q@k^T and attn@v 2 * 2*5*5*16, out projection 10*16*16, feed-forward 2*10*16*32
+    assert count_macs(layer, torch.randn(2, 5, 16)) == 7680 + 1600 + 2560 + 10240
+
+
+def test_count_macs_of_scaled_dot_product_attention_and_matmul() -> None:
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v) + (q @ k.transpose(-1, -2)) @ v
+
+    q = torch.randn(2, 3, 7, 4)  # batch 2, 3 heads, 7 tokens, head dim 4
+    # sdpa: q@k^T and attn@v, 2*3*7*7*4 each; then the same two products written out
+    assert count_macs(Attention(), (q, q, q)) == 4 * (2 * 3 * 7 * 7 * 4)
+
+
+@pytest.mark.parametrize(
+    "layer, shape, expected",
+    [
+        pytest.param(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (1, 4, 5, 5), 4 * 25 * 3 * 9, id="conv_transpose_grouped"),
+        pytest.param(nn.ConvTranspose2d(4, 6, 3), (1, 4, 5, 5), 4 * 25 * 6 * 9, id="conv_transpose"),
+        pytest.param(nn.Conv2d(8, 12, 3, groups=4), (1, 8, 6, 6), 12 * 4 * 4 * 2 * 9, id="grouped_conv"),
+        pytest.param(nn.Conv2d(8, 8, 3, groups=8), (1, 8, 6, 6), 8 * 4 * 4 * 9, id="depthwise_conv"),
+        pytest.param(nn.Conv1d(3, 5, 2), (2, 3, 9), 2 * 5 * 8 * 3 * 2, id="conv1d"),
+        pytest.param(nn.Linear(6, 4, bias=False), (3, 2, 6), 3 * 2 * 4 * 6, id="linear_3d_no_bias"),
+    ],
+)
+def test_count_macs_of_conv_variants(layer: nn.Module, shape: tuple[int, ...], expected: int) -> None:
+    assert count_macs(layer, torch.randn(shape)) == expected
