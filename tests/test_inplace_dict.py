@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import pickle
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from lightning_prune import (
     format_inplace_dict,
     infer_inplace_dict,
 )
-from models import SEED_INPLACE_DICT, ConcatNet, SeedNet
+from lightning_prune.graph import InplaceDictMismatchError
+from models import SEED_INPLACE_DICT, ConcatNet, Conv2dBetween3d, SeedNet
 
 SEED_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -118,3 +120,48 @@ def test_layer_pruned_to_zero_channels() -> None:
 def test_example_input_the_model_rejects() -> None:
     with pytest.raises(ExampleInputError, match=r"ConcatNet rejected the example input \(Tensor of \[\(2, 5, 16, 16\)\]\)"):
         export(ConcatNet(), {}, torch.randn(2, 5, 16, 16))
+
+
+def test_every_wrong_entry_in_one_error() -> None:
+    model = randomize(ConcatNet())
+    masks = {"pruned.0": torch.arange(16) < 8}
+    wrong = {
+        "pruned.0": (None,),  # right: the network input
+        "pruned.1": ("unpruned.0",),
+        "head": ("unpruned.0", "pruned.0", None),
+        "ghost": ("pruned.0",),
+    }
+    with pytest.raises(InplaceDictMismatchError) as caught:
+        export(model, masks, IMAGE, inplace_dict=wrong)
+    error = caught.value
+    assert str(error).startswith("inplace_dict has 3 wrong entries, all listed")
+    assert sorted(error.problems) == ["ghost", "head", "pruned.1"]
+    assert error.problems["head"].endswith("(27 input channels): wrong order")
+    assert error.problems["pruned.1"].endswith("wrong producer 'unpruned.0' (not an input of this layer); missing producer 'pruned.0'")
+    assert error.corrected == {"pruned.0": (None,), "pruned.1": ("pruned.0",), "head": ("pruned.0", "unpruned.0", None)}
+    again = pickle.loads(pickle.dumps(error))  # errors travel between ranks
+    assert str(again) == str(error) and again.corrected == error.corrected
+    reference = apply_masks(model, masks)
+    result = export(reference, masks, IMAGE, inplace_dict=error.corrected)
+    from lightning_prune import verify_equivalence
+
+    assert verify_equivalence(reference, result.model, IMAGE).passed
+    assert result.model.pruned[0].out_channels == 8
+
+
+def test_none_alone_keeps_the_input_of_a_conv_over_a_reshaped_volume() -> None:
+    model = randomize(Conv2dBetween3d())
+    example = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    masks = {"conv3d_in.0": torch.arange(8) % 2 == 0}
+    inplace = infer_inplace_dict(model, example)
+    assert inplace["conv1"] == ("conv3d_in.0",)
+    inplace["conv1"] = (None,)  # the seed's decoder3 entry: this 2D conv's input channels are not pruned
+    reference = apply_masks(model, masks)
+    result = export(reference, masks, example, inplace_dict=inplace)
+    from lightning_prune import verify_equivalence
+
+    assert verify_equivalence(reference, result.model, example).passed
+    assert result.model.conv3d_in[0].out_channels == 8 and result.model.conv1.in_channels == 32
+    assert [(n.layer, n.channels, n.reason) for n in result.notes if n.action == "kept"] == [
+        ("conv3d_in.0", 4, "inplace_dict['conv1'] is (None,): its input channels are not pruned"),
+    ]
