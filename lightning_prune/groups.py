@@ -15,6 +15,7 @@ the union. Drawing per group avoids that:
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Optional
@@ -35,6 +36,7 @@ def group_masks(
     seed: int = 0,
     votes: Optional[Masks] = None,
     layers: Optional[Iterable[str]] = None,
+    round_to: int = 1,
 ) -> Masks:
     """One keep decision per coupled group, pruning ``sparsity`` of the groups of each family.
 
@@ -49,6 +51,29 @@ def group_masks(
     members all lie in those layers can be pruned. The channels a grouped conv reads or writes
     are picked group by group, the same number in each, so export need not widen the mask
     (ResNeXt, RegNet).
+
+    ``round_to`` (an int >= 1) rounds each pruned family's kept count down to a multiple of it, so
+    the exported layers get channel counts that vectorised kernels like (8, 16, 32): never to
+    zero, never below ``round_to`` itself, never above the family's size. A family of at most
+    ``round_to`` groups is left whole; a family the sparsity (or the votes) does not prune is not
+    pruned for rounding's sake. This applies with ``sparsity`` and with ``sparsity=None`` alike.
+    A grouped conv keeps its own rule first (the same count in each of its ``G`` groups); its
+    per-group count is then rounded down to a multiple of ``round_to / gcd(G, round_to)``, so the
+    total is a multiple of ``lcm(G, round_to)``, wherever such a count below the conv's full
+    width exists. Where none does (RegNet's 9 groups of 16 with ``round_to=16``: only all 144
+    channels are a multiple of 144) the grouped-conv rule wins and the count is left as it is,
+    not a multiple of ``round_to``, rather than unpruning the layer. Depthwise convs share their
+    input's family and follow it. A layer whose channels mix pruned families with channels
+    nothing may prune (a blocked op, ``layers=``) keeps those as they are, so its total can miss
+    the multiple.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune import ChannelGraph
+    >>> model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 4, 1))
+    >>> graph = ChannelGraph.from_model(model, torch.randn(1, 3, 8, 8))
+    >>> int(group_masks(graph, 0.5, model=model)["0"].sum()), int(group_masks(graph, 0.5, model=model, round_to=16)["0"].sum())
+    (20, 16)
     """
     if sparsity is None and votes is None:
         raise ValueError("sparsity=None keeps the amount of `votes`; pass votes, or a sparsity in [0, 1).")
@@ -58,6 +83,12 @@ def group_masks(
         raise ValueError("score='l1' needs the model whose filters are scored.")
     if score not in ("l1", "random"):
         raise ValueError(f"score must be 'l1' or 'random'; got {score!r}.")
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
+        raise ValueError(
+            f"round_to must be an int >= 1 (the multiple each pruned family's kept channel count is rounded down to); "
+            f"got {round_to!r}. Use 1 for no rounding, or e.g. 8."
+        )
+    round_to = int(round_to)
     members = graph.group_members()
     allowed = set(layers) if layers is not None else None
     candidates = {root: group for root, group in members.items() if allowed is None or all(l in allowed for l, _ in group)}
@@ -76,8 +107,10 @@ def group_masks(
         else:
             count = math.floor(sparsity * len(roots))
         count = min(count, len(roots) - 1)
+        if count > 0 and round_to > 1:
+            count = len(roots) - _rounded_kept(len(roots) - count, len(roots), round_to)
         pruned.update(sorted(roots, key=scores.__getitem__)[: max(count, 0)])
-    _balance_grouped_convs(graph, pruned, scores)
+    _balance_grouped_convs(graph, pruned, scores, round_to)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
     for root in pruned:
         for layer, channel in candidates[root]:
@@ -93,10 +126,20 @@ def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: Opt
     return {root: sum(float(norms[layer][channel]) for layer, channel in group) for root, group in candidates.items()}
 
 
-def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float]) -> None:
+def _rounded_kept(kept: int, size: int, round_to: int) -> int:
+    """``kept`` rounded down to a multiple of ``round_to``, at least ``round_to``, at most ``size``.
+
+    >>> _rounded_kept(20, 40, 16), _rounded_kept(5, 40, 16), _rounded_kept(6, 12, 16)
+    (16, 16, 12)
+    """
+    return min(size, max(round_to, kept // round_to * round_to))
+
+
+def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float], round_to: int = 1) -> None:
     """A grouped conv needs the same number of channels pruned in each of its groups: re-pick
     within each group by score (the same total, spread evenly), rather than let export widen
-    the mask to the largest group."""
+    the mask to the largest group. With ``round_to``, the per-group kept count is rounded down to
+    a multiple of ``round_to / gcd(groups, round_to)`` where one below the full width exists."""
     for _, labels, groups in graph.trace.even_groups:
         labels = labels.numpy()
         if (labels < 0).any():
@@ -105,7 +148,11 @@ def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[i
         if len(set(roots.flat)) != roots.size or not all(int(r) in scores for r in roots.flat):
             continue  # shared or fixed channels: left to export's widening
         total = sum(int(r) in pruned for r in roots.flat)
-        target = min(round(total / roots.shape[0]), roots.shape[1] - 1)
+        per = roots.shape[1]
+        target = min(round(total / roots.shape[0]), per - 1)
+        step = round_to // math.gcd(roots.shape[0], round_to)
+        if target > 0 and step < per:  # a multiple of lcm(groups, round_to) below the full width exists
+            target = per - min(per - 1, max(step, (per - target) // step * step))
         for chunk in roots.tolist():
             order = sorted(chunk, key=scores.__getitem__)
             pruned.difference_update(order[target:])
