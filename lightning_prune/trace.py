@@ -635,7 +635,11 @@ class _Tracer:
         src_rep = self.rep(src) if isinstance(src, Tensor) else None
         for tensor in tree_leaves(index):
             if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
-                self.block(rep.labels, f"{what} uses them as an index")
+                whole = tensor.dtype == torch.bool and tensor.shape == dst.shape and (index is tensor or index == (tensor,))
+                if whole:  # x[x < 0] = 0: the mask's positions are dst's, channel for channel
+                    self.couple(self.full_labels(tensor), self.full_labels(dst), f"{what} masks a tensor whose positions carry no channel with them")
+                else:
+                    self.block(rep.labels, f"{what} uses them as an index")
         key = _storage_key(dst)
         base = dst._base
         if src_rep is None and key not in self.fresh and self.rep(dst) is None and (base is None or self.rep(base) is None):
@@ -727,8 +731,9 @@ class _Tracer:
                 dims |= _varying_dims(_region(probe, tensor))
             new_rep = self._project(_region(labels, tensor), _region(fresh, tensor), sorted(dims), what)
             self.set_rep(tensor, new_rep)
-            if new_rep is not None and src_rep is not None and tensor is dst:
-                self.trace.reshaped.append(new_rep.labels.flatten())  # the code must size it so
+            if new_rep is not None and tensor is dst and (src_rep is not None or index is not None):
+                # the code must size the tensor so, and its index must mean the same positions
+                self.trace.reshaped.append(new_rep.labels.flatten())
         if bool(fresh.any()):
             self.fresh[key] = (entry[0] if entry is not None else dst, fresh)
         else:

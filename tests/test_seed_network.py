@@ -289,3 +289,62 @@ def test_metadata_ops_never_block() -> None:
     masks = {"conv": torch.arange(8) < 3}
     result = _no_warnings_export(apply_masks(model, masks), masks, IMAGE)
     assert result.model.conv.out_channels == 3 and result.model.head.in_channels == 3
+
+
+class Writes(nn.Module):
+    """One write per case, into a conv's output or a fresh tensor, read by a 1x1 head."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        if self.case == "literal_channel":
+            y[:, 2] = z[:, 0]  # index 2 of the exported tensor is another channel: checked, kept
+        elif self.case == "constant_channel":
+            y[:, 3] = 1.5
+        elif self.case == "mask_of_itself":
+            y[y < 0] = 0
+        elif self.case == "copy_into_view":
+            y[:, :, :2].copy_(z[:, :, :2])
+        elif self.case == "index_put_batch":
+            y.index_put_((torch.tensor([1]),), z[0:1])
+        elif self.case == "index_put_repeated":
+            y.index_put_((torch.tensor([0, 0]),), z, accumulate=True)
+        elif self.case == "written_view_read_later":
+            v = y.view(y.shape[0], y.shape[1], -1)
+            y[:, :, 0] = z[:, :, 0]
+            y = v.view_as(y)
+        elif self.case == "fresh_with_data_and_channels":
+            out = z.new_zeros(z.shape)
+            out[:, :, 0] = x.mean(1, keepdim=True).expand(-1, 8, -1, -1)[:, :, 0]
+            out[:, :, 1:] = z[:, :, 1:]
+            y = y * out
+        return self.head(y)
+
+
+@pytest.mark.parametrize(
+    ("case", "sizes"),
+    [
+        ("literal_channel", (8, 8)),
+        ("constant_channel", (8, 5)),
+        ("mask_of_itself", (4, 5)),
+        ("copy_into_view", (6, 6)),
+        ("index_put_batch", (6, 6)),
+        ("index_put_repeated", (8, 8)),
+        ("written_view_read_later", (6, 6)),
+        ("fresh_with_data_and_channels", (8, 8)),
+    ],
+)
+def test_writes_stay_exact(case, sizes) -> None:
+    model = randomize(Writes(case))
+    masks = {"a": torch.arange(8) % 2 == 0, "b": torch.arange(8) < 5}
+    result = _no_warnings_export(apply_masks(model, masks), masks, torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3)))
+    assert (result.model.a.out_channels, result.model.b.out_channels) == sizes
+    for layer, mask in masks.items():
+        kept = getattr(result.model, layer).out_channels - int(mask.sum())
+        assert sum(n.channels for n in result.notes if n.layer == layer and n.action == "kept") == kept
