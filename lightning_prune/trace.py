@@ -701,9 +701,9 @@ class _Tracer:
         write(new_labels, src_labels)
         new_fresh = torch.zeros(n, dtype=torch.bool)
         write(new_fresh, src_fresh)
-        if index is not None and any(isinstance(t, Tensor) for t in tree_leaves(index)):
-            selected = _region(labels, dst)[cpu_index if not put else tuple(cpu_index)]
-            if int(written.sum()) < selected.numel() and src_rep is not None:  # several values to one position
+        if index is not None and src_rep is not None:  # an index list or tensor may repeat a position
+            selection = tuple(slice(None) if i is None else i for i in cpu_index) if put else cpu_index
+            if int(written.sum()) < _region(labels, dst)[selection].numel():
                 self.block(src_rep.labels, f"{what} writes several of them to one position")
         old, old_fresh = labels[written], fresh[written]
         new, constant = new_labels[written], new_fresh[written]
