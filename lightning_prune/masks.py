@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import MaskError
+from lightning_prune.modules import replace_tensor, set_submodule
 
 Masks = dict[str, torch.Tensor]
 """The canonical form: layer name -> bool keep-vector over the layer's output channels."""
@@ -216,7 +217,7 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
             wrapper.unwrap()
         inner = getattr(module, "module", None)
         if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:
-            _set_submodule(model, name, inner)
+            set_submodule(model, name, inner)
     make_pruning_permanent(model)
     return model
 
@@ -242,27 +243,15 @@ def _is_wrapped(module: nn.Module) -> bool:
     )
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @torch.no_grad()
 def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
     """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched)."""
     for name, keep in masks.items():
         module = model.get_submodule(name)
         pruned = (~keep.bool()).nonzero().flatten().to(module.weight.device)
-        _replace(module, "weight", module.weight.index_fill(out_channel_dim(module), pruned, 0.0))
+        replace_tensor(module, "weight", module.weight.index_fill(out_channel_dim(module), pruned, 0.0))
         if getattr(module, "bias", None) is not None:
-            _replace(module, "bias", module.bias.index_fill(0, pruned, 0.0))
-
-
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
-    else:
-        module._buffers[name] = value
+            replace_tensor(module, "bias", module.bias.index_fill(0, pruned, 0.0))
 
 
 def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:
@@ -273,7 +262,7 @@ def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in getattr(module, kind).items():
                     if tensor is not None and id(tensor) in shared:
-                        _replace(module, name, tensor.detach().clone())
+                        replace_tensor(module, name, tensor.detach().clone())
 
 
 def apply_masks(model: nn.Module, masks: MaskSource | Masks) -> nn.Module:
@@ -287,18 +276,11 @@ def apply_masks(model: nn.Module, masks: MaskSource | Masks) -> nn.Module:
     return masked
 
 
-def keep_fraction(masks: Masks) -> float:
-    """The fraction of channels the masks keep, over all masked layers."""
-    total = sum(k.numel() for k in masks.values())
-    return sum(int(k.sum()) for k in masks.values()) / total if total else 1.0
-
-
 __all__: Sequence[str] = [
     "Masks",
     "apply_masks",
     "collect_masks",
     "is_prunable",
-    "keep_fraction",
     "make_pruning_permanent",
     "out_channel_dim",
     "unwrapped_copy",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.modules import evaluating
 from lightning_prune.trace import call_model
 
 
@@ -79,14 +80,9 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
-    try:
-        with _mha_fastpath_disabled(), counter:
-            call_model(model, example_input)
-    finally:
-        model.train(was_training)
+    with evaluating(model), _mha_fastpath_disabled(), counter:
+        call_model(model, example_input)
     return int(counter.get_total_flops()) // 2
 
 
@@ -195,12 +191,9 @@ def compare_latency(
     if rounds < 1 or repeats < 1 or warmup < 0 or not budget_s > 0:
         raise ValueError(f"compare_latency needs rounds >= 1, repeats >= 1, warmup >= 0 and budget_s > 0; got {rounds}, {repeats}, {warmup}, {budget_s}.")
     names = list(models)
-    modes = {name: [(m, m.training) for m in models[name].modules()] for name in names}
     timer = _Timer(example_input)
     started = _clock()
-    try:
-        for model in models.values():
-            model.eval()
+    with evaluating(*models.values()):
         cost = {}
         for name in names:  # warm-up, and a first estimate of each model's cost
             cost[name] = min(timer(models[name], example_input) for _ in range(max(warmup, 1)))
@@ -215,10 +208,6 @@ def compare_latency(
             spent = _clock() - started > budget_s
             if spent and all(len(s) >= _MIN_SAMPLES for s in samples.values()):
                 break
-    finally:
-        for pairs in modes.values():
-            for module, training in pairs:
-                module.training = training
     return {name: Latency.of(samples[name]) for name in names}
 
 

@@ -11,8 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_prune.errors import VerificationError
+from lightning_prune.modules import evaluating
 from lightning_prune.trace import call_model
 
 
@@ -54,19 +54,6 @@ class EquivalenceReport:
             f"  {o.path}: relative {o.relative:.3e}, max abs {o.max_abs:.3e}" for o in self.outputs
         ]
         return "\n".join(lines + ([f"  {self.problem}"] if self.problem else []))
-
-
-@contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode for the block, then back in the mode each was in."""
-    modes = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
 
 
 @torch.no_grad()

@@ -1,0 +1,50 @@
+"""Small operations on ``nn.Module`` trees that several parts of the package need, in one place.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+>>> _ = model[1].eval()  # a user's frozen norm
+>>> with evaluating(model):
+...     model.training, model[1].training
+(False, False)
+>>> model.training, model[1].training
+(True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; afterwards every submodule gets back its own mode (a frozen norm stays frozen)."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (``"layer1.0.conv1"``)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer ``name`` of ``module`` by ``value`` (a parameter stays a parameter)."""
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+__all__ = ["evaluating", "replace_tensor", "set_submodule"]
