@@ -1,0 +1,465 @@
+"""Deployable files of an exported network: ``pruned.onnx`` and ``pruned.pt2``, each checked numerically.
+
+The exported (smaller) network is plain PyTorch; these functions turn it into files that run
+without its Python code: ONNX (checked in ONNX Runtime, with a dynamic batch axis on every input
+and output) and a ``torch.export`` program (``torch.export.load(path).module()`` runs it). Each
+file is written to a temporary name beside its target and renamed, like the checkpoints, and is
+compared with the model on real batches before it lands.
+
+``onnx``, ``onnxscript`` (torch's ONNX exporter) and ``onnxruntime`` are the optional ``deploy``
+extra: ``pip install 'lightning-prune[deploy]'``. ``pt2`` needs torch alone.
+
+>>> import os, tempfile, torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+>>> directory = tempfile.mkdtemp()
+>>> report = save_deployables(model, torch.randn(1, 3, 8, 8), directory, ["pt2"], batches=[torch.randn(5, 3, 8, 8)])
+>>> os.path.basename(report["pt2"]["path"]), report["pt2"]["batches"], report["pt2"]["dynamic_batch"]
+('pruned.pt2', 1, True)
+>>> torch.export.load(report["pt2"]["path"]).module()(torch.randn(3, 3, 8, 8)).shape
+torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import IO, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from lightning_prune.checkpoint import remove_stale_temporaries, temporary_path
+from lightning_prune.errors import CheckpointError, ConfigurationError, VerificationError
+from lightning_prune.modules import evaluating
+from lightning_prune.report import compare_latency, latency_is_noise
+from lightning_prune.verify import compare_outputs
+
+DEPLOY_FORMATS = ("onnx", "pt2")
+FILE_NAMES = {"onnx": "pruned.onnx", "pt2": "pruned.pt2"}
+DEFAULT_RTOL = {"onnx": 1e-4, "pt2": 1e-5}
+_EXTRA_HINT = "Install them with: pip install 'lightning-prune[deploy]' (or pip install onnx onnxscript onnxruntime)."
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def _signature_order(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword inputs in the order of ``model.forward``'s parameters (then any others, as given):
+    the order the exported graph's inputs take, whatever order a batch's dict has."""
+    try:
+        names = [n for n in inspect.signature(model.forward).parameters if n in inputs]
+    except (TypeError, ValueError):
+        names = []
+    return {**{n: inputs[n] for n in names}, **{n: v for n, v in inputs.items() if n not in names}}
+
+
+def _args_kwargs(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``inputs`` in :func:`~lightning_prune.trace.call_model`'s convention as ``(args, kwargs)``:
+    a tensor is one positional input, a tuple or list several, a dict keywords."""
+    if isinstance(inputs, Mapping):
+        return (), _signature_order(model, inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
+    return [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
+
+
+def _batch_inputs(batch: Any) -> Any:
+    """The inputs of one verification batch: ``(inputs, target)`` as :func:`~lightning_prune.verify.verify_on_batches`
+    takes them, or a bare tensor or dict of inputs."""
+    if isinstance(batch, (Tensor, Mapping)):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0]
+    raise ConfigurationError(
+        f"A verification batch must be (inputs, target) (target may be None), a tensor or a dict of inputs; "
+        f"got a {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. "
+        f"Wrap a tuple of positional inputs as ((x1, x2), None)."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    tensors = [t for t in _tensors(args, kwargs) if t.ndim > 0]
+    return int(tensors[0].shape[0]) if tensors else None
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _export_program(model: nn.Module, example_input: Any) -> tuple[torch.export.ExportedProgram, bool]:
+    """``torch.export`` of what ``model(example_input)`` computes in eval mode, with dim 0 of every input
+    whose dim 0 is the batch size dynamic where the model allows it; returns the program and whether
+    the batch is dynamic. An example batch of one is doubled for tracing (torch.export specialises size 1)."""
+    args, kwargs = _args_kwargs(model, example_input)
+    batch = _batch_size(args, kwargs)
+    name = type(model).__name__
+    with evaluating(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if batch is not None and batch > 0:
+            dim = torch.export.Dim("batch", min=1)
+
+            def widen(leaf: Any) -> Any:
+                return (
+                    torch.cat([leaf, leaf])
+                    if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == 1 == batch
+                    else leaf
+                )
+
+            def spec(leaf: Any) -> Any:
+                return {0: dim} if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == batch else None
+
+            traced_args, traced_kwargs = tree_map(widen, args), tree_map(widen, kwargs)
+            shapes: Any = (
+                {k: tree_map(spec, v) for k, v in kwargs.items()} if kwargs else tuple(tree_map(spec, a) for a in args)
+            )
+            try:
+                return torch.export.export(model, traced_args, traced_kwargs, dynamic_shapes=shapes), True
+            except Exception as err:  # batch-dependent control flow, say: fall back to the example's shapes
+                reason = f"{type(err).__name__}: {_first_line(err)}"
+        else:
+            reason = "its inputs have no batch dimension"
+        try:
+            program = torch.export.export(model, args, kwargs)
+        except Exception as err:
+            raise ConfigurationError(
+                f"torch.export could not capture the {name} on the example input: {type(err).__name__}: {err}. "
+                f"Deployable files need a model torch.export can trace (no data-dependent Python control flow); "
+                f"see https://pytorch.org/docs/stable/export.html."
+            ) from err
+    warnings.warn(
+        f"The {name} was exported with a fixed batch size of {batch} ({reason}); the files accept only that size.",
+        stacklevel=3,
+    )
+    return program, False
+
+
+def _require(*packages: str, purpose: str) -> None:
+    """Import the optional ``packages`` or raise a ConfigurationError naming the missing ones."""
+    missing = []
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ConfigurationError(
+            f"{purpose} needs the optional package{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+            f"which could not be imported. {_EXTRA_HINT}"
+        )
+
+
+def _onnx_bytes(program: torch.export.ExportedProgram, opset: int | None) -> bytes:
+    _require("onnx", "onnxscript", purpose="Writing ONNX")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False, external_data=False)
+    return onnx_program.model_proto.SerializeToString()
+
+
+def _write_atomically(path: str, write: Callable[[IO[bytes]], None], check: Callable[[str], Any] | None = None) -> Any:
+    """Write with ``write`` to a temporary file beside ``path``, run ``check`` on it, then rename it onto ``path``.
+
+    Readers see the old file or the new one; a failed write or check removes the temporary file and
+    leaves ``path`` as it was. Returns what ``check`` returned."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    temporary = temporary_path(path)
+    try:
+        try:
+            with open(temporary, "xb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except Exception as err:  # a full disk, a protobuf over 2 GB
+            raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
+        result = check(temporary) if check is not None else None
+        os.replace(temporary, path)
+        return result
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, opset: int | None = None) -> str:
+    """Write what ``model(example_input)`` computes (eval mode) as an ONNX file; returns the path.
+
+    Every input and output has a dynamic batch axis (dim 0 of each input whose dim 0 is the batch
+    size), unless the model's code fixes it, which is warned about. Inputs follow
+    :func:`~lightning_prune.trace.call_model`: a tensor, a tuple of positional tensors or a dict of
+    keyword tensors. A LightningModule is exported as its ``forward``. The graph comes from
+    ``torch.export`` through torch's ONNX exporter (``opset`` defaults to the exporter's); the file is
+    written to a temporary name and renamed. Needs ``onnx`` and ``onnxscript``
+    (:class:`~lightning_prune.errors.ConfigurationError` otherwise). The model is not modified.
+    """
+    path = os.fspath(path)
+    _require("onnx", "onnxscript", purpose=f"save_onnx('{path}')")
+    program, _ = _export_program(model, example_input)
+    data = _onnx_bytes(program, opset)
+    _write_atomically(path, lambda stream: stream.write(data))
+    return path
+
+
+def save_pt2(model: nn.Module, example_input: Any, path: str | os.PathLike) -> str:
+    """Write what ``model(example_input)`` computes (eval mode) as a ``torch.export`` archive; returns the path.
+
+    ``torch.export.load(path).module()`` runs it with no model code. The batch dimension (dim 0 of
+    each input whose dim 0 is the batch size) is dynamic where the model allows it; where its code
+    fixes the batch, the program takes the example's size, with a warning. The file is written to a
+    temporary name and renamed. The model is not modified.
+    """
+    path = os.fspath(path)
+    program, _ = _export_program(model, example_input)
+    _write_atomically(path, lambda stream: torch.export.save(program, stream))
+    return path
+
+
+# --- running and checking the files -------------------------------------------------------------
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by an ONNX Runtime session, called like the model it came from.
+
+    Inputs follow :func:`~lightning_prune.trace.call_model` (keywords in the order of the original
+    ``forward`` where ``reference`` is given, else as given); tensor inputs are fed to the graph's
+    inputs in order. Returns a tensor for a one-output graph, else a list of tensors (the model's
+    output tensors, flattened). ``providers`` defaults to the CPU provider.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        reference: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        _require("onnxruntime", purpose=f"Running '{self.path}' in ONNX Runtime")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = onnxruntime.InferenceSession(self.path, options, providers=list(providers))
+        except Exception as err:
+            raise VerificationError(
+                f"ONNX Runtime could not load '{self.path}': {err}. Re-export it with save_onnx."
+            ) from err
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self._order = reference
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor | list[Tensor]:
+        """Run the session on the tensor inputs; outputs come back as CPU tensors."""
+        if kwargs and self._order is not None:
+            kwargs = _signature_order(self._order, kwargs)
+        tensors = _tensors(args, kwargs)
+        if len(tensors) != len(self.input_names):
+            raise VerificationError(
+                f"'{self.path}' takes {len(self.input_names)} inputs ({', '.join(self.input_names)}); "
+                f"got {len(tensors)} tensors. Pass the inputs the model was exported with."
+            )
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, tensors, strict=True)}
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _format_of(path: str, format: str | None) -> str:
+    if format is not None:
+        if format not in DEPLOY_FORMATS:
+            raise ConfigurationError(
+                f"Unknown deploy format {format!r} for '{path}'; expected one of {', '.join(DEPLOY_FORMATS)}."
+            )
+        return format
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension in DEPLOY_FORMATS:
+        return extension
+    if zipfile.is_zipfile(path):
+        return "pt2"
+    raise ConfigurationError(
+        f"Cannot tell the format of '{path}' from its name: expected a file ending in .onnx or .pt2. "
+        f"Pass format='onnx' or format='pt2'."
+    )
+
+
+@torch.no_grad()
+def _check(
+    path: str, label: str, format: str, reference_model: nn.Module, batches: Iterable[Any], rtol: float
+) -> dict[str, Any]:
+    """Run the file at ``path`` (named ``label`` in messages) on every batch against the reference."""
+    if not os.path.isfile(path):
+        raise VerificationError(f"Deployed file '{label}' does not exist. Write it with save_onnx / save_pt2 first.")
+    if format == "onnx":
+        runner: Callable[..., Any] = OnnxRuntimeModel(path, reference=reference_model)
+    else:
+        try:
+            with open(path, "rb") as stream:  # a stream: the temporary name does not end in .pt2
+                runner = torch.export.load(stream).module()
+        except Exception as err:
+            raise VerificationError(
+                f"torch.export.load could not load '{label}': {err}. Re-export it with save_pt2."
+            ) from err
+    worst, count, sizes = 0.0, 0, []
+    with evaluating(reference_model):
+        for index, batch in enumerate(batches):
+            args, kwargs = _args_kwargs(reference_model, _batch_inputs(batch))
+            expected = reference_model(*args, **kwargs)
+            try:
+                got = runner(*args, **kwargs)
+            except VerificationError:
+                raise
+            except Exception as err:
+                raise VerificationError(
+                    f"Deployed file '{label}' failed to run on batch {index} (batch size {_batch_size(args, kwargs)}): "
+                    f"{type(err).__name__}: {_first_line(err)}. A file exported with a fixed batch size runs only "
+                    f"that size; check the inputs match the example the file was exported with."
+                ) from err
+            reference_leaves = [leaf.detach().cpu() for leaf in tree_flatten(expected)[0] if isinstance(leaf, Tensor)]
+            got_leaves = [leaf.detach().cpu() for leaf in tree_flatten(got)[0] if isinstance(leaf, Tensor)]
+            if len(got_leaves) != len(reference_leaves):
+                raise VerificationError(
+                    f"Deployed file '{label}' gives {len(got_leaves)} output tensors on batch {index}; the model gives "
+                    f"{len(reference_leaves)}. Was it exported from another model? Re-export it."
+                )
+            comparison = compare_outputs(reference_leaves, got_leaves, rtol)
+            worst, count = max(worst, comparison.max_relative_error), count + 1
+            sizes.append(_batch_size(args, kwargs))
+            if not comparison.passed:
+                raise VerificationError(
+                    f"Deployed file '{label}' differs from the model on batch {index}: max relative error "
+                    f"{comparison.max_relative_error:.2e}, expected at most rtol {rtol:g}. "
+                    + (f"{comparison.problem}. " if comparison.problem else "")
+                    + "Was it exported from another model, or is the tolerance too tight for this runtime?"
+                )
+    if count == 0:
+        raise ConfigurationError(
+            f"check_deployed('{label}') got no batches; pass at least one (inputs, target) batch or input."
+        )
+    return {"format": format, "max_relative_error": worst, "batches": count, "batch_sizes": sizes, "rtol": rtol}
+
+
+def check_deployed(
+    path: str | os.PathLike,
+    reference_model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    rtol: float | None = None,
+    format: str | None = None,
+) -> dict[str, Any]:
+    """Run a deployed file on every batch and compare it with ``reference_model`` in eval mode.
+
+    ``.onnx`` files run in ONNX Runtime (CPU), ``.pt2`` files through ``torch.export.load(path).module()``
+    (``format=`` names the format of a file named otherwise). ``batches`` holds ``(inputs, target)``
+    pairs as :func:`~lightning_prune.verify.verify_on_batches` takes them (the target is not used) or
+    bare inputs (a tensor or dict); inputs follow :func:`~lightning_prune.trace.call_model`. ``rtol``
+    bounds the relative error ``||file - model|| / ||model||`` of every output tensor (default 1e-4
+    for ONNX, 1e-5 for pt2). Returns ``{"format", "path", "max_relative_error", "batches",
+    "batch_sizes", "rtol"}``; raises :class:`~lightning_prune.errors.VerificationError` naming the file
+    and the batch where it differs or fails to run.
+    """
+    path = os.fspath(path)
+    fmt = _format_of(path, format)
+    if fmt == "onnx":
+        _require("onnxruntime", purpose=f"check_deployed('{path}')")
+    result = _check(path, path, fmt, reference_model, batches, DEFAULT_RTOL[fmt] if rtol is None else rtol)
+    return {"path": path, **result}
+
+
+def save_deployables(
+    model: nn.Module,
+    example_input: Any,
+    directory: str | os.PathLike,
+    formats: Iterable[str] = DEPLOY_FORMATS,
+    batches: Iterable[Any] = (),
+    *,
+    rtol_onnx: float = 1e-4,
+    rtol_pt2: float = 1e-5,
+    opset: int | None = None,
+    latency_budget_s: float = 0.0,
+) -> dict[str, dict[str, Any]]:
+    """Write ``pruned.onnx`` and/or ``pruned.pt2`` for ``model`` into ``directory``, each checked before it lands.
+
+    ``model`` is what you deploy (the exported network, or a LightningModule around it: what
+    ``model(example_input)`` computes in eval mode is exported). One ``torch.export`` capture (dynamic
+    batch where the model allows) feeds both formats. Each file is written to a temporary name,
+    checked against ``model`` on ``batches`` (``(inputs, target)`` pairs or bare inputs; the example
+    input when there are none) with :func:`check_deployed`, and only then renamed onto its target: a
+    file that fails leaves the previous one, if any, in place, and raises
+    :class:`~lightning_prune.errors.VerificationError` naming it. With ``latency_budget_s > 0`` the ONNX
+    entry also times ONNX Runtime against torch eager on the example input, interleaved
+    (:func:`~lightning_prune.report.compare_latency`).
+
+    Returns, per format, ``{"path", "size_bytes", "format", "max_relative_error", "batches",
+    "batch_sizes", "rtol", "dynamic_batch"}`` (plus ``latency_ms``, ``latency_iqr_ms``,
+    ``torch_latency_ms``, ``torch_latency_iqr_ms``, ``latency_within_noise`` for ONNX when timed).
+    Unknown formats and missing optional packages raise
+    :class:`~lightning_prune.errors.ConfigurationError` before anything is written.
+    """
+    formats = list(formats)
+    unknown = [f for f in formats if f not in DEPLOY_FORMATS]
+    if unknown or not formats:
+        named = ", ".join(map(repr, unknown)) or "(none given)"
+        raise ConfigurationError(
+            f"save_deployables: unknown deploy format{'s' if len(unknown) > 1 else ''} {named}; "
+            f"expected some of {', '.join(map(repr, DEPLOY_FORMATS))}."
+        )
+    if "onnx" in formats:
+        _require("onnx", "onnxscript", "onnxruntime", purpose="save_deployables(formats=['onnx'])")
+    directory = os.fspath(directory)
+    batches = list(batches) or [(example_input, None)]
+    program, dynamic = _export_program(model, example_input)
+    rtol = {"onnx": rtol_onnx, "pt2": rtol_pt2}
+    reports: dict[str, dict[str, Any]] = {}
+    for fmt in dict.fromkeys(formats):
+        target = os.path.join(directory, FILE_NAMES[fmt])
+        if fmt == "onnx":
+            data = _onnx_bytes(program, opset)
+            write: Callable[[IO[bytes]], None] = lambda stream, data=data: stream.write(data)
+        else:
+            write = lambda stream: torch.export.save(program, stream)
+        result = _write_atomically(
+            target,
+            write,
+            lambda temporary, fmt=fmt, target=target: _check(temporary, target, fmt, model, batches, rtol[fmt]),
+        )
+        reports[fmt] = {"path": target, "size_bytes": os.path.getsize(target), **result, "dynamic_batch": dynamic}
+    if "onnx" in reports and latency_budget_s > 0:
+        times = compare_latency(
+            {"torch": model, "onnxruntime": OnnxRuntimeModel(reports["onnx"]["path"], reference=model)},
+            example_input,
+            budget_s=latency_budget_s,
+        )
+        reports["onnx"].update(
+            latency_ms=times["onnxruntime"].median_ms,
+            latency_iqr_ms=times["onnxruntime"].spread_ms,
+            torch_latency_ms=times["torch"].median_ms,
+            torch_latency_iqr_ms=times["torch"].spread_ms,
+            latency_within_noise=latency_is_noise(times["torch"], times["onnxruntime"]),
+        )
+    return reports
+
+
+__all__: Sequence[str] = [
+    "DEFAULT_RTOL",
+    "DEPLOY_FORMATS",
+    "FILE_NAMES",
+    "OnnxRuntimeModel",
+    "check_deployed",
+    "save_deployables",
+    "save_onnx",
+    "save_pt2",
+]
