@@ -237,7 +237,8 @@ class OnnxRuntimeModel(nn.Module):
     Inputs follow :func:`~lightning_prune.trace.call_model` (keywords in the order of the original
     ``forward`` where ``reference`` is given, else as given); tensor inputs are fed to the graph's
     inputs in order. Returns a tensor for a one-output graph, else a list of tensors (the model's
-    output tensors, flattened). ``providers`` defaults to the CPU provider.
+    output tensors, flattened). ``providers`` defaults to the CPU provider; ``threads`` sets ONNX
+    Runtime's intra-op thread count (default: its own choice, one per physical core).
     """
 
     def __init__(
@@ -246,6 +247,7 @@ class OnnxRuntimeModel(nn.Module):
         *,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         reference: nn.Module | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
@@ -254,6 +256,9 @@ class OnnxRuntimeModel(nn.Module):
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         try:
             self.session = onnxruntime.InferenceSession(self.path, options, providers=list(providers))
         except Exception as err:

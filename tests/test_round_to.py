@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers import export_and_check, random_masks, randomize, zero_norm_affine
 from torch import nn
 
-from helpers import export_and_check, random_masks, randomize, zero_norm_affine
 from lightning_prune import ChannelGraph, group_masks
 
 EXAMPLE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -29,7 +29,7 @@ def traced() -> dict[str, tuple[nn.Module, ChannelGraph]]:
 
 
 def _assert_exported_multiples(model: nn.Module, masks: dict[str, torch.Tensor], round_to: int) -> None:
-    """Every layer group_masks pruned keeps a multiple of round_to (at least round_to) in the mask and in the exported model."""
+    """Every layer group_masks pruned keeps a multiple of round_to (at least round_to), in the masks and exported."""
     assert masks, "group_masks pruned nothing"
     for layer, keep in masks.items():
         kept = int(keep.sum())
@@ -90,7 +90,9 @@ def test_round_to_one_is_the_default_and_changes_nothing(traced) -> None:
 
 
 def test_a_family_no_larger_than_round_to_is_left_whole() -> None:
-    model = randomize(nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 40, 1), nn.ReLU(), nn.Conv2d(40, 4, 1)))
+    model = randomize(
+        nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 40, 1), nn.ReLU(), nn.Conv2d(40, 4, 1))
+    )
     example = torch.randn(1, 3, 8, 8)
     graph = ChannelGraph.from_model(model, example)
     masks = group_masks(graph, 0.5, model=model, round_to=16)
