@@ -18,7 +18,7 @@ from lightning_prune.graph import ChannelGraph, format_inplace_dict, infer_inpla
 from lightning_prune.groups import group_masks
 from lightning_prune.layers import PrunedLayerNorm, register_shrinker, shrink_parameters
 from lightning_prune.masks import apply_masks, collect_masks
-from lightning_prune.rules import register_op_rule
+from lightning_prune.op_rules import register_op_rule
 from lightning_prune.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from helpers import export_and_check, random_masks, randomize
-from lightning_prune import apply_masks, rules
+from lightning_prune import apply_masks, op_rules
 from lightning_prune.masks import out_channels
 from models import DepthwiseNet, UnprunedLast
 
@@ -137,7 +137,7 @@ def test_unbind_in_both_call_forms() -> None:
 
 
 def test_a_rule_that_raises_is_reported_as_ours(monkeypatch) -> None:
-    monkeypatch.setitem(rules._TABLE, "cumsum", "spatial")  # a wrong rule: it cannot parse the call
+    monkeypatch.setitem(op_rules.TABLE, "cumsum", op_rules.RULES["spatial"])  # a wrong rule: it cannot parse the call
 
     class Cumulative(nn.Module):
         def __init__(self) -> None:

@@ -1,0 +1,132 @@
+"""Rules for ops that keep every element where it is: per-element math, copies, pooling, reductions.
+
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.op_rules`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from lightning_prune.trace import Rep
+
+if TYPE_CHECKING:
+    from lightning_prune.op_rules import OpCall
+    from lightning_prune.trace import Tracer
+
+MULTIPLICATIVE = frozenset({"mul", "multiply", "div", "divide", "true_divide", "truediv"})
+
+
+def ignore(t: Tracer, call: OpCall) -> None:
+    """No effect on channels (metadata, in-place RNG)."""
+
+
+def identity(t: Tracer, call: OpCall) -> None:
+    """Same layout out as in (dtype and device moves, copies): outputs of the input's shape take its labels."""
+    rep = t.rep(call.args[0])
+    for tensor in tree_leaves(call.out):
+        if isinstance(tensor, Tensor) and tensor.shape == call.args[0].shape:
+            t.set_rep(tensor, rep)
+
+
+def elementwise(t: Tracer, call: OpCall) -> None:
+    """Per element, with broadcasting: labelled operands' channels are coupled; the last one names the result.
+
+    An unlabelled operand broadcast over the channels is fine if it is input-independent (a
+    scalar, a parameter, a fresh constant); a data-dependent factor taints the channels (their
+    constant may not fold); anything else added across them blocks them. A per-channel parameter
+    is sliced with them.
+    """
+    op, args, out = call.op, call.args, call.out
+    outs = [tensor for tensor in tree_leaves(out) if isinstance(tensor, Tensor)]
+    shape = outs[0].shape
+    operands = [tensor for tensor in tree_leaves(call.inputs) if isinstance(tensor, Tensor)]
+    labeled, plain = [], []
+    for tensor in operands:
+        (labeled if t.rep(tensor) is not None else plain).append(tensor)
+    aligned = []
+    for tensor in labeled:
+        rep = t.rep(tensor)
+        shift = len(shape) - tensor.ndim
+        if any(tensor.shape[d] != shape[d + shift] for d in rep.dims):
+            return t.give_up(call, "broadcasts them across a dim of another operand")
+        aligned.append((tuple(d + shift for d in rep.dims), rep.labels))
+    dims, result = aligned[-1]  # the last labelled operand names the result (seed: `out += residual`)
+    for other_dims, labels in aligned[:-1]:
+        if other_dims != dims or labels.shape != result.shape:
+            return t.give_up(call, "combines operands whose channels lie along different dims")
+        t.couple(labels, result)
+    for tensor in plain:
+        shift = len(shape) - tensor.ndim
+        spans = [d for d in dims if d >= shift and tensor.shape[d - shift] > 1]
+        is_param = t.param_name(tensor) is not None
+        if not spans:
+            if tensor.numel() == 1 or is_param or t.is_fresh(tensor):  # input-independent constants
+                continue
+            # data-dependent factor broadcast over channels: a pruned channel stays zero
+            # (times anything) but its constant may not be input-independent any more
+            if op in MULTIPLICATIVE and not (op.endswith("div") and tensor is args[0]):
+                t.trace.tainted.append(result.flatten())
+            else:
+                t.block(result, f"op '{op}' adds input-dependent values that belong to no channel across them")
+        elif is_param and len(dims) == 1 and spans == list(dims):
+            t.add_axis(tensor, dims[0] - shift, result)
+        elif t.is_fresh(tensor):  # a constant sized by the model's code (torch.zeros(x.shape)): checked at export
+            t.trace.reshaped.append(result.flatten())
+        else:
+            why = "combines them position by position with a tensor that belongs to no prunable channel"
+            t.block(result, f"op '{op}' {why}")
+    for tensor in outs:
+        t.set_rep(tensor, Rep(dims, result) if tensor.shape == shape else None)
+
+
+def spatial(t: Tracer, call: OpCall) -> None:
+    """Acts on trailing spatial dims only (pooling, interpolation, padding): channels pass unless they lie there."""
+    op, args, data = call.op, call.args, call.args[0]
+    rep = t.rep(data)
+    if op == "pad":
+        pad = call.kwargs.get("pad", args[1] if len(args) > 1 else ())
+        trailing = len(pad) // 2
+    elif op in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"):
+        trailing = data.ndim - 2
+    else:
+        trailing = int(op.split("pool")[1][0])
+    if any(d >= data.ndim - trailing for d in rep.dims):
+        return t.give_up(call, "pools, pads or resizes along their dim")
+    for tensor in tree_leaves(call.out):
+        if isinstance(tensor, Tensor):
+            t.set_rep(tensor, rep)
+
+
+def reduce(t: Tracer, call: OpCall) -> None:
+    """A reduction over given dims: channels pass (their dims renumbered) unless reduced over."""
+    op, args, kwargs = call.op, call.args, call.kwargs
+    if op in ("max", "min") and len(args) > 1 and isinstance(args[1], Tensor):
+        return elementwise(t, call)
+    data = args[0]
+    rep = t.rep(data)
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+    if isinstance(dim, int):
+        dim = (dim,)
+    if not isinstance(dim, (tuple, list)) or not all(isinstance(d, int) for d in dim):
+        return t.give_up(call, "reduces over every dim, theirs included")
+    reduced = {d % data.ndim for d in dim}
+    if reduced & set(rep.dims):
+        return t.give_up(call, "reduces over their dim")
+    dims = rep.dims if keepdim else tuple(d - sum(q < d for q in reduced) for d in rep.dims)
+    for tensor in tree_leaves(call.out):
+        if isinstance(tensor, Tensor):
+            t.set_rep(tensor, Rep(dims, rep.labels))
+
+
+def softmax(t: Tracer, call: OpCall) -> None:
+    """Normalises along one dim: channels pass unless it is theirs."""
+    args = call.args
+    rep = t.rep(args[0])
+    dim = call.kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None or dim % args[0].ndim in rep.dims:
+        return t.give_up(call, "normalises along their dim")
+    t.set_rep(call.out, rep)
