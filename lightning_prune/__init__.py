@@ -8,14 +8,16 @@ from lightning_prune.errors import (
     ConfigurationError,
     ExampleInputError,
     InplaceDictError,
+    InplaceDictMismatchError,
     MaskError,
     PrunedToZeroError,
     PruneExportError,
     VerificationError,
 )
-from lightning_prune.export import ExportResult, export, export_pruned_model
-from lightning_prune.graph import ChannelGraph, format_inplace_dict, infer_inplace_dict
+from lightning_prune.exporting import ExportResult, export, export_pruned_model
+from lightning_prune.graph import ChannelGraph
 from lightning_prune.groups import group_masks
+from lightning_prune.inplace_dict import format_inplace_dict, infer_inplace_dict
 from lightning_prune.layers import PrunedLayerNorm, register_shrinker, shrink_parameters
 from lightning_prune.masks import apply_masks, collect_masks
 from lightning_prune.op_rules import register_op_rule
@@ -33,6 +35,7 @@ __all__ = [
     "ExampleInputError",
     "ExportResult",
     "InplaceDictError",
+    "InplaceDictMismatchError",
     "MaskError",
     "PruneExportError",
     "PrunedLayerNorm",

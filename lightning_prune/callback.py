@@ -1,6 +1,6 @@
 """PruneExportCallback: prune, fine-tune masked, export, verify, save and log, from one callback.
 
-Thin Lightning glue over the core (:mod:`~lightning_prune.masks`, :mod:`~lightning_prune.export`,
+Thin Lightning glue over the core (:mod:`~lightning_prune.masks`, :mod:`~lightning_prune.exporting`,
 :mod:`~lightning_prune.verify`, :mod:`~lightning_prune.checkpoint`)::
 
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
@@ -26,11 +26,11 @@ from lightning_prune.batches import split_batch
 from lightning_prune.callback_checks import is_sharded, validate_arguments, writable_problem
 from lightning_prune.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
 from lightning_prune.errors import ConfigurationError, MaskError, PruneExportError
-from lightning_prune.export import export
+from lightning_prune.exporting import export
 from lightning_prune.graph import ChannelGraph
 from lightning_prune.groups import group_masks
 from lightning_prune.hold import MaskHold
-from lightning_prune.inplace import load_inplace_dict
+from lightning_prune.inplace_dict import load_inplace_dict
 from lightning_prune.masks import Masks, collect_masks, make_pruning_permanent
 from lightning_prune.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
 from lightning_prune.report import compare_latency, count_macs, count_params, format_report, latency_is_noise

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import CheckpointError
-from lightning_prune.export import ExportResult, shrink_model
-from lightning_prune.graph import LayerChange, NormConstants, Plan
+from lightning_prune.exporting import ExportResult, shrink_model
+from lightning_prune.plan import LayerChange, NormConstants, Plan
 
 FORMAT = "lightning-prune/1"
 STALE_AFTER_S = 24 * 3600  # a temporary file of an unknown or remote writer is left alone this long

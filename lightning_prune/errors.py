@@ -23,6 +23,37 @@ class InplaceDictError(PruneExportError, ValueError):
     """An ``inplace_dict`` names unknown layers or disagrees with the traced graph."""
 
 
+class InplaceDictMismatchError(InplaceDictError):
+    """Every entry of an ``inplace_dict`` the traced graph contradicts, reported at once.
+
+    ``problems``: key -> what is wrong (wrong producer, wrong order, missing producer, unknown
+    name) and what the trace has. ``corrected``: the dict with each wrong entry replaced by the
+    trace's and unknown keys dropped, ready for :func:`~lightning_prune.format_inplace_dict`, so a
+    hand-written dict is fixed in one pass.
+    """
+
+    def __init__(self, problems: dict[str, str], corrected: dict[str, tuple[str | int | None, ...]]) -> None:
+        from lightning_prune.inplace_dict import format_inplace_dict  # the format's home imports this module
+
+        self.problems = dict(problems)
+        self.corrected = dict(corrected)
+        count = len(self.problems)
+        fixed = {key: value for key, value in self.corrected.items() if key in self.problems}
+        lines = [
+            f"inplace_dict has {count} wrong entr{'y' if count == 1 else 'ies'}, all listed; the error's "
+            "`corrected` dict has each fixed (print it with format_inplace_dict):"
+        ]
+        lines += [f"  {message}" for message in self.problems.values()]
+        if fixed:
+            lines.append("Corrected entries:")
+            lines += [f"  {line.strip()}" for line in format_inplace_dict(fixed).splitlines()[1:-1]]
+        lines.append("Fix the entries or pass inplace_dict='auto'.")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple:  # picklable (errors travel between ranks)
+        return (type(self), (self.problems, self.corrected))
+
+
 class ExampleInputError(PruneExportError, ValueError):
     """The model rejected the example input during tracing."""
 

@@ -18,24 +18,24 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 from torch import nn
 
 from lightning_prune.graph import ChannelGraph
 from lightning_prune.masks import Masks, out_channel_dim
+from lightning_prune.plan import grouped_conv_rows
 
 
 def group_masks(
     graph: ChannelGraph,
     sparsity: float | None,
     *,
-    model: Optional[nn.Module] = None,
+    model: nn.Module | None = None,
     score: str = "l1",
     seed: int = 0,
-    votes: Optional[Masks] = None,
-    layers: Optional[Iterable[str]] = None,
+    votes: Masks | None = None,
+    layers: Iterable[str] | None = None,
     round_to: int = 1,
 ) -> Masks:
     """One keep decision per coupled group, pruning ``sparsity`` of the groups of each family.
@@ -118,7 +118,7 @@ def group_masks(
     return {layer: keep for layer, keep in masks.items() if not bool(keep.all())}
 
 
-def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: Optional[nn.Module], graph: ChannelGraph, seed: int) -> dict[int, float]:
+def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: nn.Module | None, graph: ChannelGraph, seed: int) -> dict[int, float]:
     if score == "random":
         draws = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
         return dict(zip(sorted(candidates), draws))
@@ -140,11 +140,10 @@ def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[i
     within each group by score (the same total, spread evenly), rather than let export widen
     the mask to the largest group. With ``round_to``, the per-group kept count is rounded down to
     a multiple of ``round_to / gcd(groups, round_to)`` where one below the full width exists."""
-    for _, labels, groups in graph.trace.even_groups:
-        labels = labels.numpy()
-        if (labels < 0).any():
+    for _, rows in grouped_conv_rows(graph):  # the rule's one home, shared with export's plan
+        if (rows < 0).any():
             continue
-        roots = graph.root[labels].reshape(groups, -1)
+        roots = graph.root[rows]
         if len(set(roots.flat)) != roots.size or not all(int(r) in scores for r in roots.flat):
             continue  # shared or fixed channels: left to export's widening
         total = sum(int(r) in pruned for r in roots.flat)

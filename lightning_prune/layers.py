@@ -1,7 +1,7 @@
 """One shrink function per module type, found through a registry users can extend.
 
 A shrink function receives the module (a private copy, free to change in place) and its
-:class:`~lightning_prune.graph.LayerChange`, and returns the module to put in its place. Most
+:class:`~lightning_prune.plan.LayerChange`, and returns the module to put in its place. Most
 only slice parameters with :func:`shrink_parameters` and update size attributes.
 
 Teaching the exporter a custom layer takes one function. Its parameters are traced through the
@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.graph import LayerChange, NormConstants
+from lightning_prune.plan import LayerChange, NormConstants
 
 Shrinker = Callable[[nn.Module, LayerChange], nn.Module]
 _SHRINKERS: dict[type, Shrinker] = {}

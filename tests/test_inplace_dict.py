@@ -20,7 +20,7 @@ from lightning_prune import (
     format_inplace_dict,
     infer_inplace_dict,
 )
-from lightning_prune.graph import InplaceDictMismatchError
+from lightning_prune.errors import InplaceDictMismatchError
 from models import SEED_INPLACE_DICT, ConcatNet, Conv2dBetween3d, SeedNet
 
 SEED_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

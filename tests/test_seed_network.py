@@ -24,8 +24,8 @@ from lightning_prune import (
     infer_inplace_dict,
     verify_equivalence,
 )
-from lightning_prune.graph import InplaceDictMismatchError
-from lightning_prune.inplace import load_inplace_dict
+from lightning_prune.errors import InplaceDictMismatchError
+from lightning_prune.inplace_dict import load_inplace_dict
 from models import HSMNetLike
 
 HERE = Path(__file__).resolve().parent

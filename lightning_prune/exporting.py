@@ -15,17 +15,29 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_prune.graph import ChannelGraph, InplaceDict, Note, Plan
-from lightning_prune.inplace import load_inplace_dict
+from lightning_prune.graph import ChannelGraph, Override
+from lightning_prune.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
 from lightning_prune.layers import shrinker_for
+from lightning_prune.masks import (
+    Masks,
+    MaskSource,
+    collect_masks,
+    unshare_tensors,
+    unwrapped_copy,
+    zero_pruned_channels,
+)
+from lightning_prune.plan import Note, Plan, plan
 from lightning_prune.trace import call_model
 from lightning_prune.verify import compare_outputs
-from lightning_prune.masks import Masks, MaskSource, collect_masks, unshare_tensors, unwrapped_copy, zero_pruned_channels
+
+_RESHAPED_WRONG = (
+    "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"
+)
 
 
 @dataclass
@@ -46,15 +58,15 @@ class ExportResult:
     @property
     def inplace_dict(self) -> InplaceDict:
         """The seed-format ``inplace_dict`` the export used (inferred from the trace)."""
-        return self.graph.infer_inplace_dict()
+        return traced_inplace_dict(self.graph)
 
 
 def export(
     model: nn.Module,
-    masks: Optional[Union[MaskSource, Masks]],
+    masks: MaskSource | Masks | None,
     example_input: Any,
     *,
-    inplace_dict: Optional[Union[InplaceDict, str, os.PathLike]] = None,
+    inplace_dict: InplaceDict | str | os.PathLike | None = None,
 ) -> ExportResult:
     """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
     keep = collect_masks(model if masks is None else masks, model)
@@ -62,16 +74,17 @@ def export(
     zero_pruned_channels(masked, keep)
     graph = ChannelGraph.from_model(masked, example_input)
     if inplace_dict is not None and inplace_dict != "auto":
-        graph.apply_inplace_dict(load_inplace_dict(inplace_dict), masked)
-    plan = graph.plan(keep, masked)
-    work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, plan)
+        graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
+    decided = plan(graph, keep, masked)
+    work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, decided)
     if graph.trace.reshaped and not _reproduces(work, example_input, graph.trace.output):
-        graph.keep_reshaped()  # a guessed size (a multi-dim view's factor, a written tensor's) was wrong
-        plan = graph.plan(keep, masked)  # its notes say which channels this kept
-        work = shrink_model(masked, plan)
+        # a guessed size (a multi-dim view's factor, a written tensor's) was wrong: keep those channels
+        graph = graph.with_blocked(_reshaped(graph))
+        decided = plan(graph, keep, masked)  # its notes say which channels this kept
+        work = shrink_model(masked, decided)
     unshare_tensors(work, model)
     work.train(model.training)
-    return ExportResult(work, keep, plan, graph)
+    return ExportResult(work, keep, decided, graph)
 
 
 def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
@@ -83,6 +96,12 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
     return model
+
+
+def _reshaped(graph: ChannelGraph) -> list[Override]:
+    """Keep every channel whose exported size was a guess (a view spread over several dims, a write
+    into a tensor the model's code sizes): the fallback when the guess was wrong."""
+    return [(labels, _RESHAPED_WRONG) for labels in graph.trace.reshaped]
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -100,10 +119,10 @@ def _reproduces(model: nn.Module, example_input: Any, expected: Any) -> bool:
 
 def export_pruned_model(
     model: nn.Module,
-    masks: Optional[Union[MaskSource, Masks]],
+    masks: MaskSource | Masks | None,
     example_input: Any,
     *,
-    inplace_dict: Optional[Union[InplaceDict, str, os.PathLike]] = None,
+    inplace_dict: InplaceDict | str | os.PathLike | None = None,
 ) -> nn.Module:
     """Return a new, physically smaller model that computes what ``model`` with ``masks`` applied computes.
 
