@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -162,11 +164,21 @@ def _require(*packages: str, purpose: str) -> None:
         )
 
 
-def _onnx_bytes(program: torch.export.ExportedProgram, opset: int | None) -> bytes:
+def _onnx_bytes(program: torch.export.ExportedProgram, opset: int | None, name: str) -> bytes:
+    """The ONNX file for ``program`` (the captured ``name``), from torch's ONNX exporter."""
     _require("onnx", "onnxscript", purpose="Writing ONNX")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False, external_data=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+    except Exception as err:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the exporter colours its messages
+        cause = next((line.strip() for line in text.splitlines() if line.strip().startswith("<class")), "")
+        raise ConfigurationError(
+            f"torch's ONNX exporter could not convert the {name}: {type(err).__name__}: {cause or _first_line(err)}. "
+            f"An op without an ONNX translation cannot go to ONNX; the pt2 file does not need one "
+            f"(formats=['pt2'])."
+        ) from err
     return onnx_program.model_proto.SerializeToString()
 
 
@@ -176,7 +188,10 @@ def _write_atomically(path: str, write: Callable[[IO[bytes]], None], check: Call
     Readers see the old file or the new one; a failed write or check removes the temporary file and
     leaves ``path`` as it was. Returns what ``check`` returned."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"Could not write '{path}': {err}. Pass a directory that can be created.") from err
     remove_stale_temporaries(directory)
     temporary = temporary_path(path)
     try:
@@ -195,6 +210,14 @@ def _write_atomically(path: str, write: Callable[[IO[bytes]], None], check: Call
             os.remove(temporary)
 
 
+def _pt2_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """The archive in memory: written straight to a failing file (a full disk), torch's zip writer aborts
+    the process from a destructor instead of raising, so the bytes are written by Python."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
 def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, opset: int | None = None) -> str:
     """Write what ``model(example_input)`` computes (eval mode) as an ONNX file; returns the path.
 
@@ -209,7 +232,7 @@ def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, 
     path = os.fspath(path)
     _require("onnx", "onnxscript", purpose=f"save_onnx('{path}')")
     program, _ = _export_program(model, example_input)
-    data = _onnx_bytes(program, opset)
+    data = _onnx_bytes(program, opset, type(model).__name__)
     _write_atomically(path, lambda stream: stream.write(data))
     return path
 
@@ -224,7 +247,8 @@ def save_pt2(model: nn.Module, example_input: Any, path: str | os.PathLike) -> s
     """
     path = os.fspath(path)
     program, _ = _export_program(model, example_input)
-    _write_atomically(path, lambda stream: torch.export.save(program, stream))
+    data = _pt2_bytes(program)
+    _write_atomically(path, lambda stream: stream.write(data))
     return path
 
 
@@ -431,14 +455,10 @@ def save_deployables(
     reports: dict[str, dict[str, Any]] = {}
     for fmt in dict.fromkeys(formats):
         target = os.path.join(directory, FILE_NAMES[fmt])
-        if fmt == "onnx":
-            data = _onnx_bytes(program, opset)
-            write: Callable[[IO[bytes]], None] = lambda stream, data=data: stream.write(data)
-        else:
-            write = lambda stream: torch.export.save(program, stream)
+        data = _onnx_bytes(program, opset, type(model).__name__) if fmt == "onnx" else _pt2_bytes(program)
         result = _write_atomically(
             target,
-            write,
+            lambda stream, data=data: stream.write(data),
             lambda temporary, fmt=fmt, target=target: _check(temporary, target, fmt, model, batches, rtol[fmt]),
         )
         reports[fmt] = {"path": target, "size_bytes": os.path.getsize(target), **result, "dynamic_batch": dynamic}

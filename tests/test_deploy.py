@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import torchvision
 from helpers import random_masks, randomize
 from torch import nn
 
-from lightning_prune import ConfigurationError, VerificationError, export_pruned_model
+from lightning_prune import CheckpointError, ConfigurationError, VerificationError, export_pruned_model
 from lightning_prune.deploy import (
     DEPLOY_FORMATS,
     OnnxRuntimeModel,
@@ -164,6 +165,10 @@ def test_save_onnx_and_save_pt2_write_checkable_files(tmp_path) -> None:
     pt2_path = save_pt2(model, x, tmp_path / "net.pt2")
     assert onnx.load(onnx_path).opset_import[0].version == 18
     assert check_deployed(onnx_path, model, [torch.randn(9, 3, 8, 8)])["max_relative_error"] <= 1e-4
+    single = OnnxRuntimeModel(onnx_path, threads=1)
+    assert single.session.get_session_options().intra_op_num_threads == 1
+    with torch.no_grad():
+        assert relative_error(single(x), model.eval()(x)) <= 1e-4
     assert check_deployed(pt2_path, model, [torch.randn(9, 3, 8, 8)], rtol=0.0)["max_relative_error"] == 0.0
     os.rename(pt2_path, tmp_path / "net.bin")  # format= names a file named otherwise
     assert check_deployed(tmp_path / "net.bin", model, [x], format="pt2")["format"] == "pt2"
@@ -235,6 +240,23 @@ def test_a_model_torch_export_cannot_capture_gets_a_configuration_error(tmp_path
     assert os.listdir(tmp_path) == []
 
 
+class Spectrum(nn.Module):
+    """An op torch.export captures and torch's ONNX exporter cannot translate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.eigvalsh(x @ x.mT)
+
+
+def test_an_op_without_an_onnx_translation_fails_onnx_and_leaves_pt2_possible(tmp_path) -> None:
+    x = torch.randn(2, 4, 4)
+    with pytest.raises(
+        ConfigurationError, match=r"torch's ONNX exporter could not convert the Spectrum: .*formats=\['pt2'\]"
+    ):
+        save_deployables(Spectrum(), x, tmp_path, ["onnx", "pt2"])
+    assert os.listdir(tmp_path) == []
+    assert save_deployables(Spectrum(), x, tmp_path, ["pt2"])["pt2"]["max_relative_error"] <= 1e-5
+
+
 def test_unknown_formats_are_refused_before_anything_is_written(tmp_path) -> None:
     model, x = small_net(0), torch.randn(2, 3, 8, 8)
     with pytest.raises(ConfigurationError, match=r"unknown deploy format 'tflite'; expected some of 'onnx', 'pt2'"):
@@ -274,6 +296,35 @@ def test_missing_optional_packages_are_named_with_the_install_hint(tmp_path, mon
         ):
             save_onnx(model, x, tmp_path / "again.onnx")
     assert save_deployables(model, x, tmp_path / "pt2_only", ["pt2"])["pt2"]["batches"] == 1  # pt2 needs torch alone
+
+
+def test_a_failed_write_raises_and_keeps_the_previous_file(tmp_path) -> None:
+    """A full disk, as the checkpoint fault test makes one: the writer's file size is capped (RLIMIT_FSIZE)."""
+    path = tmp_path / "pruned.pt2"
+    path.write_bytes(b"previous")
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys, torch
+        from lightning_prune.deploy import save_pt2
+        from lightning_prune.errors import CheckpointError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            save_pt2(torch.nn.Linear(512, 512), torch.randn(2, 512), sys.argv[1])  # a 1 MB file
+        except CheckpointError as err:
+            print(err)
+            sys.exit(3)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert re.match(rf"Could not write '{re.escape(str(path))}': .*The previous file, if any, is unchanged", run.stdout)
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["pruned.pt2"]
+    (tmp_path / "taken").write_bytes(b"a file where the directory should be")
+    with pytest.raises(
+        CheckpointError, match=r"Could not write '.*taken/pruned\.pt2': .*Pass a directory that can be created"
+    ):
+        save_deployables(small_net(0), torch.randn(2, 3, 8, 8), tmp_path / "taken", ["pt2"])
 
 
 def test_bad_batches_and_missing_files(tmp_path) -> None:
