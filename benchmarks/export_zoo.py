@@ -24,13 +24,25 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from helpers import random_masks, randomize  # noqa: E402
+from helpers import random_masks, randomize
 
-from lightning_prune import apply_masks, export, verify_equivalence  # noqa: E402
-from lightning_prune.report import count_macs, count_params  # noqa: E402
+from lightning_prune import apply_masks, export, verify_equivalence
+from lightning_prune.core.report import count_macs, count_params
 
-DEFAULT = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-           "densenet201", "shufflenet_v2_x1_0", "regnet_y_400mf", "convnext_tiny", "resnext50_32x4d", "vgg16_bn"]
+DEFAULT = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "densenet121",
+    "densenet201",
+    "shufflenet_v2_x1_0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "resnext50_32x4d",
+    "vgg16_bn",
+]
 DEPTH = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121", "densenet169", "densenet201"]
 
 
@@ -57,8 +69,10 @@ def zoo_row(name: str, size: int, repeats: int) -> str:
     verify_seconds, report = timed(lambda: verify_equivalence(reference, result.model, example), 1)
     p0, p1 = count_params(model), count_params(result.model)
     m0, m1 = count_macs(model, example), count_macs(result.model, example)
-    return (f"| {name} | {seconds:.3f} | {verify_seconds:.3f} | {p0 / 1e6:.2f}M | {p1 / 1e6:.2f}M ({p1 / p0:.0%}) "
-            f"| {m0 / 1e9:.3f}G | {m1 / 1e9:.3f}G ({m1 / m0:.0%}) | {report.max_relative_error:.1e} |")
+    return (
+        f"| {name} | {seconds:.3f} | {verify_seconds:.3f} | {p0 / 1e6:.2f}M | {p1 / 1e6:.2f}M ({p1 / p0:.0%}) "
+        f"| {m0 / 1e9:.3f}G | {m1 / 1e9:.3f}G ({m1 / m0:.0%}) | {report.max_relative_error:.1e} |"
+    )
 
 
 def torch_pruning_once(name: str, size: int) -> float | None:
@@ -72,8 +86,9 @@ def torch_pruning_once(name: str, size: int) -> float | None:
     ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
     start = time.perf_counter()
     with torch.enable_grad():  # Torch-Pruning traces through autograd
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
-                                      pruning_ratio=0.5, ignored_layers=ignored)
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=tp.importance.RandomImportance(), pruning_ratio=0.5, ignored_layers=ignored
+        )
         pruner.step()
     return time.perf_counter() - start
 
@@ -99,10 +114,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_grad_enabled(False)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
     names = DEFAULT
     if args.all:
-        from test_zoo import ZOO, SEGMENTATION
+        from test_zoo import SEGMENTATION, ZOO
 
         names = [n for n in ZOO if n not in SEGMENTATION]
     print("| model | export s | verify s | params before | params after | MACs before | MACs after | rel. error |")
@@ -121,7 +138,7 @@ def main() -> None:
     for name in DEPTH:
         model, masks = build(name)
         example = torch.randn(1, 3, args.size, args.size)
-        seconds, _ = timed(lambda: export(model, masks, example), args.repeats)
+        seconds, _ = timed(lambda m=model, k=masks, x=example: export(m, k, x), args.repeats)
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         print(f"| {name} | {convs} | {seconds:.3f} | {seconds / convs * 1e3:.2f} ms |", flush=True)
 

@@ -21,19 +21,19 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_prune import PruneExportCallback
-from lightning_prune.demo import DigitsDataModule, TorchvisionClassifier
+from lightning_prune.lightning.demo import DigitsDataModule, TorchvisionClassifier
 
 
 class StepTimer(Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup, self.times, self.start = warmup, [], 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if batch_idx >= self.warmup:
@@ -43,14 +43,21 @@ class StepTimer(Callback):
 class NoExport(PruneExportCallback):
     """The callback's pruning and mask hold only: the export at the end is not what is timed here."""
 
-    def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+    def on_train_end(self, trainer, pl_module):
         pass
 
 
 def run(module: pl.LightningModule, callbacks: list, steps: int, warmup: int) -> float:
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(max_steps=steps + warmup, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[*callbacks, timer])
+    trainer = pl.Trainer(
+        max_steps=steps + warmup,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[*callbacks, timer],
+    )
     trainer.fit(module, datamodule=DigitsDataModule(image_size=32, channels=3))
     return statistics.median(timer.times)
 
@@ -78,22 +85,34 @@ def main() -> None:
     unmasked, held, nni = (statistics.median(times[k]) for k in ("unmasked", "held", "nni"))
     hold_alone = hold_seconds(copy.deepcopy(base))
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {args.arch}, batch 64, 32x32\n")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {args.arch}, batch 64, 32x32\n"
+    )
     print("| training | median step ms | overhead vs unmasked |")
     print("|---|---|---|")
-    for name, seconds in (("unmasked", unmasked), ("PruneExportCallback (mask hold)", held), ("NNI 3.0 wrapped model", nni)):
+    for name, seconds in (
+        ("unmasked", unmasked),
+        ("PruneExportCallback (mask hold)", held),
+        ("NNI 3.0 wrapped model", nni),
+    ):
         print(f"| {name} | {seconds * 1e3:.1f} | {seconds / unmasked - 1:+.1%} |")
-    print(f"| the mask hold alone (zero grads + zero weights, timed in isolation) | {hold_alone * 1e3:.1f} "
-          f"| {hold_alone / unmasked:+.1%} |")
+    print(
+        f"| the mask hold alone (zero grads + zero weights, timed in isolation) | {hold_alone * 1e3:.1f} "
+        f"| {hold_alone / unmasked:+.1%} |"
+    )
 
 
 def hold_seconds(module: pl.LightningModule, repeats: int = 50) -> float:
     """The hold's own cost per step, free of the step-to-step noise of a whole training step."""
-    from lightning_prune.hold import MaskHold
-    from lightning_prune.masks import is_prunable
+    from lightning_prune.core.hold import MaskHold
+    from lightning_prune.core.masks import is_prunable
 
-    masks = {n: torch.arange(m.weight.shape[0]) % 2 == 0 for n, m in module.named_modules() if is_prunable(m) and n != "net.fc"}
+    masks = {
+        n: torch.arange(m.weight.shape[0]) % 2 == 0
+        for n, m in module.named_modules()
+        if is_prunable(m) and n != "net.fc"
+    }
     hold = MaskHold.build(module, masks, module.example_input_array)
     for parameter in module.parameters():
         parameter.grad = torch.randn_like(parameter)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelPruning
 
 from lightning_prune import PruneExportCallback
-from lightning_prune.demo import DigitsCNN, DigitsDataModule
+from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 
 def main(root: str) -> dict:
@@ -26,12 +26,25 @@ def main(root: str) -> dict:
     module = DigitsCNN()
     convs = [(module.net[i], "weight") for i in (0, 3, 7)]
     pruning = ModelPruning(
-        pruning_fn="ln_structured", amount=0.5, parameters_to_prune=convs, pruning_dim=0, pruning_norm=1,
-        apply_pruning=lambda epoch: epoch == 0, use_global_unstructured=False, verbose=0,
+        pruning_fn="ln_structured",
+        amount=0.5,
+        parameters_to_prune=convs,
+        pruning_dim=0,
+        pruning_norm=1,
+        apply_pruning=lambda epoch: epoch == 0,
+        use_global_unstructured=False,
+        verbose=0,
     )
     callback = PruneExportCallback(pruner=None, prune_on_epoch=1, group_consistent=False)
-    trainer = pl.Trainer(max_epochs=3, default_root_dir=root, callbacks=[pruning, callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        default_root_dir=root,
+        callbacks=[pruning, callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=DigitsDataModule())
     print(callback.exported_model.net)
     print(f"params {callback.report['params_dense']:,} -> {callback.report['params_exported']:,}")

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune import PruneExportCallback, load_pruned_module
-from lightning_prune.demo import DigitsCNN, DigitsDataModule
+from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 
 def main(root: str) -> dict:
@@ -43,8 +43,10 @@ def main(root: str) -> dict:
     with torch.no_grad():
         assert torch.equal(reloaded(images), callback.exported_model(images)), "reloaded model differs"
     fewer = 1 - report["params_exported"] / report["params_dense"]
-    print(f"\n{fewer:.0%} fewer parameters; held-out accuracy masked {report['accuracy_masked']:.4f}, "
-          f"exported {report['accuracy_exported']:.4f}; checkpoint: {report['path']}")
+    print(
+        f"\n{fewer:.0%} fewer parameters; held-out accuracy masked {report['accuracy_masked']:.4f}, "
+        f"exported {report['accuracy_exported']:.4f}; checkpoint: {report['path']}"
+    )
     assert fewer >= 0.4 and report["accuracy_masked"] == report["accuracy_exported"]
     return report
 

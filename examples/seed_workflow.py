@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune import PruneExportCallback, format_inplace_dict, infer_inplace_dict
-from lightning_prune.demo import DigitsCNN, DigitsDataModule
+from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 
 def main(root: str) -> dict:
@@ -35,13 +35,22 @@ def main(root: str) -> dict:
     print(format_inplace_dict(inplace_dict))  # review and edit, as the seed recommends
 
     callback = PruneExportCallback(pruner=pruner, inplace_dict=inplace_dict)
-    trainer = pl.Trainer(max_epochs=3, default_root_dir=root, callbacks=[callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        default_root_dir=root,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=DigitsDataModule())
     small = callback.exported_model
     print(small.net)
-    print(f"params {callback.report['params_dense']:,} -> {callback.report['params_exported']:,}, "
-          f"max relative error {callback.report['max_relative_error']:.1e}")
+    print(
+        f"params {callback.report['params_dense']:,} -> {callback.report['params_exported']:,}, "
+        f"max relative error {callback.report['max_relative_error']:.1e}"
+    )
     assert small.net[3].out_channels < 64 and callback.report["max_relative_error"] <= 1e-5
     assert not any(hasattr(m, "_nni_wrapper") for m in module.modules()), "the pruner's wrappers were removed"
     return callback.report

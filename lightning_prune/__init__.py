@@ -2,8 +2,9 @@
 
 from typing import Any
 
-from lightning_prune.checkpoint import load_pruned, load_pruned_module, save_pruned
-from lightning_prune.errors import (
+from lightning_prune.core.checkpoint import load_pruned, load_pruned_module, save_pruned
+from lightning_prune.core.deploy import check_deployed, save_deployables, save_onnx, save_pt2
+from lightning_prune.core.errors import (
     CheckpointError,
     ConfigurationError,
     ExampleInputError,
@@ -14,14 +15,14 @@ from lightning_prune.errors import (
     PruneExportError,
     VerificationError,
 )
-from lightning_prune.exporting import ExportResult, export, export_pruned_model
-from lightning_prune.graph import ChannelGraph
-from lightning_prune.groups import group_masks
-from lightning_prune.inplace_dict import format_inplace_dict, infer_inplace_dict
-from lightning_prune.layers import PrunedLayerNorm, register_shrinker, shrink_parameters
-from lightning_prune.masks import apply_masks, collect_masks
-from lightning_prune.op_rules import register_op_rule
-from lightning_prune.verify import EquivalenceReport, verify_equivalence
+from lightning_prune.core.export import ExportResult, export, export_pruned_model
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.groups import group_masks
+from lightning_prune.core.inplace_dict import format_inplace_dict, infer_inplace_dict
+from lightning_prune.core.masks import apply_masks, collect_masks
+from lightning_prune.core.op_rules import register_op_rule
+from lightning_prune.core.shrink import PrunedLayerNorm, register_shrinker, shrink_parameters
+from lightning_prune.core.verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
     "ChannelGraph",
@@ -42,6 +43,7 @@ __all__ = [
     "PrunedToZeroError",
     "VerificationError",
     "apply_masks",
+    "check_deployed",
     "collect_masks",
     "export",
     "export_pruned_model",
@@ -50,6 +52,9 @@ __all__ = [
     "infer_inplace_dict",
     "register_op_rule",
     "register_shrinker",
+    "save_deployables",
+    "save_onnx",
+    "save_pt2",
     "shrink_parameters",
     "verify_equivalence",
 ]
@@ -58,7 +63,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """The Lightning callback is imported on first use, so the core works without Lightning."""
     if name == "PruneExportCallback":
-        from lightning_prune.callback import PruneExportCallback
+        from lightning_prune.lightning.callback import PruneExportCallback
 
         return PruneExportCallback
     raise AttributeError(f"module 'lightning_prune' has no attribute {name!r}")

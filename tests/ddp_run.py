@@ -3,7 +3,7 @@
 Prunes DigitsCNN with FPGM at fit start, fine-tunes a few steps (DDP on CPU with gloo when
 DEVICES is 2), exports and verifies. Flags:
 
-- `fail`: a disagreeing inplace_dict makes rank zero's export fail;
+- `fail`: a user's shrink function that raises makes rank zero's export fail;
 - `fullwrite`: rank zero's files are capped at 4 kB (RLIMIT_FSIZE, as on a full disk) just
   before the masked checkpoint is written;
 - `gather`: export through the gathered full state (the sharded strategies' path);
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_prune import PruneExportCallback, PruneExportError
-from lightning_prune.demo import DigitsCNN, DigitsDataModule
+from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
+from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 
 class InOrder(DigitsDataModule):
@@ -38,6 +38,10 @@ class InOrder(DigitsDataModule):
             sampler = DistributedSampler(self.train_set, shuffle=False)
             return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+def broken_shrink(module: torch.nn.Module, change: object) -> torch.nn.Module:
+    raise RuntimeError("the user's shrink function failed")
 
 
 class FullDisk(pl.Callback):
@@ -52,15 +56,27 @@ class FullDisk(pl.Callback):
 def main(out: str, devices: int, flags: list[str]) -> None:
     fail, gather, spawn = "fail" in flags, "gather" in flags, "spawn" in flags
     warnings.filterwarnings("ignore")
+    if fail:  # only export calls shrink functions: rank zero fails after fine-tuning
+        register_shrinker(torch.nn.Linear)(broken_shrink)
     pl.seed_everything(0, verbose=False)
     callback = PruneExportCallback(
-        pruner="fpgm", export_dir=os.path.join(out, "export"), gather_full_state=gather,
-        inplace_dict={"net.3": ("net.7",)} if fail else "auto",
+        pruner="fpgm",
+        export_dir=os.path.join(out, "export"),
+        gather_full_state=gather,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=("ddp_spawn" if spawn else "ddp") if devices > 1 else "auto",
-        max_steps=4, limit_val_batches=1, use_distributed_sampler=False, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=out, callbacks=[FullDisk(), callback] if "fullwrite" in flags else [callback],
+        accelerator="cpu",
+        devices=devices,
+        strategy=("ddp_spawn" if spawn else "ddp") if devices > 1 else "auto",
+        max_steps=4,
+        limit_val_batches=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out,
+        callbacks=[FullDisk(), callback] if "fullwrite" in flags else [callback],
     )
     try:  # the same global batch of 64 in both layouts: 64 on one process, 32 on each of two
         trainer.fit(DigitsCNN(width=8, lr=0.05, batch_norm=False), datamodule=InOrder(batch_size=64 // devices))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
-from lightning_prune.masks import Masks, is_prunable, out_channels
+from lightning_prune.core.masks import Masks, is_prunable, out_channels
 
 RTOL = 1e-5
 

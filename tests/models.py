@@ -32,7 +32,9 @@ class DepthwiseNet(nn.Module):
         super().__init__()
         self.stem = cbr(3, 16)
         self.expand = cbr(16, 48, 1)
-        self.depthwise = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU6()
+        )
         self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
         self.head = nn.Linear(16, 5)
 
@@ -226,28 +228,39 @@ SEED_INPLACE_DICT = {
     "feature_extraction.convbnrelu1_2.cbr_unit.0": ("feature_extraction.convbnrelu1_1.cbr_unit.0",),
     "feature_extraction.convbnrelu1_2.cbr_unit.1": ("feature_extraction.convbnrelu1_2.cbr_unit.0",),
     "feature_extraction.res_block3.0.convbnrelu1.cbr_unit.0": ("feature_extraction.convbnrelu1_2.cbr_unit.0",),
-    "feature_extraction.res_block3.0.convbnrelu1.cbr_unit.1": ("feature_extraction.res_block3.0.convbnrelu1.cbr_unit.0",),
+    "feature_extraction.res_block3.0.convbnrelu1.cbr_unit.1": (
+        "feature_extraction.res_block3.0.convbnrelu1.cbr_unit.0",
+    ),
     "feature_extraction.res_block3.0.convbn2.cbr_unit.0": ("feature_extraction.res_block3.0.convbnrelu1.cbr_unit.0",),
     "feature_extraction.res_block3.0.convbn2.cbr_unit.1": ("feature_extraction.res_block3.0.convbn2.cbr_unit.0",),
     "feature_extraction.res_block3.0.downsample.0": ("feature_extraction.convbnrelu1_2.cbr_unit.0",),
     "feature_extraction.res_block3.0.downsample.1": ("feature_extraction.res_block3.0.downsample.0",),
     "feature_extraction.res_block5.0.convbnrelu1.cbr_unit.0": ("feature_extraction.res_block3.0.downsample.0",),
-    "feature_extraction.res_block5.0.convbnrelu1.cbr_unit.1": ("feature_extraction.res_block5.0.convbnrelu1.cbr_unit.0",),
+    "feature_extraction.res_block5.0.convbnrelu1.cbr_unit.1": (
+        "feature_extraction.res_block5.0.convbnrelu1.cbr_unit.0",
+    ),
     "feature_extraction.res_block5.0.convbn2.cbr_unit.0": ("feature_extraction.res_block5.0.convbnrelu1.cbr_unit.0",),
     "feature_extraction.res_block5.0.convbn2.cbr_unit.1": ("feature_extraction.res_block5.0.convbn2.cbr_unit.0",),
     "feature_extraction.res_block5.0.downsample.0": ("feature_extraction.res_block3.0.downsample.0",),
     "feature_extraction.res_block5.0.downsample.1": ("feature_extraction.res_block5.0.downsample.0",),
-    "feature_extraction.pyramid_pooling.path_module_list.0.cbr_unit.0": ("feature_extraction.res_block5.0.downsample.0",),
+    "feature_extraction.pyramid_pooling.path_module_list.0.cbr_unit.0": (
+        "feature_extraction.res_block5.0.downsample.0",
+    ),
     "feature_extraction.pyramid_pooling.path_module_list.0.cbr_unit.1": (
         "feature_extraction.pyramid_pooling.path_module_list.0.cbr_unit.0",
     ),
-    "feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.0": ("feature_extraction.res_block5.0.downsample.0",),
+    "feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.0": (
+        "feature_extraction.res_block5.0.downsample.0",
+    ),
     "feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.1": (
         "feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.0",
     ),
     "feature_extraction.upconv5.1.cbr_unit.0": ("feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.0",),
     "feature_extraction.upconv5.1.cbr_unit.1": ("feature_extraction.upconv5.1.cbr_unit.0",),
-    "feature_extraction.iconv4.cbr_unit.0": ("feature_extraction.upconv5.1.cbr_unit.0", "feature_extraction.res_block3.0.downsample.0"),
+    "feature_extraction.iconv4.cbr_unit.0": (
+        "feature_extraction.upconv5.1.cbr_unit.0",
+        "feature_extraction.res_block3.0.downsample.0",
+    ),
     "feature_extraction.iconv4.cbr_unit.1": ("feature_extraction.iconv4.cbr_unit.0",),
     "feature_extraction.proj5.cbr_unit.0": ("feature_extraction.pyramid_pooling.path_module_list.1.cbr_unit.0",),
     "feature_extraction.proj5.cbr_unit.1": ("feature_extraction.proj5.cbr_unit.0",),
@@ -317,7 +330,7 @@ class HSMPyramidPooling(nn.Module):
         h, w = x.shape[2:]
         sizes = [(int(h / p), int(w / p)) for p in np.linspace(1, min(h, w) // 2, 4, dtype=int)][::-1]
         pp_sum = x
-        for module, size in zip(self.path_module_list, sizes):
+        for module, size in zip(self.path_module_list, sizes, strict=True):
             out = module(F.avg_pool2d(x, size, stride=size, padding=0))
             pp_sum = pp_sum + 0.25 * F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
         return F.relu(pp_sum / 2.0, inplace=True)
@@ -396,14 +409,26 @@ class SepConv3dBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, nconvs: int, cin: int, channels: int, stride=(1, 1, 1), up: bool = False, pool: bool = False) -> None:
+    def __init__(
+        self, nconvs: int, cin: int, channels: int, stride=(1, 1, 1), up: bool = False, pool: bool = False
+    ) -> None:
         super().__init__()
         strides = [stride] + [(1, 1, 1)] * (nconvs - 1)
-        self.convs = nn.Sequential(*[SepConv3dBlock(cin if i == 0 else channels, channels, strides[i]) for i in range(nconvs)])
-        self.classify = nn.Sequential(sep_conv3d(channels, channels, 3, (1, 1, 1), 1), nn.ReLU(inplace=True), sep_conv3d(channels, 1, 3, (1, 1, 1), 1, bias=True))
+        self.convs = nn.Sequential(
+            *[SepConv3dBlock(cin if i == 0 else channels, channels, strides[i]) for i in range(nconvs)]
+        )
+        self.classify = nn.Sequential(
+            sep_conv3d(channels, channels, 3, (1, 1, 1), 1),
+            nn.ReLU(inplace=True),
+            sep_conv3d(channels, 1, 3, (1, 1, 1), 1, bias=True),
+        )
         self.up = None
         if up:
-            self.up = nn.Sequential(nn.Upsample(scale_factor=(2, 2, 2), mode="trilinear", align_corners=False), sep_conv3d(channels, channels // 2, 3, (1, 1, 1), 1), nn.ReLU(inplace=True))
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=(2, 2, 2), mode="trilinear", align_corners=False),
+                sep_conv3d(channels, channels // 2, 3, (1, 1, 1), 1),
+                nn.ReLU(inplace=True),
+            )
         self.pool = pool
         if pool:
             self.pool_convs = nn.ModuleList(sep_conv3d(channels, channels, 1, (1, 1, 1), 0) for _ in range(4))

@@ -54,9 +54,13 @@ CASES = {
     "callback-sparsity": lambda t: PruneExportCallback(sparsity=1.5),
     "callback-sparsity-type": lambda t: PruneExportCallback(sparsity="0.5"),
     "callback-pruner-and-masks": lambda t: PruneExportCallback(pruner="fpgm", masks={"0": keep()}),
-    "callback-config-list-ratio": lambda t: PruneExportCallback(config_list=[{"op_types": ["Conv2d"], "sparse_ratio": 1.5}]),
+    "callback-config-list-ratio": lambda t: PruneExportCallback(
+        config_list=[{"op_types": ["Conv2d"], "sparse_ratio": 1.5}]
+    ),
     "callback-config-list-entry": lambda t: PruneExportCallback(config_list=["Conv2d"]),
-    "callback-config-list-and-op-names": lambda t: PruneExportCallback(config_list=[{"sparse_ratio": 0.5}], op_names=["0"]),
+    "callback-config-list-and-op-names": lambda t: PruneExportCallback(
+        config_list=[{"sparse_ratio": 0.5}], op_names=["0"]
+    ),
     "callback-op-types-string": lambda t: PruneExportCallback(op_types="Conv2d"),
     "callback-inplace-dict-contents": lambda t: PruneExportCallback(inplace_dict=write(t, "d.json", "{oops")),
     "callback-verify-batches": lambda t: PruneExportCallback(verify_batches=-1),
@@ -72,7 +76,9 @@ CASES = {
     "mask-shape": lambda t: collect_masks({"0": keep(7)}, model()),
     "mask-non-binary": lambda t: collect_masks({"0": torch.full((8,), 0.5)}, model()),
     "mask-not-prunable": lambda t: collect_masks({"1": keep()}, model()),
-    "mask-partial-filter": lambda t: collect_masks({"0": {"weight": torch.ones(8, 3, 3, 3).index_fill_(3, torch.tensor([0]), 0)}}, model()),
+    "mask-partial-filter": lambda t: collect_masks(
+        {"0": {"weight": torch.ones(8, 3, 3, 3).index_fill_(3, torch.tensor([0]), 0)}}, model()
+    ),
     "mask-nni-no-weight": lambda t: collect_masks({"0": {"bias": torch.ones(8)}}, model()),
     "mask-source-type": lambda t: collect_masks([keep()], model()),
     "mask-file-missing": lambda t: collect_masks(t / "missing.pt", model()),
@@ -83,19 +89,31 @@ CASES = {
     "inplace-disagrees": lambda t: export(model(), {}, IMAGE, inplace_dict={"3": (None,)}),
     "inplace-bad-entry": lambda t: export(model(), {}, IMAGE, inplace_dict={"3": (2.5,)}),
     "inplace-json-broken": lambda t: export(model(), {}, IMAGE, inplace_dict=write(t, "d.json", "{oops")),
-    "inplace-yaml-python-tag": lambda t: export(model(), {}, IMAGE, inplace_dict=write(t, "d.yaml", "'3': !!python/object/apply:os.system ['true']")),
-    "inplace-not-a-mapping": lambda t: export(model(), {}, IMAGE, inplace_dict=write(t, "d.json", json.dumps([["3", "0"]]))),
+    "inplace-yaml-python-tag": lambda t: export(
+        model(), {}, IMAGE, inplace_dict=write(t, "d.yaml", "'3': !!python/object/apply:os.system ['true']")
+    ),
+    "inplace-not-a-mapping": lambda t: export(
+        model(), {}, IMAGE, inplace_dict=write(t, "d.json", json.dumps([["3", "0"]]))
+    ),
     "example-input-shape": lambda t: export(model(), {}, torch.randn(1, 5, 8, 8)),
     "example-input-type": lambda t: export(model(), {}, "an image"),
     "checkpoint-missing": lambda t: load_pruned(t / "missing.ckpt", model()),
-    "checkpoint-truncated": lambda t: load_pruned(write(t, "cut.ckpt", Path(checkpoint(t)).read_bytes()[:300]), model()),
+    "checkpoint-truncated": lambda t: load_pruned(
+        write(t, "cut.ckpt", Path(checkpoint(t)).read_bytes()[:300]), model()
+    ),
     "checkpoint-foreign": lambda t: load_pruned(write(t, "plain.ckpt", model().state_dict()), model()),
-    "checkpoint-architecture": lambda t: load_pruned(checkpoint(t), nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))),
-    "checkpoint-pickle": lambda t: load_pruned(write(t, "evil.ckpt", {"format": "lightning-prune/1", "x": Evil()}), model()),
+    "checkpoint-architecture": lambda t: load_pruned(
+        checkpoint(t), nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    ),
+    "checkpoint-pickle": lambda t: load_pruned(
+        write(t, "evil.ckpt", {"format": "lightning-prune/1", "x": Evil()}), model()
+    ),
     "checkpoint-directory": lambda t: (checkpoint(t), load_pruned(t, model())),
     "checkpoint-prefix": lambda t: load_pruned(checkpoint(t), model(), prefix="backbone"),
     "inplace-several-wrong": lambda t: export(model(), {}, IMAGE, inplace_dict={"1": ("3",), "3": (None,)}),
-    "inplace-python-code": lambda t: export(model(), {}, IMAGE, inplace_dict=write(t, "d.py", "inplace_dict = __import__('os').system('true')")),
+    "inplace-python-code": lambda t: export(
+        model(), {}, IMAGE, inplace_dict=write(t, "d.py", "inplace_dict = __import__('os').system('true')")
+    ),
 }
 
 

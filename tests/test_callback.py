@@ -15,25 +15,42 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_prune import (
     CheckpointError,
-    ConfigurationError,
     PruneExportCallback,
     PruneExportError,
     load_pruned,
     load_pruned_module,
+    register_shrinker,
     verify_equivalence,
 )
-from lightning_prune.demo import DigitsCNN, DigitsDataModule
+from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fit(tmp_path, callback, module=None, logger=False, max_epochs=2, ckpt_path=None, extra_callbacks=(), shuffle=True, **kwargs):
+def fit(
+    tmp_path,
+    callback,
+    module=None,
+    logger=False,
+    max_epochs=2,
+    ckpt_path=None,
+    extra_callbacks=(),
+    shuffle=True,
+    **kwargs,
+):
     pl.seed_everything(0, verbose=False)
     module = module or DigitsCNN(width=8)
     trainer = pl.Trainer(
-        max_epochs=max_epochs, limit_train_batches=4, limit_val_batches=1, default_root_dir=tmp_path,
-        callbacks=[*extra_callbacks, callback], logger=logger, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=bool(extra_callbacks), **kwargs,
+        max_epochs=max_epochs,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[*extra_callbacks, callback],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(extra_callbacks),
+        **kwargs,
     )
     trainer.fit(module, datamodule=DigitsDataModule(shuffle=shuffle), ckpt_path=ckpt_path)
     return trainer, module
@@ -102,11 +119,27 @@ def test_model_pruning_interop(tmp_path) -> None:
     from pytorch_lightning.callbacks import ModelPruning
 
     module = DigitsCNN(width=8)
-    pruning = ModelPruning("ln_structured", amount=0.5, parameters_to_prune=[(module.net[3], "weight")], pruning_dim=0,
-                           pruning_norm=1, apply_pruning=lambda epoch: epoch == 0, use_global_unstructured=False, verbose=0)
+    pruning = ModelPruning(
+        "ln_structured",
+        amount=0.5,
+        parameters_to_prune=[(module.net[3], "weight")],
+        pruning_dim=0,
+        pruning_norm=1,
+        apply_pruning=lambda epoch: epoch == 0,
+        use_global_unstructured=False,
+        verbose=0,
+    )
     callback = PruneExportCallback(pruner=None, prune_on_epoch=1)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, default_root_dir=tmp_path,
-                         callbacks=[pruning, callback], logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[pruning, callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=DigitsDataModule())
     assert callback.exported_model.net[3].out_channels == 8
     assert not hasattr(module.net[3], "weight_orig")
@@ -120,26 +153,52 @@ def test_resume_gives_the_same_export(tmp_path) -> None:
     fit(tmp_path / "b", first, max_epochs=2, extra_callbacks=[checkpoint], shuffle=False)
     middle = sorted(glob.glob(str(tmp_path / "ckpt" / "epoch=0*.ckpt")))[0]
     resumed = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "c"))
-    fit(tmp_path / "c", resumed, max_epochs=3, ckpt_path=middle, extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")], shuffle=False)
+    fit(
+        tmp_path / "c",
+        resumed,
+        max_epochs=3,
+        ckpt_path=middle,
+        extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+        shuffle=False,
+    )
     assert all(torch.equal(straight.masks[k], resumed.masks[k]) for k in straight.masks)
     a, b = straight.exported_model.state_dict(), resumed.exported_model.state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_wrong_inplace_dict_fails_clearly_and_keeps_the_masked_checkpoint(tmp_path) -> None:
-    callback = PruneExportCallback(pruner="fpgm", inplace_dict={"net.3": ("net.7",)}, export_dir=str(tmp_path / "out"))
-    with pytest.raises(PruneExportError, match=r"inplace_dict\['net\.3'\] = \('net\.7',\) disagrees with the traced graph.*masked checkpoint is kept at '.*masked\.ckpt'"):
-        fit(tmp_path, callback)
+class BrokenShrinkConv(torch.nn.Conv2d):
+    """A user's own layer whose registered shrink function fails: export fails after fine-tuning."""
+
+
+@register_shrinker(BrokenShrinkConv)
+def _broken_shrink(module, change):
+    raise RuntimeError("the user's shrink function failed")
+
+
+def broken_module() -> DigitsCNN:
+    module = DigitsCNN(width=8)
+    old = module.net[3]
+    module.net[3] = BrokenShrinkConv(old.in_channels, old.out_channels, 3, padding=1, bias=False)
+    return module
+
+
+def test_failed_export_raises_clearly_and_keeps_the_masked_checkpoint(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "out"))
+    with pytest.raises(
+        PruneExportError,
+        match=r"RuntimeError: the user's shrink function failed The masked checkpoint is kept at '.*masked\.ckpt'",
+    ):
+        fit(tmp_path, callback, module=broken_module())
     masked = torch.load(tmp_path / "out" / "masked.ckpt", weights_only=False)
-    conv = masked["state_dict"]["net.3.weight"]
-    assert (conv.flatten(1).abs().sum(1) == 0).sum() == 8  # the fine-tuned masked weights are there
+    conv = masked["state_dict"]["net.0.weight"]
+    assert (conv.flatten(1).abs().sum(1) == 0).sum() == 4  # the fine-tuned masked weights are there
     assert not os.path.exists(tmp_path / "out" / "pruned.ckpt")
 
 
 def test_on_failure_warn_does_not_raise(tmp_path) -> None:
-    callback = PruneExportCallback(pruner="fpgm", inplace_dict={"net.3": ("net.7",)}, on_failure="warn")
-    with pytest.warns(UserWarning, match="export failed"):
-        fit(tmp_path, callback)
+    callback = PruneExportCallback(pruner="fpgm", on_failure="warn")
+    with pytest.warns(UserWarning, match="export failed: RuntimeError: the user's shrink function failed"):
+        fit(tmp_path, callback, module=broken_module())
     assert callback.exported_model is None
 
 
@@ -175,12 +234,12 @@ trainer:
   default_root_dir: {tmp_path}
   callbacks:
     - class_path: lightning_prune.PruneExportCallback
-      init_args: {{pruner: l2, sparsity: 0.5, export_dir: {tmp_path / 'out'}}}
+      init_args: {{pruner: l2, sparsity: 0.5, export_dir: {tmp_path / "out"}}}
 model:
-  class_path: lightning_prune.demo.DigitsCNN
+  class_path: lightning_prune.lightning.demo.DigitsCNN
   init_args: {{width: 8}}
 data:
-  class_path: lightning_prune.demo.DigitsDataModule
+  class_path: lightning_prune.lightning.demo.DigitsDataModule
 """)
     command = os.path.join(os.path.dirname(sys.executable), "lightning-prune")
     result = subprocess.run([command, "fit", "--config", str(config)], capture_output=True, text=True, timeout=600)
@@ -191,25 +250,42 @@ data:
 
 @pytest.mark.parametrize("script", ["quickstart", "seed_workflow", "model_pruning"])
 def test_examples_run(script, tmp_path) -> None:
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{script}.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", f"{script}.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
 def test_checkpoint_for_another_architecture(tmp_path) -> None:
     callback = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "out"))
     fit(tmp_path, callback)
-    with pytest.raises(CheckpointError, match=r"pruned\.ckpt' was made from a model whose 'net\.0\.weight' has 8 entries along dim 0; this model's has 16"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"pruned\.ckpt' was made from a model whose 'net\.0\.weight' has 8 entries along dim 0; this model's has 16",
+    ):
         load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=16))
 
 
 @pytest.mark.parametrize("config", ["resnet18", "mobilenet_v2"])
 def test_recipe_configs_parse_and_run_one_step(config, tmp_path) -> None:
     """The shipped recipes run as written, shortened to a few steps."""
-    from lightning_prune.cli import main
+    from lightning_prune.lightning.cli import main
 
-    main(["fit", "--config", os.path.join(ROOT, "configs", f"{config}.yaml"), "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks.init_args.prune_on_epoch=0",
-          "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", f"{config}.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks.init_args.prune_on_epoch=0",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert os.path.isfile(tmp_path / "pruned" / "pruned.ckpt")

@@ -14,22 +14,39 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from user_modules import BATCH_KINDS, CLASSIFIERS, DATAMODULES, NAMESPACES, Images, PLClassifier, loaders, small_mlp
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned, verify_equivalence
-from user_modules import BATCH_KINDS, CLASSIFIERS, DATAMODULES, NAMESPACES, Images, PLClassifier, loaders, small_mlp
 
 VAL = Images("tuple", 48, seed=1).x
 
 
-def run(tmp_path, callback, *, namespace="pytorch_lightning", kind="tuple", module=None, datamodule=False,
-        max_steps=6, ckpt_path=None, callbacks=(), **trainer_kwargs):
+def run(
+    tmp_path,
+    callback,
+    *,
+    namespace="pytorch_lightning",
+    kind="tuple",
+    module=None,
+    datamodule=False,
+    max_steps=6,
+    ckpt_path=None,
+    callbacks=(),
+    **trainer_kwargs,
+):
     lightning = NAMESPACES[namespace]
     lightning.seed_everything(0, verbose=False)
     module = module if module is not None else CLASSIFIERS[namespace](kind)
     trainer_kwargs = {"logger": False, "enable_checkpointing": False, **trainer_kwargs}
-    trainer = lightning.Trainer(max_steps=max_steps, limit_val_batches=2, default_root_dir=tmp_path,
-                                callbacks=[*callbacks, *([callback] if callback else [])], enable_progress_bar=False,
-                                enable_model_summary=False, **trainer_kwargs)
+    trainer = lightning.Trainer(
+        max_steps=max_steps,
+        limit_val_batches=2,
+        default_root_dir=tmp_path,
+        callbacks=[*callbacks, *([callback] if callback else [])],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     if datamodule:
         trainer.fit(module, datamodule=DATAMODULES[namespace](kind), ckpt_path=ckpt_path)
     else:
@@ -77,7 +94,7 @@ class ForwardX(PLClassifier):
 class NeverTrains(PLClassifier):
     """A module whose first training step fails the test: errors must come before it."""
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         raise AssertionError("a training step ran before the configuration error was found")
 
 
@@ -87,7 +104,9 @@ class ForwardXNeverTrains(ForwardX, NeverTrains):
 
 @pytest.mark.parametrize("example_input", [None, "shape", "tensor", "dict"])
 def test_dict_batches_with_input_key(tmp_path, example_input) -> None:
-    example = {"shape": [1, 3, 8, 8], "tensor": torch.zeros(1, 3, 8, 8), "dict": {"x": torch.zeros(1, 3, 8, 8)}}.get(example_input)
+    example = {"shape": [1, 3, 8, 8], "tensor": torch.zeros(1, 3, 8, 8), "dict": {"x": torch.zeros(1, 3, 8, 8)}}.get(
+        example_input
+    )
     callback = PruneExportCallback(pruner="l2", input_key="pixel_values", example_input=example)
     _, module = run(tmp_path, callback, module=ForwardX("dict"), kind="dict")
     assert_exact_and_smaller(callback, module)
@@ -126,8 +145,16 @@ def test_model_pruning_keeps_its_amount(tmp_path) -> None:
     from pytorch_lightning.callbacks import ModelPruning
 
     module = PLClassifier()
-    pruning = ModelPruning("ln_structured", amount=0.3, parameters_to_prune=[(module.model[3], "weight")], pruning_dim=0,
-                           pruning_norm=1, apply_pruning=lambda epoch: epoch == 0, use_global_unstructured=False, verbose=0)
+    pruning = ModelPruning(
+        "ln_structured",
+        amount=0.3,
+        parameters_to_prune=[(module.model[3], "weight")],
+        pruning_dim=0,
+        pruning_norm=1,
+        apply_pruning=lambda epoch: epoch == 0,
+        use_global_unstructured=False,
+        verbose=0,
+    )
     callback = PruneExportCallback(pruner=None, prune_on_epoch=1)
     run(tmp_path, callback, module=module, callbacks=[pruning], max_steps=12)
     assert callback.exported_network[3].out_channels == 11  # round(0.3 * 16) = 5 pruned, not 8
@@ -173,7 +200,9 @@ def test_precisions(tmp_path, precision) -> None:
     expected = {torch.float64: "float64"}.get(trained, "float32")  # half precisions are verified in float32
     assert callback.report["verified_dtype"] == expected and callback.report["max_relative_error"] <= 1e-5
     reloaded = load_pruned(callback.report["path"], small_cnn_like(trained))
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), network.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), network.state_dict().values(), strict=True)
+    )
 
 
 def small_cnn_like(dtype: torch.dtype) -> nn.Module:
@@ -186,7 +215,9 @@ def test_the_bare_network_loads_from_the_checkpoint(tmp_path) -> None:
     run(tmp_path, callback, module=module, max_steps=2)
     assert callback.report["network_prefix"] == "model"
     network = load_pruned(tmp_path / "out" / "pruned.ckpt", torchvision.models.resnet18(num_classes=4)).eval()
-    whole = load_pruned(tmp_path / "out" / "pruned.ckpt", PLClassifier(network=torchvision.models.resnet18(num_classes=4))).eval()
+    whole = load_pruned(
+        tmp_path / "out" / "pruned.ckpt", PLClassifier(network=torchvision.models.resnet18(num_classes=4))
+    ).eval()
     with torch.no_grad():
         expected = callback.exported_network.eval()(VAL)
         assert torch.equal(network(VAL), expected) and torch.equal(whole(VAL), expected)
@@ -208,22 +239,85 @@ def test_one_callback_two_fits(tmp_path) -> None:
 
 
 def tiny_vit() -> nn.Module:
-    return torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16,
-                                                mlp_dim=32, num_classes=4)
+    return torchvision.models.VisionTransformer(
+        image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+    )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "module", "kind", "error"),
     [
-        pytest.param({"export_dir": "{tmp}/file/sub"}, None, "tuple", r"export_dir='.*file/sub'\)` cannot be written: (NotADirectoryError|FileExistsError)", id="export_dir_under_a_file"),
-        pytest.param({"config_list": [{"op_names": ["model.99"], "sparse_ratio": 0.5}]}, None, "tuple", r"`config_list` names layer 'model\.99' \(op_names\), which the model does not have\. Did you mean 'model\.8'", id="config_list_missing_layer"),
-        pytest.param({"op_names": ["net.99"]}, None, "tuple", r"names layer 'net\.99' \(op_names\), which the model does not have", id="op_names_missing_layer"),
-        pytest.param({"op_types": ["Conv3d"]}, None, "tuple", r"selects no layer of the model, so nothing would be pruned\. The model's prunable layer types are \['Conv2d', 'Linear'\]", id="op_types_matching_nothing"),
-        pytest.param({}, "mlp", "tuple", r"selects no layer .* prunable layer types are \['Linear'\]\. HINT: set `op_types` \(e\.g\. \['Linear'\]\)", id="mlp_with_default_op_types"),
-        pytest.param({}, "vit", "tuple", r"nothing to prune\. The fpgm pruner chose layers \['model\.conv_proj'\]", id="vit_with_default_op_types"),
-        pytest.param({}, "forward_x", "dict", r"Cannot tell the model input in a dict batch with keys \['labels', 'pixel_values'\]: the model's forward takes \(x\)\. Set `input_key=`", id="dict_batch_unmatched"),
-        pytest.param({"masks": {"model.9": torch.ones(4, dtype=torch.bool)}}, None, "tuple", r"`PruneExportCallback\(masks=\.\.\.\)` does not fit the model: Mask given for layer 'model\.9'", id="masks_for_a_missing_layer"),
-        pytest.param({"inplace_dict": {"model.3": ("model.30",)}}, None, "tuple", r"inplace_dict=\.\.\.\)` entry 'model\.3': 'model\.30' is not a layer", id="inplace_dict_unknown_layer"),
+        pytest.param(
+            {"export_dir": "{tmp}/file/sub"},
+            None,
+            "tuple",
+            r"export_dir='.*file/sub'\)` cannot be written: (NotADirectoryError|FileExistsError)",
+            id="export_dir_under_a_file",
+        ),
+        pytest.param(
+            {"config_list": [{"op_names": ["model.99"], "sparse_ratio": 0.5}]},
+            None,
+            "tuple",
+            r"`config_list` names layer 'model\.99' \(op_names\), which the model does not have\. Did you mean 'model\.8'",
+            id="config_list_missing_layer",
+        ),
+        pytest.param(
+            {"op_names": ["net.99"]},
+            None,
+            "tuple",
+            r"names layer 'net\.99' \(op_names\), which the model does not have",
+            id="op_names_missing_layer",
+        ),
+        pytest.param(
+            {"op_types": ["Conv3d"]},
+            None,
+            "tuple",
+            r"selects no layer of the model, so nothing would be pruned\. The model's prunable layer types are \['Conv2d', 'Linear'\]",
+            id="op_types_matching_nothing",
+        ),
+        pytest.param(
+            {},
+            "mlp",
+            "tuple",
+            r"selects no layer .* prunable layer types are \['Linear'\]\. HINT: set `op_types` \(e\.g\. \['Linear'\]\)",
+            id="mlp_with_default_op_types",
+        ),
+        pytest.param(
+            {},
+            "vit",
+            "tuple",
+            r"nothing to prune\. The fpgm pruner chose layers \['model\.conv_proj'\]",
+            id="vit_with_default_op_types",
+        ),
+        pytest.param(
+            {},
+            "forward_x",
+            "dict",
+            r"Cannot tell the model input in a dict batch with keys \['labels', 'pixel_values'\]: the model's forward takes \(x\)\. Set `input_key=`",
+            id="dict_batch_unmatched",
+        ),
+        pytest.param(
+            {"masks": {"model.9": torch.ones(4, dtype=torch.bool)}},
+            None,
+            "tuple",
+            r"`PruneExportCallback\(masks=\.\.\.\)` does not fit the model: Mask given for layer 'model\.9'",
+            id="masks_for_a_missing_layer",
+        ),
+        pytest.param(
+            {"inplace_dict": {"model.3": ("model.30",)}},
+            None,
+            "tuple",
+            r"inplace_dict=\.\.\.\)` does not fit the model: .*\n  inplace_dict\['model\.3'\] names 'model\.30', which is not a layer",
+            id="inplace_dict_unknown_layer",
+        ),
+        pytest.param(
+            {"inplace_dict": {"model.3": ("model.8",), "model.8": ("model.0",)}},
+            None,
+            "tuple",
+            r"(?s)inplace_dict has 2 wrong entries, all listed.*\['model\.3'\] = \('model\.8',\) disagrees.*"
+            r"\['model\.8'\] = \('model\.0',\) disagrees.*Corrected entries:\n  'model\.3': \('model\.0',\),\n  'model\.8': \('model\.3',\),",
+            id="inplace_dict_disagrees_with_the_graph",
+        ),
     ],
 )
 def test_configuration_errors_come_before_training(tmp_path, kwargs, module, kind, error) -> None:
@@ -251,9 +345,16 @@ def test_the_core_imports_without_lightning() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, lightning_prune; from lightning_prune import export_pruned_model, load_pruned; "
-            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchmetrics', 'nni') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, lightning_prune; from lightning_prune import export_pruned_model, load_pruned; "
+        "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchmetrics', 'nni') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -12,10 +12,16 @@ from helpers import randomize
 from torch import nn
 
 from lightning_prune import CheckpointError, export, load_pruned, save_pruned
-from lightning_prune.checkpoint import FORMAT
+from lightning_prune.core.checkpoint import FORMAT
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-PRUNED = ("conv1", "layer1.0.conv1", "layer2.0.conv1", "layer3.1.conv1", "layer4.0.conv1")  # conv1 is tied to the residuals: kept
+PRUNED = (
+    "conv1",
+    "layer1.0.conv1",
+    "layer2.0.conv1",
+    "layer3.1.conv1",
+    "layer4.0.conv1",
+)  # conv1 is tied to the residuals: kept
 
 
 class Classifier(pl.LightningModule):
@@ -97,7 +103,9 @@ def test_a_bare_network_checkpoint_loads_into_the_wrapper(tmp_path) -> None:
     assert torch.equal(outputs(again), outputs(result.model))
 
 
-def test_network_prefix_is_stored_and_older_checkpoints_still_load(tmp_path, exported_module, module_checkpoint) -> None:
+def test_network_prefix_is_stored_and_older_checkpoints_still_load(
+    tmp_path, exported_module, module_checkpoint
+) -> None:
     save_pruned(tmp_path / "named.ckpt", exported_module, network_prefix="model")
     assert torch.load(tmp_path / "named.ckpt", weights_only=True)["network_prefix"] == "model"
     network = load_pruned(tmp_path / "named.ckpt", torchvision.models.resnet18(num_classes=10))
@@ -107,13 +115,19 @@ def test_network_prefix_is_stored_and_older_checkpoints_still_load(tmp_path, exp
 
 
 def test_network_prefix_must_name_a_submodule(tmp_path, exported_module) -> None:
-    with pytest.raises(CheckpointError, match=r"save_pruned\('.*x\.ckpt', network_prefix='net'\): the exported Classifier has no submodule 'net'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"save_pruned\('.*x\.ckpt', network_prefix='net'\): the exported Classifier has no submodule 'net'",
+    ):
         save_pruned(tmp_path / "x.ckpt", exported_module, network_prefix="net")
     assert not os.path.exists(tmp_path / "x.ckpt")
 
 
 def test_the_network_loads_only_its_keys_and_strictly(module_checkpoint) -> None:
-    with pytest.raises(CheckpointError, match=r"pruned\.ckpt' does not fit the model: 'fc\.weight' has shape \(10, 512\) in the checkpoint, \(5, 512\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"pruned\.ckpt' does not fit the model: 'fc\.weight' has shape \(10, 512\) in the checkpoint, \(5, 512\) in the model",
+    ):
         load_pruned(module_checkpoint, torchvision.models.resnet18(num_classes=5))
 
 
@@ -127,7 +141,10 @@ def test_another_architecture_names_the_first_layer_and_the_prefix_hint(module_c
 
 
 def test_an_empty_prefix_keeps_the_names(module_checkpoint) -> None:  # a prefix that fits nothing: the bad-input table
-    with pytest.raises(CheckpointError, match=r"does not fit the ResNet with prefix='': it changes layer 'model\.layer1\.0\.conv1', which the model does not have\. Check the prefix"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit the ResNet with prefix='': it changes layer 'model\.layer1\.0\.conv1', which the model does not have\. Check the prefix",
+    ):
         load_pruned(module_checkpoint, torchvision.models.resnet18(num_classes=10), prefix="")
 
 
@@ -151,7 +168,10 @@ def test_an_ambiguous_prefix_asks_for_one(tmp_path) -> None:
     network = randomize(Pair().student, seed=5)
     result = export(network, {"0": torch.arange(8) < 5}, IMAGES)
     save_pruned(tmp_path / "pruned.ckpt", result)
-    with pytest.raises(CheckpointError, match=r"pruned\.ckpt' fits the Pair in 2 ways: prefix='student' .*, prefix='teacher' .*\. Pass prefix= to choose one"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"pruned\.ckpt' fits the Pair in 2 ways: prefix='student' .*, prefix='teacher' .*\. Pass prefix= to choose one",
+    ):
         load_pruned(tmp_path / "pruned.ckpt", Pair())
     pair = load_pruned(tmp_path / "pruned.ckpt", Pair(), prefix="teacher")
     assert pair.teacher[0].out_channels == 5 and pair.student[0].out_channels == 8
@@ -161,7 +181,9 @@ def test_an_ambiguous_prefix_asks_for_one(tmp_path) -> None:
 def test_a_directory_without_a_checkpoint(tmp_path) -> None:  # one holding pruned.ckpt: the bad-input table
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match=r"empty' is a directory, not a checkpoint file\. Pass the path of the pruned\.ckpt file"):
+    with pytest.raises(
+        CheckpointError, match=r"empty' is a directory, not a checkpoint file\. Pass the path of the pruned\.ckpt file"
+    ):
         load_pruned(empty, torchvision.models.resnet18(num_classes=10))
 
 
@@ -176,7 +198,10 @@ def test_the_changed_layers_pick_the_network(tmp_path) -> None:
 def test_stored_network_prefix_breaks_a_tie(tmp_path) -> None:
     result = export(randomize(Pair(), seed=7), {}, IMAGES)  # nothing changed: both halves fit a bare network
     save_pruned(tmp_path / "plain.ckpt", result)
-    with pytest.raises(CheckpointError, match=r"plain\.ckpt' fits the Sequential in 2 ways: prefix='student' \(the network inside the saved module\), prefix='teacher'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"plain\.ckpt' fits the Sequential in 2 ways: prefix='student' \(the network inside the saved module\), prefix='teacher'",
+    ):
         load_pruned(tmp_path / "plain.ckpt", small_network())
     save_pruned(tmp_path / "named.ckpt", result, network_prefix="teacher")
     network = load_pruned(tmp_path / "named.ckpt", small_network())

@@ -24,7 +24,7 @@ from lightning_prune import (
     load_pruned,
     save_pruned,
 )
-from lightning_prune.checkpoint import atomic_save, remove_stale_temporaries, temporary_path
+from lightning_prune.core.checkpoint import atomic_save, remove_stale_temporaries, temporary_path
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_writer.py")
 
@@ -135,7 +135,7 @@ def test_failed_write_raises_and_keeps_the_previous_file(tmp_path) -> None:
 
 @pytest.fixture
 def saved(tmp_path):
-    build = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))  # noqa: E731
+    build = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
     result = export(build(), {"0": torch.arange(8) < 3}, torch.randn(1, 3, 8, 8))
     save_pruned(tmp_path / "pruned.ckpt", result)
     return tmp_path / "pruned.ckpt", build
@@ -146,7 +146,9 @@ def test_corrupted_checkpoint(saved) -> None:
     data = bytearray(path.read_bytes())
     data[100:400] = random.Random(0).randbytes(300)  # garbles the pickled record inside the zip
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"^Checkpoint '.*pruned\.ckpt' could not be loaded safely \(weights_only=True\): \S") as caught:
+    with pytest.raises(
+        CheckpointError, match=r"^Checkpoint '.*pruned\.ckpt' could not be loaded safely \(weights_only=True\): \S"
+    ) as caught:
         load_pruned(path, build())
     assert caught.value.__cause__ is not None  # torch's own reason is kept
 

@@ -9,9 +9,10 @@ import torch
 from helpers import random_masks, randomize
 from models import DepthwiseNet, ShuffleChunkNet
 
-from lightning_prune import ChannelGraph, InplaceDictMismatchError, apply_masks, errors, export
-from lightning_prune.inplace_dict import check_inplace_dict, traced_inplace_dict
-from lightning_prune.plan import Plan, plan
+from lightning_prune import ChannelGraph, InplaceDictMismatchError, apply_masks, export
+from lightning_prune.core import errors
+from lightning_prune.core.inplace_dict import check_inplace_dict, traced_inplace_dict
+from lightning_prune.core.plan import Plan, plan
 
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
 from helpers import apply_masks, export_and_check, num_params, randomize, zero_norm_affine
+
 from lightning_prune import ChannelGraph, group_masks
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("resnet50", "mobilenet_v2", "densenet121", "resnext50_32x4d", "regnet_y_400mf")])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, id=n) for n in ("resnet50", "mobilenet_v2", "densenet121", "resnext50_32x4d", "regnet_y_400mf")],
+)
 def test_group_masks_keep_at_most_60_percent_exactly(name: str) -> None:
     torch.manual_seed(0)
     model = randomize(torchvision.models.get_model(name, weights=None))

@@ -9,8 +9,9 @@ import pickle
 import pytest
 import torch
 import yaml
-
 from helpers import export_and_check, random_masks, randomize
+from models import SEED_INPLACE_DICT, ConcatNet, Conv2dBetween3d, SeedNet
+
 from lightning_prune import (
     ExampleInputError,
     InplaceDictError,
@@ -20,8 +21,7 @@ from lightning_prune import (
     format_inplace_dict,
     infer_inplace_dict,
 )
-from lightning_prune.errors import InplaceDictMismatchError
-from models import SEED_INPLACE_DICT, ConcatNet, Conv2dBetween3d, SeedNet
+from lightning_prune.core.errors import InplaceDictMismatchError
 
 SEED_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -70,8 +70,11 @@ def test_int_entries_and_network_input(tmp_path) -> None:
         "head": ("pruned.0", 8, None),  # the 8 channels of `unpruned` stay as they are
     }
     reference = apply_masks(model, masks)
-    for source in (inplace, _write(tmp_path / "d.yaml", yaml.safe_dump({k: list(v) for k, v in inplace.items()})),
-                   _write(tmp_path / "d.json", json.dumps(inplace))):
+    for source in (
+        inplace,
+        _write(tmp_path / "d.yaml", yaml.safe_dump({k: list(v) for k, v in inplace.items()})),
+        _write(tmp_path / "d.json", json.dumps(inplace)),
+    ):
         result = export(reference, masks, IMAGE, inplace_dict=source)
         assert result.model.pruned[0].out_channels == 8
         assert result.model.unpruned[0].out_channels == 8
@@ -90,9 +93,19 @@ def _write(path, text: str):
     ("inplace", "error"),
     [
         pytest.param({"nope": ("pruned.0",)}, r"key 'nope' is not a layer of the model", id="unknown_key"),
-        pytest.param({"head": ("pruned.0", "ghost")}, r"inplace_dict\['head'\] names 'ghost', which is not a layer", id="unknown_producer"),
-        pytest.param({"head": ("unpruned.0", "pruned.0", None)}, r"inplace_dict\['head'\] = .* disagrees with the traced graph, which has \('pruned\.0', 'unpruned\.0', None\)", id="wrong_order"),
-        pytest.param({"head": ("pruned.0",)}, r"inplace_dict\['head'\].*disagrees.*27 input channels", id="too_few_channels"),
+        pytest.param(
+            {"head": ("pruned.0", "ghost")},
+            r"inplace_dict\['head'\] names 'ghost', which is not a layer",
+            id="unknown_producer",
+        ),
+        pytest.param(
+            {"head": ("unpruned.0", "pruned.0", None)},
+            r"inplace_dict\['head'\] = .* disagrees with the traced graph, which has \('pruned\.0', 'unpruned\.0', None\)",
+            id="wrong_order",
+        ),
+        pytest.param(
+            {"head": ("pruned.0",)}, r"inplace_dict\['head'\].*disagrees.*27 input channels", id="too_few_channels"
+        ),
         pytest.param({"head": ("pruned.0", 3.5)}, r"inplace_dict\['head'\] holds 3\.5", id="bad_entry"),
     ],
 )
@@ -118,7 +131,9 @@ def test_layer_pruned_to_zero_channels() -> None:
 
 
 def test_example_input_the_model_rejects() -> None:
-    with pytest.raises(ExampleInputError, match=r"ConcatNet rejected the example input \(Tensor of \[\(2, 5, 16, 16\)\]\)"):
+    with pytest.raises(
+        ExampleInputError, match=r"ConcatNet rejected the example input \(Tensor of \[\(2, 5, 16, 16\)\]\)"
+    ):
         export(ConcatNet(), {}, torch.randn(2, 5, 16, 16))
 
 
@@ -137,7 +152,9 @@ def test_every_wrong_entry_in_one_error() -> None:
     assert str(error).startswith("inplace_dict has 3 wrong entries, all listed")
     assert sorted(error.problems) == ["ghost", "head", "pruned.1"]
     assert error.problems["head"].endswith("(27 input channels): wrong order")
-    assert error.problems["pruned.1"].endswith("wrong producer 'unpruned.0' (not an input of this layer); missing producer 'pruned.0'")
+    assert error.problems["pruned.1"].endswith(
+        "wrong producer 'unpruned.0' (not an input of this layer); missing producer 'pruned.0'"
+    )
     assert error.corrected == {"pruned.0": (None,), "pruned.1": ("pruned.0",), "head": ("pruned.0", "unpruned.0", None)}
     again = pickle.loads(pickle.dumps(error))  # errors travel between ranks
     assert str(again) == str(error) and again.corrected == error.corrected

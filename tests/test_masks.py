@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
+from helpers import export_and_check, randomize
+from models import UnprunedLast
 from torch import nn
 
-from helpers import export_and_check, randomize
 from lightning_prune import apply_masks, collect_masks, export, verify_equivalence
-from models import UnprunedLast
 
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -36,7 +36,9 @@ class Nni2Wrapper(nn.Module):
         self.register_buffer("weight_mask", keep.float().view(-1, 1, 1, 1).expand_as(module.weight).clone())
 
     def forward(self, x):
-        return nn.functional.conv2d(x, self.module.weight * self.weight_mask, self.module.bias, self.module.stride, self.module.padding)
+        return nn.functional.conv2d(
+            x, self.module.weight * self.weight_mask, self.module.bias, self.module.stride, self.module.padding
+        )
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ import warnings
 import pytest
 import torch
 import torchvision
+from helpers import export_and_check, random_masks, randomize
+from models import DepthwiseNet, UnprunedLast
 from torch import nn
 
-from helpers import export_and_check, random_masks, randomize
-from lightning_prune import apply_masks, op_rules
-from lightning_prune.masks import out_channels
-from models import DepthwiseNet, UnprunedLast
+from lightning_prune import apply_masks
+from lightning_prune.core import op_rules
+from lightning_prune.core.masks import out_channels
 
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -47,7 +48,11 @@ def r3d_18():
 
 def residual_masks_disagree():
     model = randomize(DepthwiseNet())
-    return model, {"stem.0": torch.arange(16) < 8, "project.0": torch.arange(16) >= 4, "expand.0": torch.arange(48) < 24}, IMAGE
+    return (
+        model,
+        {"stem.0": torch.arange(16) < 8, "project.0": torch.arange(16) >= 4, "expand.0": torch.arange(48) < 24},
+        IMAGE,
+    )
 
 
 def last_conv_feeds_the_output():
@@ -73,8 +78,15 @@ def assert_notes_account_for_every_kept_channel(result, masks) -> None:
     [
         pytest.param(conv_lstm, "conv2", "op 'lstm' is not understood by the tracer", id="conv_lstm"),
         pytest.param(r3d_18, "stem.0", "coupled with 'layer1.", id="r3d_18"),
-        pytest.param(residual_masks_disagree, "stem.0", "coupled with 'project.0', whose mask keeps them", id="residual_masks_disagree"),
-        pytest.param(last_conv_feeds_the_output, "last", "they reach the model output", id="last_conv_feeds_the_output"),
+        pytest.param(
+            residual_masks_disagree,
+            "stem.0",
+            "coupled with 'project.0', whose mask keeps them",
+            id="residual_masks_disagree",
+        ),
+        pytest.param(
+            last_conv_feeds_the_output, "last", "they reach the model output", id="last_conv_feeds_the_output"
+        ),
     ],
 )
 def test_kept_notes_add_up_to_the_masked_channels_kept(build, layer, reason) -> None:
@@ -84,7 +96,9 @@ def test_kept_notes_add_up_to_the_masked_channels_kept(build, layer, reason) -> 
         result = export_and_check(apply_masks(model, masks), masks, example)
     assert_notes_account_for_every_kept_channel(result, masks)
     assert kept_against_masks(result, masks)[layer] > 0
-    assert any(n.layer == layer and n.action == "kept" and n.reason.startswith(reason) for n in result.notes), [str(n) for n in result.notes]
+    assert any(n.layer == layer and n.action == "kept" and n.reason.startswith(reason) for n in result.notes), [
+        str(n) for n in result.notes
+    ]
 
 
 class CatKeyword(nn.Module):
@@ -148,7 +162,9 @@ def test_a_rule_that_raises_is_reported_as_ours(monkeypatch) -> None:
             return self.conv(x).cumsum(2)
 
     masks = {"conv": torch.arange(8) < 4}
-    with pytest.warns(UserWarning, match=r"op 'cumsum' could not be traced \(rule raised IndexError: .*\); its channels are kept"):
+    with pytest.warns(
+        UserWarning, match=r"op 'cumsum' could not be traced \(rule raised IndexError: .*\); its channels are kept"
+    ):
         result = export_and_check(apply_masks(randomize(Cumulative()), masks), masks, IMAGE)
     assert result.model.conv.out_channels == 8
     notes = [n for n in result.notes if n.layer == "conv" and n.action == "kept"]

@@ -10,7 +10,8 @@ import torch
 from helpers import export_and_check, randomize
 from torch import nn
 
-from lightning_prune import apply_masks, op_rules, register_op_rule
+from lightning_prune import apply_masks, register_op_rule
+from lightning_prune.core import op_rules
 
 IMAGE = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

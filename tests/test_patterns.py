@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from models import ConcatNet, Conv2dBetween3d, DepthwiseNet, OpsNet, SeedNet, SENet, ShuffleChunkNet, UnprunedLast
 from torch import nn
 
-from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
 from lightning_prune import apply_masks, export
-from models import ConcatNet, Conv2dBetween3d, DepthwiseNet, OpsNet, SeedNet, SENet, ShuffleChunkNet, UnprunedLast
 
 g = torch.Generator().manual_seed(3)
 IMAGE = torch.randn(2, 3, 16, 16, generator=g)
@@ -107,8 +107,13 @@ def test_constant_before_padded_conv_is_kept_and_reported() -> None:
 
 
 def test_grouped_conv_mask_is_widened_not_crashed() -> None:
-    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 2, 1)))
-    masks = {"0": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool), "2": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)}
+    model = randomize(
+        nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 2, 1))
+    )
+    masks = {
+        "0": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool),
+        "2": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool),
+    }
     result = export_and_check(apply_masks(model, masks), masks, IMAGE)
     grouped = result.model[2]
     assert grouped.groups == 4 and grouped.in_channels % 4 == 0 and grouped.out_channels % 4 == 0

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import torch
+from helpers import apply_masks, export_and_check, randomize
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers import apply_masks, export_and_check, randomize
-
 BLOCKS = st.lists(
-    st.tuples(st.sampled_from(["conv", "residual", "concat", "grouped", "depthwise"]), st.integers(2, 6), st.sampled_from([1, 3])),
+    st.tuples(
+        st.sampled_from(["conv", "residual", "concat", "grouped", "depthwise"]),
+        st.integers(2, 6),
+        st.sampled_from([1, 3]),
+    ),
     min_size=1,
     max_size=5,
 )
@@ -25,14 +28,22 @@ class RandomNet(nn.Module):
         for kind, width, kernel in blocks:
             out = 2 * width
             if kind == "residual":
-                layer = nn.Sequential(nn.Conv2d(channels, channels, kernel, padding=kernel // 2), nn.BatchNorm2d(channels))
+                layer = nn.Sequential(
+                    nn.Conv2d(channels, channels, kernel, padding=kernel // 2), nn.BatchNorm2d(channels)
+                )
             elif kind == "concat":
-                layer = nn.ModuleList([nn.Conv2d(channels, out, kernel, padding=kernel // 2), nn.Conv2d(channels, width, 1)])
+                layer = nn.ModuleList(
+                    [nn.Conv2d(channels, out, kernel, padding=kernel // 2), nn.Conv2d(channels, width, 1)]
+                )
                 out += width
             elif kind == "grouped" and channels % 2 == 0:
-                layer = nn.Sequential(nn.Conv2d(channels, out, kernel, padding=kernel // 2, groups=2), nn.BatchNorm2d(out))
+                layer = nn.Sequential(
+                    nn.Conv2d(channels, out, kernel, padding=kernel // 2, groups=2), nn.BatchNorm2d(out)
+                )
             elif kind == "depthwise":
-                layer = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.BatchNorm2d(channels))
+                layer = nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.BatchNorm2d(channels)
+                )
                 out = channels
             else:
                 layer = nn.Sequential(nn.Conv2d(channels, out, kernel, padding=kernel // 2), nn.BatchNorm2d(out))
@@ -42,7 +53,7 @@ class RandomNet(nn.Module):
         self.head = nn.Linear(channels, 3)
 
     def forward(self, x):
-        for kind, layer in zip(self.kinds, self.layers):
+        for kind, layer in zip(self.kinds, self.layers, strict=True):
             if kind == "residual":
                 x = torch.relu(x + layer(x))
             elif kind == "concat":

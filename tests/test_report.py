@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import report
-from lightning_prune.report import Latency, compare_latency, count_macs, count_params, latency_is_noise, measure_latency
+from lightning_prune.core import report
+from lightning_prune.core.report import (
+    Latency,
+    compare_latency,
+    count_macs,
+    count_params,
+    latency_is_noise,
+    measure_latency,
+)
 
 
 class Recorder(nn.Module):
@@ -65,7 +72,9 @@ def test_timed_calls_run_in_eval_mode_without_grad_and_modes_come_back(clock) ->
     mixed.linear.eval()  # a frozen part inside a training model keeps its own mode
     frozen = Recorder("f", log, clock, 0.001).eval()
     compare_latency({"t": training, "m": mixed, "f": frozen}, X, rounds=1, repeats=5, budget_s=10.0)
-    assert all(grad is False and not model_training and not child_training for _, grad, model_training, child_training in log)
+    assert all(
+        grad is False and not model_training and not child_training for _, grad, model_training, child_training in log
+    )
     assert training.training and training.linear.training
     assert mixed.training and not mixed.linear.training
     assert not frozen.training and not frozen.linear.training
@@ -170,7 +179,9 @@ def _vit_macs(image: int, patch: int, layers: int, dim: int, mlp: int, classes: 
 def test_count_macs_counts_attention_of_a_tiny_vision_transformer() -> None:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3)
+    model = VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3
+    )
     # 4 patches + class token = 5 tokens of width 8: conv 4*8*768, qkv 5*8*24, q@k^T 5*5*8, attn@v 5*5*8,
     # out projection 5*8*8, MLP 2*5*8*16, head 8*3
     assert count_macs(model, torch.randn(1, 3, 32, 32)) == 24576 + 960 + 200 + 200 + 320 + 1280 + 24 == 27560
@@ -205,7 +216,9 @@ def test_count_macs_of_scaled_dot_product_attention_and_matmul() -> None:
 @pytest.mark.parametrize(
     "layer, shape, expected",
     [
-        pytest.param(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (1, 4, 5, 5), 4 * 25 * 3 * 9, id="conv_transpose_grouped"),
+        pytest.param(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), (1, 4, 5, 5), 4 * 25 * 3 * 9, id="conv_transpose_grouped"
+        ),
         pytest.param(nn.ConvTranspose2d(4, 6, 3), (1, 4, 5, 5), 4 * 25 * 6 * 9, id="conv_transpose"),
         pytest.param(nn.Conv2d(8, 12, 3, groups=4), (1, 8, 6, 6), 12 * 4 * 4 * 2 * 9, id="grouped_conv"),
         pytest.param(nn.Conv2d(8, 8, 3, groups=8), (1, 8, 6, 6), 8 * 4 * 4 * 9, id="depthwise_conv"),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RTOL, export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from models import HSMNetLike
 from torch import nn
 
-from helpers import RTOL, export_and_check, num_params, random_masks, randomize, zero_norm_affine
 from lightning_prune import (
     ChannelGraph,
     InplaceDictError,
@@ -24,9 +25,8 @@ from lightning_prune import (
     infer_inplace_dict,
     verify_equivalence,
 )
-from lightning_prune.errors import InplaceDictMismatchError
-from lightning_prune.inplace_dict import load_inplace_dict
-from models import HSMNetLike
+from lightning_prune.core.errors import InplaceDictMismatchError
+from lightning_prune.core.inplace_dict import load_inplace_dict
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "data" / "seed_inplace_dict.py.txt"  # the dict exactly as the page prints it
@@ -37,7 +37,10 @@ FE = "feature_extraction."
 # The page's entries the trace contradicts (the public HSMNet forward: `self.upconv5(conv5)` right
 # after `conv5 = self.iconv5(...)`, and `torch.cat((conv5, self.upconv6(conv6)), 1)`).
 WRONG_ORDER = [FE + "iconv5.cbr_unit.0", FE + "iconv4.cbr_unit.0", FE + "iconv3.cbr_unit.0"]
-WRONG_PRODUCER = {FE + "upconv5.1.cbr_unit.0": FE + "iconv5.cbr_unit.0", FE + "upconv4.1.cbr_unit.0": FE + "iconv4.cbr_unit.0"}
+WRONG_PRODUCER = {
+    FE + "upconv5.1.cbr_unit.0": FE + "iconv5.cbr_unit.0",
+    FE + "upconv4.1.cbr_unit.0": FE + "iconv4.cbr_unit.0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,9 @@ def test_corrected_page_dict_exports_exactly(hsm, page_dict, tmp_path) -> None:
     # the 3D decoders are no keys, so they keep their shape, and so do the features they read
     assert result.model.decoder3.convs[0].conv1[0].in_channels == 8
     proj3 = [n for n in result.notes if n.layer == FE + "proj3.cbr_unit.0" and n.action == "kept"]
-    assert [n.reason for n in proj3] == ["inplace_dict['decoder3.convs.0.downsample.conv1'] is (None,): its input channels are not pruned"]
+    assert [n.reason for n in proj3] == [
+        "inplace_dict['decoder3.convs.0.downsample.conv1'] is (None,): its input channels are not pruned"
+    ]
 
 
 def test_inferred_dict_round_trips_in_the_page_convention(hsm, page_dict) -> None:
@@ -248,8 +253,10 @@ def test_writes_at_one_channel_position_couple_their_sources() -> None:
     result = _no_warnings_export(apply_masks(model, masks), masks, IMAGE)
     assert result.model.a.out_channels == result.model.b.out_channels == result.model.head.in_channels == 6  # the union
     reasons = {n.layer: n.reason for n in result.notes if n.action == "kept"}
-    assert reasons == {"a": "coupled with 'b', whose mask keeps them (a coupled group keeps the union of its masks)",
-                       "b": "coupled with 'a', whose mask keeps them (a coupled group keeps the union of its masks)"}
+    assert reasons == {
+        "a": "coupled with 'b', whose mask keeps them (a coupled group keeps the union of its masks)",
+        "b": "coupled with 'a', whose mask keeps them (a coupled group keeps the union of its masks)",
+    }
 
 
 def test_overwriting_couples_or_blocks() -> None:
@@ -260,13 +267,19 @@ def test_overwriting_couples_or_blocks() -> None:
     assert result.model.base.out_channels == result.model.patch.out_channels == 7
     notes = {(n.layer, n.reason): n.channels for n in result.notes if n.action == "kept"}
     assert notes == {
-        ("base", "op 'setitem' writes values that belong to no prunable channel over them, or them over such values"): 1,
-        ("patch", "op 'setitem' writes values that belong to no prunable channel over them, or them over such values"): 1,
+        (
+            "base",
+            "op 'setitem' writes values that belong to no prunable channel over them, or them over such values",
+        ): 1,
+        (
+            "patch",
+            "op 'setitem' writes values that belong to no prunable channel over them, or them over such values",
+        ): 1,
         ("patch", "coupled with 'base', whose mask keeps them (a coupled group keeps the union of its masks)"): 1,
     }
     for layer, mask in masks.items():
         kept = getattr(result.model, layer).out_channels - int(mask.sum())
-        assert sum(c for (l, _), c in notes.items() if l == layer) == kept
+        assert sum(c for (name, _), c in notes.items() if name == layer) == kept
 
 
 def test_metadata_ops_never_block() -> None:
@@ -278,9 +291,22 @@ def test_metadata_ops_never_block() -> None:
 
         def forward(self, x):
             y = torch.relu(self.conv(x))
-            shapes = [t.shape for t in (torch.zeros_like(y), torch.ones_like(y), torch.empty_like(y), torch.full_like(y, 2.0),
-                                        torch.rand_like(y), torch.randn_like(y), y.new_empty(2), y.new_zeros(2), y.new_ones(2),
-                                        y.new_full((2,), 1.0), torch.zeros(y.shape))]
+            shapes = [
+                t.shape
+                for t in (
+                    torch.zeros_like(y),
+                    torch.ones_like(y),
+                    torch.empty_like(y),
+                    torch.full_like(y, 2.0),
+                    torch.rand_like(y),
+                    torch.randn_like(y),
+                    y.new_empty(2),
+                    y.new_zeros(2),
+                    y.new_ones(2),
+                    y.new_full((2,), 1.0),
+                    torch.zeros(y.shape),
+                )
+            ]
             assert len(shapes) == 11
             y = y * torch.ones_like(y) + torch.zeros(y.shape) + torch.zeros_like(y).fill_(0.25)
             return self.head(y)
@@ -343,7 +369,9 @@ class Writes(nn.Module):
 def test_writes_stay_exact(case, sizes) -> None:
     model = randomize(Writes(case))
     masks = {"a": torch.arange(8) % 2 == 0, "b": torch.arange(8) < 5}
-    result = _no_warnings_export(apply_masks(model, masks), masks, torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3)))
+    result = _no_warnings_export(
+        apply_masks(model, masks), masks, torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    )
     assert (result.model.a.out_channels, result.model.b.out_channels) == sizes
     for layer, mask in masks.items():
         kept = getattr(result.model, layer).out_channels - int(mask.sum())

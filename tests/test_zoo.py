@@ -8,9 +8,8 @@ import functools
 import pytest
 import torch
 import torchvision
-from torchvision import models
-
 from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from torchvision import models
 
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 OVER_150M = {"convnext_large", "regnet_y_128gf"}  # 197.8M and 644.8M parameters
@@ -18,9 +17,7 @@ SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilene
 INPUT_SIZE = {"inception_v3": 80}
 
 ZOO = [
-    name
-    for name in models.list_models(module=models)
-    if not name.startswith(TRANSFORMERS) and name not in OVER_150M
+    name for name in models.list_models(module=models) if not name.startswith(TRANSFORMERS) and name not in OVER_150M
 ] + SEGMENTATION
 
 

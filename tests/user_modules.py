@@ -36,7 +36,7 @@ class Images(Dataset):
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, index: int):  # noqa: ANN204
+    def __getitem__(self, index: int):
         if self.kind == "tensor":
             return self.x[index]
         if self.kind == "tuple":
@@ -45,15 +45,23 @@ class Images(Dataset):
 
 
 def loaders(kind: str, batch_size: int = 16) -> tuple[DataLoader, DataLoader]:
-    return (DataLoader(Images(kind, 96, seed=0), batch_size=batch_size, shuffle=True),
-            DataLoader(Images(kind, 48, seed=1), batch_size=batch_size))
+    return (
+        DataLoader(Images(kind, 96, seed=0), batch_size=batch_size, shuffle=True),
+        DataLoader(Images(kind, 48, seed=1), batch_size=batch_size),
+    )
 
 
 def small_cnn(width: int = 8) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 4),
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 4),
     )
 
 
@@ -70,20 +78,20 @@ class _ClassifierLogic:
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)
 
-    def _loss(self, batch) -> torch.Tensor:  # noqa: ANN001
+    def _loss(self, batch) -> torch.Tensor:
         if self.kind == "tensor":  # no labels: a self-supervised style objective
             return self(batch).logsumexp(1).mean()
         x, y = batch if self.kind == "tuple" else (batch["pixel_values"], batch["labels"])
         return F.cross_entropy(self(x), y)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         self.steps_run += 1
         return self._loss(batch)
 
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx):
         self.log("val_loss", self._loss(batch))
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 

@@ -15,18 +15,18 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_prune.errors import MaskError
-from lightning_prune.modules import replace_tensor, set_submodule
+from lightning_prune.core.errors import MaskError
+from lightning_prune.core.modules import replace_tensor, set_submodule
 
 Masks = dict[str, torch.Tensor]
 """The canonical form: layer name -> bool keep-vector over the layer's output channels."""
 
-MaskSource = Union[Mapping, str, os.PathLike, nn.Module]
+MaskSource = Mapping | str | os.PathLike | nn.Module
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -60,7 +60,7 @@ def collect_masks(source: MaskSource | Masks, model: nn.Module | None = None) ->
       ``ModelPruning`` leaves them), or all-zero output filters in plain weights;
     - a dict of keep-vectors (bool or 0/1) per layer.
 
-    Raises :class:`~lightning_prune.errors.MaskError` naming the layer for a layer the model
+    Raises :class:`~lightning_prune.core.errors.MaskError` naming the layer for a layer the model
     lacks, a shape that does not match the weight, non-binary values, or a mask that is not a
     channel mask (a filter partly zero).
     """

@@ -1,16 +1,14 @@
 """The ``lightning-prune`` command: LightningCLI with the callback and the demo data available.
 
-    lightning-prune fit --config configs/quickstart.yaml
+lightning-prune fit --config configs/quickstart.yaml
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pytorch_lightning.cli import LightningCLI
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Run LightningCLI; model and data classes come from the config (``class_path``)."""
     LightningCLI(args=args, save_config_kwargs={"overwrite": True})
 

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.errors import PrunedToZeroError
-from lightning_prune.masks import Masks
-from lightning_prune.trace import Consumer
+from lightning_prune.core.errors import PrunedToZeroError
+from lightning_prune.core.masks import Masks
+from lightning_prune.core.trace import Consumer
 
 if TYPE_CHECKING:
-    from lightning_prune.graph import ChannelGraph
+    from lightning_prune.core.graph import ChannelGraph
 
 
 @dataclass

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.modules import evaluating
-from lightning_prune.trace import call_model
+from lightning_prune.core.modules import evaluating
+from lightning_prune.core.trace import call_model
 
 
 def count_params(model: nn.Module) -> int:
@@ -28,7 +28,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _attention_flops(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     """Flops of one scaled-dot-product attention (``q @ k^T`` and ``attention @ v``), from the shapes."""
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -38,7 +40,11 @@ def _attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: 
 def _extra_flop_formulas() -> dict[Any, Any]:
     """Formulas ``FlopCounterMode`` lacks: the CPU kernel of ``scaled_dot_product_attention``."""
     aten = torch.ops.aten
-    return {getattr(aten, name): _attention_flops for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(aten, name)}
+    return {
+        getattr(aten, name): _attention_flops
+        for name in ("_scaled_dot_product_flash_attention_for_cpu",)
+        if hasattr(aten, name)
+    }
 
 
 @contextmanager
@@ -189,7 +195,9 @@ def compare_latency(
     if not models:
         return {}
     if rounds < 1 or repeats < 1 or warmup < 0 or not budget_s > 0:
-        raise ValueError(f"compare_latency needs rounds >= 1, repeats >= 1, warmup >= 0 and budget_s > 0; got {rounds}, {repeats}, {warmup}, {budget_s}.")
+        raise ValueError(
+            f"compare_latency needs rounds >= 1, repeats >= 1, warmup >= 0 and budget_s > 0; got {rounds}, {repeats}, {warmup}, {budget_s}."
+        )
     names = list(models)
     timer = _Timer(example_input)
     started = _clock()
@@ -224,7 +232,9 @@ def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, war
     ``max(repeats, 5)`` timings, no time budget; :func:`compare_latency` times several models
     fairly and gives the spread.
     """
-    latency = compare_latency({"model": model}, example_input, rounds=1, repeats=max(repeats, _MIN_SAMPLES), warmup=warmup, budget_s=math.inf)
+    latency = compare_latency(
+        {"model": model}, example_input, rounds=1, repeats=max(repeats, _MIN_SAMPLES), warmup=warmup, budget_s=math.inf
+    )
     return latency["model"].median_ms / 1e3
 
 
@@ -250,8 +260,11 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {fmt.format(report[dense])} | {fmt.format(report[small])} |")
     if report.get("latency_within_noise"):
         lines.append("| latency | the difference is within this machine's noise (the ranges overlap) | |")
-    for label, key, fmt in (("max relative error", "max_relative_error", "{:.2e}"), ("top-1 agreement", "top1_agreement", "{:.4f}"),
-                            ("export seconds", "export_seconds", "{:.3f}")):
+    for label, key, fmt in (
+        ("max relative error", "max_relative_error", "{:.2e}"),
+        ("top-1 agreement", "top1_agreement", "{:.4f}"),
+        ("export seconds", "export_seconds", "{:.3f}"),
+    ):
         if key in report:
             lines.append(f"| {label} | | {fmt.format(report[key])} |")
     return "\n".join(lines)

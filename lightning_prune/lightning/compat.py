@@ -10,7 +10,7 @@ import os
 import tempfile
 import uuid
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,14 +65,14 @@ class Handoff:
     def __init__(self) -> None:
         self.path = os.path.join(tempfile.gettempdir(), f"lightning-prune-handoff-{uuid.uuid4().hex}.pt")
 
-    def send(self, trainer: Any, report: dict[str, Any], model: Optional[torch.nn.Module], network_prefix: str) -> None:
+    def send(self, trainer: Any, report: dict[str, Any], model: torch.nn.Module | None, network_prefix: str) -> None:
         if not (trainer.is_global_zero and launched_in_new_processes(trainer)):
             return
         model = copy.deepcopy(model).cpu() if model is not None else None
         torch.save({"report": report, "model": model, "network_prefix": network_prefix}, self.path + ".part")
         os.replace(self.path + ".part", self.path)
 
-    def receive(self) -> Optional[dict[str, Any]]:
+    def receive(self) -> dict[str, Any] | None:
         if not os.path.isfile(self.path):
             return None
         data = torch.load(self.path, weights_only=False)  # our own worker wrote it a moment ago

@@ -22,18 +22,18 @@ from typing import Any
 
 import torch
 
-from lightning_prune.errors import ConfigurationError
+from lightning_prune.core.errors import ConfigurationError
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 """Keys of a dict batch read as the target (for accuracy), in this order."""
 
 
 def split_batch(batch: Any, forward: Callable[..., Any], input_key: str | None = None) -> tuple[Any, Any]:
-    """``(model input, target or None)`` from one batch, in the form :func:`~lightning_prune.trace.call_model` takes.
+    """``(model input, target or None)`` from one batch, in the form :func:`~lightning_prune.core.trace.call_model` takes.
 
     A tensor is the input itself; a tuple or list is ``(input, target, ...)``; a dict is matched
     to ``forward``'s parameters (or ``batch[input_key]`` when ``input_key`` is given). Raises
-    :class:`~lightning_prune.errors.ConfigurationError` naming the keys when a dict cannot be matched.
+    :class:`~lightning_prune.core.errors.ConfigurationError` naming the keys when a dict cannot be matched.
     """
     if isinstance(batch, torch.Tensor):
         return batch, None
@@ -51,7 +51,9 @@ def _split_dict(batch: Mapping, forward: Callable[..., Any], input_key: str | No
     target = next((batch[k] for k in TARGET_KEYS if k in batch), None)
     if input_key is not None:
         if input_key not in batch:
-            raise ConfigurationError(f"`input_key={input_key!r}` is not a key of the batch; its keys are {sorted(map(str, batch))}.")
+            raise ConfigurationError(
+                f"`input_key={input_key!r}` is not a key of the batch; its keys are {sorted(map(str, batch))}."
+            )
         return batch[input_key], target
     parameters = _parameters(forward)
     if parameters is None:  # forward(**kwargs): every key is an input

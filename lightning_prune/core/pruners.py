@@ -6,13 +6,13 @@ import copy
 import difflib
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_prune.errors import ConfigurationError
-from lightning_prune.masks import Masks, collect_masks
+from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.masks import Masks, collect_masks
 
 PRUNERS = {"fpgm": "FPGMPruner", "l1": "L1NormPruner", "l2": "L2NormPruner"}
 
@@ -20,9 +20,9 @@ PRUNERS = {"fpgm": "FPGMPruner", "l1": "L1NormPruner", "l2": "L2NormPruner"}
 def build_config_list(
     sparsity: float,
     op_types: Sequence[str] = ("Conv2d",),
-    op_names: Optional[Sequence[str]] = None,
-    exclude_op_names: Optional[Sequence[str]] = None,
-    config_list: Optional[list[dict[str, Any]]] = None,
+    op_names: Sequence[str] | None = None,
+    exclude_op_names: Sequence[str] | None = None,
+    config_list: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """NNI 3.0's ``config_list`` from plain arguments, or a given one with NNI 2.x's ``sparsity`` renamed."""
     if config_list is not None:
@@ -44,13 +44,15 @@ def build_config_list(
 def check_config_list(config_list: Any, argument: str = "config_list") -> None:
     """Check a ``config_list``'s shape and values without a model: a list of dicts whose amount
     (``sparse_ratio``, or NNI 2.x's ``sparsity``) is a number in (0, 1) and whose name lists are
-    lists of strings. Raises :class:`~lightning_prune.errors.ConfigurationError` naming the entry."""
+    lists of strings. Raises :class:`~lightning_prune.core.errors.ConfigurationError` naming the entry."""
     if not isinstance(config_list, (list, tuple)) or not config_list:
         raise ConfigurationError(f"`{argument}` must be a non-empty list of dicts; got {config_list!r}.")
     for index, entry in enumerate(config_list):
         where = f"`{argument}[{index}]`"
         if not isinstance(entry, Mapping):
-            raise ConfigurationError(f"{where} must be a dict such as {{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}}; got {entry!r}.")
+            raise ConfigurationError(
+                f"{where} must be a dict such as {{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}}; got {entry!r}."
+            )
         for key in ("sparse_ratio", "sparsity"):
             value = entry.get(key)
             if value is not None and not _is_fraction(value):
@@ -66,13 +68,13 @@ def check_config_list(config_list: Any, argument: str = "config_list") -> None:
 def layers_to_prune(model: nn.Module, config_list: list[dict[str, Any]], argument: str = "config_list") -> list[str]:
     """The layer names of ``model`` that ``config_list`` selects, as NNI 3.0 would.
 
-    Raises :class:`~lightning_prune.errors.ConfigurationError` when a named layer does not exist
+    Raises :class:`~lightning_prune.core.errors.ConfigurationError` when a named layer does not exist
     (with the closest names) or when nothing is selected (with the layer types the model has),
     so a configuration that would prune nothing fails before training, not after it.
     """
     modules = dict(model.named_modules())
     selected: dict[str, None] = {}
-    for index, entry in enumerate(config_list):
+    for entry in config_list:
         for key in ("op_names", "exclude_op_names"):
             for name in entry.get(key) or ():
                 if name not in modules:
@@ -85,9 +87,13 @@ def layers_to_prune(model: nn.Module, config_list: list[dict[str, Any]], argumen
         types, names = entry.get("op_types"), entry.get("op_names")
         excluded_types, excluded = set(entry.get("exclude_op_types") or ()), set(entry.get("exclude_op_names") or ())
         matched = [
-            name for name, module in modules.items()
-            if name and (types is None or type(module).__name__ in types) and (names is None or name in names)
-            and type(module).__name__ not in excluded_types and name not in excluded
+            name
+            for name, module in modules.items()
+            if name
+            and (types is None or type(module).__name__ in types)
+            and (names is None or name in names)
+            and type(module).__name__ not in excluded_types
+            and name not in excluded
         ]
         if entry.get("exclude"):
             for name in matched:
@@ -95,7 +101,9 @@ def layers_to_prune(model: nn.Module, config_list: list[dict[str, Any]], argumen
         else:
             selected.update(dict.fromkeys(matched))
     if not selected:
-        kinds = sorted({type(m).__name__ for m in modules.values() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))})
+        kinds = sorted(
+            {type(m).__name__ for m in modules.values() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+        )
         raise ConfigurationError(
             f"`{argument}` selects no layer of the model, so nothing would be pruned. The model's prunable "
             f"layer types are {kinds or 'none'}. HINT: set `op_types` (e.g. {kinds[:1] or ['Conv2d']}) or `op_names`."
@@ -125,4 +133,3 @@ def masks_from_pruner(pruner: Any, model: nn.Module) -> Masks:
     _, masks = pruner.compress()
     pruner.unwrap_model()
     return collect_masks(masks, model)
-

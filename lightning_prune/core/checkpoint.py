@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.errors import CheckpointError
-from lightning_prune.exporting import ExportResult, shrink_model
-from lightning_prune.plan import LayerChange, NormConstants, Plan
+from lightning_prune.core.errors import CheckpointError
+from lightning_prune.core.export import ExportResult, shrink_model
+from lightning_prune.core.plan import LayerChange, NormConstants, Plan
 
 FORMAT = "lightning-prune/1"
 STALE_AFTER_S = 24 * 3600  # a temporary file of an unknown or remote writer is left alone this long
@@ -201,7 +201,11 @@ def read_pruned(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isdir(path):
         inside = os.path.join(path, "pruned.ckpt")
-        hint = f"Did you mean '{inside}'?" if os.path.isfile(inside) else "Pass the path of the pruned.ckpt file the export wrote."
+        hint = (
+            f"Did you mean '{inside}'?"
+            if os.path.isfile(inside)
+            else "Pass the path of the pruned.ckpt file the export wrote."
+        )
         raise CheckpointError(f"'{path}' is a directory, not a checkpoint file. {hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
@@ -211,7 +215,9 @@ def read_pruned(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint '{path}' could not be loaded safely (weights_only=True): {err}") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"Checkpoint '{path}' is not a lightning-prune checkpoint (format {found!r}, expected {FORMAT!r}).")
+        raise CheckpointError(
+            f"Checkpoint '{path}' is not a lightning-prune checkpoint (format {found!r}, expected {FORMAT!r})."
+        )
     return data
 
 
@@ -235,14 +241,20 @@ class _Mapping:
         return model.get_submodule(self.prefix) if self.mode == "add" else model
 
     def describe(self) -> str:
-        return {"same": "as saved", "strip": f"prefix={self.prefix!r} (the network inside the saved module)",
-                "add": f"prefix={self.prefix!r} (the network inside this model)"}[self.mode]
+        return {
+            "same": "as saved",
+            "strip": f"prefix={self.prefix!r} (the network inside the saved module)",
+            "add": f"prefix={self.prefix!r} (the network inside this model)",
+        }[self.mode]
 
 
-def _misfit(mapping: _Mapping, layers: list[str], keys: list[str], modules: set[str], model_keys: set[str]) -> str | None:
+def _misfit(
+    mapping: _Mapping, layers: list[str], keys: list[str], modules: set[str], model_keys: set[str]
+) -> str | None:
     """Why the checkpoint's names do not fit the model under ``mapping`` (None when they do).
 
     Shapes are not looked at here: a fitting model of another size gets the precise shape error later."""
+
     def full(local: str) -> str:
         if mapping.mode != "add":
             return local
@@ -272,7 +284,9 @@ def _find_mapping(data: dict[str, Any], model: nn.Module, path: str, prefix: str
     layers, keys = list(data["layers"]), list(data["state_dict"])
     modules = {name for name, _ in model.named_modules()}
     model_keys = set(model.state_dict())
-    if prefix is not None:  # explicit: the checkpoint's names start with prefix., or this model holds the network at prefix
+    if (
+        prefix is not None
+    ):  # explicit: the checkpoint's names start with prefix., or this model holds the network at prefix
         if prefix == "":
             candidates = [_Mapping("same")]
         else:
@@ -346,7 +360,9 @@ def load_pruned(path: str | os.PathLike, model: nn.Module, *, prefix: str | None
         try:
             module = target.get_submodule(name)
         except AttributeError as err:
-            raise CheckpointError(f"Checkpoint '{path}' changes layer '{name}', which the model does not have.") from err
+            raise CheckpointError(
+                f"Checkpoint '{path}' changes layer '{name}', which the model does not have."
+            ) from err
         plan.changes[name] = _change_for(module, info, path, name)
     shrink_model(target, plan)
     mismatch = _first_mismatch(target, state_dict)
@@ -370,7 +386,9 @@ def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -
         param, dim = key.rsplit(":", 1)
         tensor = getattr(module, param, None)
         if not isinstance(tensor, torch.Tensor) or int(dim) >= tensor.ndim:
-            raise CheckpointError(f"Checkpoint '{path}' slices '{name}.{param}' along dim {dim}, which the model's layer lacks.")
+            raise CheckpointError(
+                f"Checkpoint '{path}' slices '{name}.{param}' along dim {dim}, which the model's layer lacks."
+            )
         per_group = tensor.shape[int(dim)]  # a grouped axis is already per group (conv weight dim 1)
         if original >= 0 and per_group != original:
             raise CheckpointError(
@@ -379,7 +397,9 @@ def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -
             )
         keep_per_group = size // groups
         if keep_per_group > per_group:
-            raise CheckpointError(f"Checkpoint '{path}' has {size} channels for '{name}.{param}', more than the model's {per_group * groups}.")
+            raise CheckpointError(
+                f"Checkpoint '{path}' has {size} channels for '{name}.{param}', more than the model's {per_group * groups}."
+            )
         index = torch.cat([g * per_group + torch.arange(keep_per_group) for g in range(groups)])
         change.keep[(param, int(dim))] = (index, groups)
     if info["bias_added"]:

@@ -33,7 +33,7 @@ class InplaceDictMismatchError(InplaceDictError):
     """
 
     def __init__(self, problems: dict[str, str], corrected: dict[str, tuple[str | int | None, ...]]) -> None:
-        from lightning_prune.inplace_dict import format_inplace_dict  # the format's home imports this module
+        from lightning_prune.core.inplace_dict import format_inplace_dict  # the format's home imports this module
 
         self.problems = dict(problems)
         self.corrected = dict(corrected)

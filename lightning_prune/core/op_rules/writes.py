@@ -4,7 +4,7 @@ Assignment moves labels too: a cost volume built as ``cost = f.new_empty(...).fi
 ``cost[:, :c, i, :, i:] = torch.abs(a - b)`` per disparity gets ``f``'s channels on its channel
 dim, so the 3D convs that read it shrink with the features (see :func:`write_into`).
 
-Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.op_rules`. The tracer runs
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.op_rules`. The tracer runs
 these on every call, labelled or not, since a fresh tensor carries no labels until written.
 """
 
@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.trace import Rep, region, storage_key
+from lightning_prune.core.trace import Rep, region, storage_key
 
 if TYPE_CHECKING:
-    from lightning_prune.op_rules import OpCall
-    from lightning_prune.trace import Tracer
+    from lightning_prune.core.op_rules import OpCall
+    from lightning_prune.core.trace import Tracer
 
 
 def factory(t: Tracer, call: OpCall) -> None:
@@ -122,8 +122,10 @@ def write_into(t: Tracer, dst: Any, index: Any, src: Any, op: str, put: bool) ->
     entry = t.fresh.get(key)
     labels, fresh = _memory(t, aliases, n, entry, what)
     src_labels, src_fresh = _source(t, src)
-    cpu_index = tuple(i.cpu() if isinstance(i, Tensor) else i for i in index) if isinstance(index, tuple) else (
-        index.cpu() if isinstance(index, Tensor) else index
+    cpu_index = (
+        tuple(i.cpu() if isinstance(i, Tensor) else i for i in index)
+        if isinstance(index, tuple)
+        else (index.cpu() if isinstance(index, Tensor) else index)
     )
 
     def write_(flat: Tensor, value: Tensor) -> None:

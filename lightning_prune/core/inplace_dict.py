@@ -6,7 +6,7 @@ channels from an unpruned source.
 
 >>> import torch
 >>> from torch import nn
->>> from lightning_prune.graph import ChannelGraph
+>>> from lightning_prune.core.graph import ChannelGraph
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
 >>> graph = ChannelGraph.from_model(model, torch.randn(1, 3, 8, 8))
 >>> traced_inplace_dict(graph)
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.errors import InplaceDictError, InplaceDictMismatchError
-from lightning_prune.graph import ChannelGraph, Override
-from lightning_prune.masks import unwrapped_copy
+from lightning_prune.core.errors import InplaceDictError, InplaceDictMismatchError
+from lightning_prune.core.graph import ChannelGraph, Override
+from lightning_prune.core.masks import unwrapped_copy
 
 InplaceDict = dict[str, tuple[str | int | None, ...]]
 """The seed's format: layer -> producers of its input channels, in concat order (``None``: the
@@ -159,7 +159,7 @@ def check_inplace_dict(graph: ChannelGraph, inplace_dict: InplaceDict, model: nn
     input channels are not pruned" for a layer that reads no layer's channels directly: its
     input carries only the network input or channels of no layer, or is a tensor a view gave
     another rank (the seed's 2D conv over a reshaped 5D volume). Every entry the trace
-    contradicts is reported at once, in one :class:`~lightning_prune.errors.InplaceDictMismatchError`
+    contradicts is reported at once, in one :class:`~lightning_prune.core.errors.InplaceDictMismatchError`
     whose ``corrected`` dict has each fixed.
     """
     trace = graph.trace

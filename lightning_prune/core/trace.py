@@ -10,7 +10,7 @@ autograd graph loses in-place ops and anything under ``no_grad``; fx fails on co
 Every channel of every producer (a conv or linear layer's output channel, or a channel of the
 network input) gets an integer *label*. Each traced tensor carries a :class:`Rep`: the tensor
 dims along which labels vary, and the labels there. The :class:`Tracer` runs the model, keeps
-that bookkeeping and hands each call to its rule (:mod:`lightning_prune.op_rules`). Rules move
+that bookkeeping and hands each call to its rule (:mod:`lightning_prune.core.op_rules`). Rules move
 labels through ops, *couple* labels that must share a keep decision (residual adds, gates,
 concatenated views), *block* labels that must be kept (model outputs, unknown ops; each block
 carries the reason export reports), and record which parameter dims hold which labels (what
@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.errors import ExampleInputError
+from lightning_prune.core.errors import ExampleInputError
 
 if TYPE_CHECKING:
-    from lightning_prune.op_rules import OpCall, Rule
+    from lightning_prune.core.op_rules import OpCall, Rule
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Tracer:
     rule. The methods below the running part are the bookkeeping API the rules use."""
 
     def __init__(self, model: nn.Module) -> None:
-        from lightning_prune import op_rules  # the rules build Reps: imported here, not above, to avoid a cycle
+        from lightning_prune.core import op_rules  # the rules build Reps: imported here, not above, to avoid a cycle
 
         self.rules = op_rules
         self.model = model

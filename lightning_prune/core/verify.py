@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_prune.errors import VerificationError
-from lightning_prune.modules import evaluating
-from lightning_prune.trace import call_model
+from lightning_prune.core.errors import VerificationError
+from lightning_prune.core.modules import evaluating
+from lightning_prune.core.trace import call_model
 
 
 @dataclass
@@ -57,7 +57,9 @@ class EquivalenceReport:
 
 
 @torch.no_grad()
-def verify_equivalence(reference: nn.Module, candidate: nn.Module, example_input: Any, rtol: float = 1e-5) -> EquivalenceReport:
+def verify_equivalence(
+    reference: nn.Module, candidate: nn.Module, example_input: Any, rtol: float = 1e-5
+) -> EquivalenceReport:
     """Run both models in eval mode on ``example_input`` and compare every output tensor."""
     with evaluating(reference, candidate):
         return compare_outputs(call_model(reference, example_input), call_model(candidate, example_input), rtol)
@@ -71,7 +73,7 @@ def verify_on_batches(
 
     Returns the worst relative error over every output tensor and, for classifier logits (a 2D
     output), top-1 agreement and each model's accuracy where targets are given (torchmetrics).
-    Raises :class:`~lightning_prune.errors.VerificationError` naming the batch that differs.
+    Raises :class:`~lightning_prune.core.errors.VerificationError` naming the batch that differs.
 
     >>> import torch
     >>> layer = torch.nn.Linear(4, 3)
@@ -120,15 +122,17 @@ def compare_outputs(reference: Any, candidate: Any, rtol: float = 1e-5) -> Equiv
     if ref_spec != cand_spec:
         report.problem = f"output structure differs: {ref_spec} vs {cand_spec}"
         return report
-    for index, (ref, cand) in enumerate(zip(ref_leaves, cand_leaves)):
+    for index, (ref, cand) in enumerate(zip(ref_leaves, cand_leaves, strict=True)):
         if not isinstance(ref, Tensor):
             continue
         if ref.shape != cand.shape:
             report.problem = f"output {index}: shape {tuple(cand.shape)} instead of {tuple(ref.shape)}"
             return report
-        diff = (cand.double() - ref.double())
+        diff = cand.double() - ref.double()
         norm = float(ref.double().norm())
         err = float(diff.norm())
         relative = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
-        report.outputs.append(TensorError(f"output[{index}]", relative, float(diff.abs().max()) if diff.numel() else 0.0))
+        report.outputs.append(
+            TensorError(f"output[{index}]", relative, float(diff.abs().max()) if diff.numel() else 0.0)
+        )
     return report

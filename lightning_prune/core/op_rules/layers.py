@@ -1,7 +1,7 @@
 """Rules for the layers export resizes: conv, transposed conv and linear (producers of channels) and
 the norms and PReLU (per-channel parameters).
 
-Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.op_rules`.
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.op_rules`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_prune.trace import Consumer, Rep
+from lightning_prune.core.trace import Consumer, Rep
 
 if TYPE_CHECKING:
-    from lightning_prune.op_rules import OpCall
-    from lightning_prune.trace import Tracer
+    from lightning_prune.core.op_rules import OpCall
+    from lightning_prune.core.trace import Tracer
 
 COMPUTED_WEIGHT = "uses a computed weight, which export cannot slice"
 

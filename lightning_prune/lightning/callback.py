@@ -1,7 +1,7 @@
 """PruneExportCallback: prune, fine-tune masked, export, verify, save and log, from one callback.
 
-Thin Lightning glue over the core (:mod:`~lightning_prune.masks`, :mod:`~lightning_prune.exporting`,
-:mod:`~lightning_prune.verify`, :mod:`~lightning_prune.checkpoint`)::
+Thin Lightning glue over the core (:mod:`~lightning_prune.core.masks`, :mod:`~lightning_prune.core.export`,
+:mod:`~lightning_prune.core.verify`, :mod:`~lightning_prune.core.checkpoint`)::
 
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
     trainer.fit(module, datamodule)   # prune -> masked fine-tune -> export -> verify -> save
@@ -16,26 +16,26 @@ import copy
 import os
 import time
 import weakref
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lightning_prune._lightning import Handoff, callback_bases, info, warn
-from lightning_prune.batches import split_batch
-from lightning_prune.callback_checks import is_sharded, validate_arguments, writable_problem
-from lightning_prune.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
-from lightning_prune.errors import ConfigurationError, MaskError, PruneExportError
-from lightning_prune.exporting import export
-from lightning_prune.graph import ChannelGraph
-from lightning_prune.groups import group_masks
-from lightning_prune.hold import MaskHold
-from lightning_prune.inplace_dict import load_inplace_dict
-from lightning_prune.masks import Masks, collect_masks, make_pruning_permanent
-from lightning_prune.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
-from lightning_prune.report import compare_latency, count_macs, count_params, format_report, latency_is_noise
-from lightning_prune.trainer_data import first_batches
-from lightning_prune.verify import verify_on_batches
+from lightning_prune.core.batches import split_batch
+from lightning_prune.core.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
+from lightning_prune.core.errors import ConfigurationError, InplaceDictError, MaskError, PruneExportError
+from lightning_prune.core.export import export
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.groups import group_masks
+from lightning_prune.core.hold import MaskHold
+from lightning_prune.core.inplace_dict import check_inplace_dict, load_inplace_dict
+from lightning_prune.core.masks import Masks, collect_masks, make_pruning_permanent
+from lightning_prune.core.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
+from lightning_prune.core.report import compare_latency, count_macs, count_params, format_report, latency_is_noise
+from lightning_prune.core.verify import verify_on_batches
+from lightning_prune.lightning.checks import is_sharded, validate_arguments, writable_problem
+from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
+from lightning_prune.lightning.data import first_batches
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -80,35 +80,49 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     def __init__(
         self,
-        pruner: Union[str, Any, None] = "auto",
+        pruner: str | Any | None = "auto",
         sparsity: float = 0.5,
-        op_types: Optional[list[str]] = None,
-        op_names: Optional[list[str]] = None,
-        exclude_op_names: Optional[list[str]] = None,
-        config_list: Optional[list[dict[str, Any]]] = None,
-        masks: Union[dict[str, Any], str, None] = None,
-        inplace_dict: Union[str, dict[str, Any]] = "auto",
-        example_input: Union[torch.Tensor, list[int], tuple, dict[str, Any], None] = None,
-        input_key: Optional[str] = None,
+        op_types: list[str] | None = None,
+        op_names: list[str] | None = None,
+        exclude_op_names: list[str] | None = None,
+        config_list: list[dict[str, Any]] | None = None,
+        masks: dict[str, Any] | str | None = None,
+        inplace_dict: str | dict[str, Any] = "auto",
+        example_input: torch.Tensor | list[int] | tuple | dict[str, Any] | None = None,
+        input_key: str | None = None,
         prune_on_epoch: int = 0,
-        export_dir: Optional[str] = None,
+        export_dir: str | None = None,
         on_failure: str = "raise",
         rtol: float = 1e-5,
         group_consistent: bool = True,
         verify_batches: int = 4,
-        gather_full_state: Optional[bool] = None,
+        gather_full_state: bool | None = None,
     ) -> None:
         validate_arguments(
-            pruner=pruner, sparsity=sparsity, op_types=op_types, op_names=op_names, exclude_op_names=exclude_op_names,
-            config_list=config_list, masks=masks, inplace_dict=inplace_dict, example_input=example_input,
-            input_key=input_key, prune_on_epoch=prune_on_epoch, export_dir=export_dir, on_failure=on_failure,
-            rtol=rtol, group_consistent=group_consistent, verify_batches=verify_batches,
+            pruner=pruner,
+            sparsity=sparsity,
+            op_types=op_types,
+            op_names=op_names,
+            exclude_op_names=exclude_op_names,
+            config_list=config_list,
+            masks=masks,
+            inplace_dict=inplace_dict,
+            example_input=example_input,
+            input_key=input_key,
+            prune_on_epoch=prune_on_epoch,
+            export_dir=export_dir,
+            on_failure=on_failure,
+            rtol=rtol,
+            group_consistent=group_consistent,
+            verify_batches=verify_batches,
             gather_full_state=gather_full_state,
         )
         self.pruner = pruner
         self.sparsity = float(sparsity)
         self._config_argument = "config_list" if config_list is not None else "op_names/op_types"
-        self.config_list = build_config_list(self.sparsity, op_types or ["Conv2d"], op_names, exclude_op_names, config_list)
+        self.config_list = build_config_list(
+            self.sparsity, op_types or ["Conv2d"], op_names, exclude_op_names, config_list
+        )
         self.mask_source = masks
         try:  # a file's contents are read now, not after training
             self.inplace_dict = None if inplace_dict == "auto" else load_inplace_dict(inplace_dict)
@@ -128,16 +142,16 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._reset()
 
     def _reset(self) -> None:
-        self.masks: Optional[Masks] = None
-        self.hold: Optional[MaskHold] = None
-        self._exported_model: Optional[torch.nn.Module] = None
+        self.masks: Masks | None = None
+        self.hold: MaskHold | None = None
+        self._exported_model: torch.nn.Module | None = None
         self._network_prefix = ""
         self._report: dict[str, Any] = {}
-        self._module: Optional[weakref.ref] = None
-        self._pruner_votes: Optional[Masks] = None
+        self._module: weakref.ref | None = None
+        self._pruner_votes: Masks | None = None
 
     @property
-    def pruner_name(self) -> Optional[str]:
+    def pruner_name(self) -> str | None:
         """The NNI pruner this callback runs by name, or ``None`` (a pruner object, given masks, or the model's own)."""
         if self.pruner == "auto":
             return None if self.mask_source is not None else "fpgm"
@@ -150,13 +164,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         return self._report
 
     @property
-    def exported_model(self) -> Optional[torch.nn.Module]:
+    def exported_model(self) -> torch.nn.Module | None:
         """A copy of the LightningModule with physically smaller layers (``None`` before export)."""
         self._receive()
         return self._exported_model
 
     @property
-    def exported_network(self) -> Optional[torch.nn.Module]:
+    def exported_network(self) -> torch.nn.Module | None:
         """The network inside :attr:`exported_model` that holds every parameter (e.g. ``module.model``),
         or the module itself when the parameters are spread over several children."""
         model = self.exported_model
@@ -178,18 +192,20 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._module = weakref.ref(pl_module)
         directory = self._export_dir_argument or os.path.join(trainer.log_dir or trainer.default_root_dir, "pruned")
         self.export_dir = trainer.strategy.broadcast(directory, src=0)
-        problem = trainer.strategy.broadcast(writable_problem(self.export_dir) if trainer.is_global_zero else None, src=0)
+        problem = trainer.strategy.broadcast(
+            writable_problem(self.export_dir) if trainer.is_global_zero else None, src=0
+        )
         if problem is not None:
             raise ConfigurationError(
                 f"`PruneExportCallback(export_dir={self.export_dir!r})` cannot be written: {problem}. "
                 "HINT: choose a directory this process can create files in; it is checked before training so no work is lost."
             )
-        self._check_against_model(trainer, pl_module)
         if self.masks is None and self._pruner_votes is None and self._pruner_object() is not None:
             # NNI wraps the model as soon as a pruner is built on it: read its masks and unwrap now,
             # before a checkpoint is restored into the plain layers and optimizers see them.
             bound = getattr(self.pruner, "bound_model", pl_module)
             self._pruner_votes = _prefixed(masks_from_pruner(self.pruner, bound), pl_module, bound)
+        self._check_against_model(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -216,7 +232,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.masks is None:
-            warn(trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported.")
+            warn(
+                trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported."
+            )
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
         error = self._save_masked(trainer, masked_path)  # every rank takes part; saved before export starts
@@ -259,12 +277,16 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         """In the launching process of a ``ddp_spawn`` run: take rank zero's results once they exist."""
         data = self._handoff.receive()
         if data is not None:
-            self._report, self._exported_model, self._network_prefix = data["report"], data["model"], data["network_prefix"]
+            self._report, self._exported_model, self._network_prefix = (
+                data["report"],
+                data["model"],
+                data["network_prefix"],
+            )
 
     # ---------------------------------------------------------------- checks
     def _check_against_model(self, trainer: Any, pl_module: Any) -> None:
-        """What can be checked before training: layers the config names, masks, the inplace_dict's
-        names, and that an example input can be found."""
+        """What can be checked before training: layers the config names, masks, batches, an example
+        input, and the inplace_dict against the traced graph."""
         if self.pruner_name is not None:
             layers_to_prune(pl_module, self.config_list, self._config_argument)
         if self.mask_source is not None:
@@ -272,17 +294,16 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 collect_masks(self.mask_source, pl_module)
             except MaskError as err:
                 raise ConfigurationError(f"`PruneExportCallback(masks=...)` does not fit the model: {err}") from err
-        names = {name for name, _ in pl_module.named_modules()}
-        for key, value in (self.inplace_dict or {}).items():
-            unknown = [n for n in (key, *value) if isinstance(n, str) and n not in names]
-            if unknown:
-                raise ConfigurationError(
-                    f"`PruneExportCallback(inplace_dict=...)` entry {key!r}: {unknown[0]!r} is not a layer of the model. "
-                    "HINT: names are paths from the LightningModule, as in `named_modules()`."
-                )
         for batch in first_batches(trainer, 1 if self.verify_batches else 0):
             split_batch(batch, pl_module.forward, self.input_key)  # verification will read batches this way
-        self._example(trainer, pl_module)
+        example = self._example(trainer, pl_module)
+        if self.inplace_dict is not None:  # every entry against the traced graph, all wrong ones in one error
+            try:
+                check_inplace_dict(ChannelGraph.from_model(pl_module, example), self.inplace_dict, pl_module)
+            except InplaceDictError as err:
+                raise ConfigurationError(
+                    f"`PruneExportCallback(inplace_dict=...)` does not fit the model: {err}"
+                ) from err
 
     # ---------------------------------------------------------------- pruning
     def _prune(self, trainer: Any, pl_module: Any) -> None:
@@ -304,7 +325,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self.masks = masks
         self._hold(trainer, pl_module, graph)
         total = sum(k.numel() for k in masks.values())
-        info(trainer, f"PruneExportCallback: pruned {pruned} of {total} channels in {len(masks)} layers ({self._source()}).")
+        info(
+            trainer,
+            f"PruneExportCallback: pruned {pruned} of {total} channels in {len(masks)} layers ({self._source()}).",
+        )
 
     def _pruner_object(self) -> Any:
         return None if self.pruner is None or isinstance(self.pruner, str) else self.pruner
@@ -328,14 +352,14 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         make_pruning_permanent(pl_module)
         return votes
 
-    def _hold(self, trainer: Any, pl_module: Any, graph: Optional[ChannelGraph] = None) -> None:
+    def _hold(self, trainer: Any, pl_module: Any, graph: ChannelGraph | None = None) -> None:
         if graph is None:
             graph = ChannelGraph.from_model(pl_module, self._example(trainer, pl_module))
         self.hold = MaskHold.build(pl_module, self.masks, graph=graph)
         self.hold.apply()
 
     # ----------------------------------------------------------------- export
-    def _save_masked(self, trainer: Any, path: str) -> Optional[str]:
+    def _save_masked(self, trainer: Any, path: str) -> str | None:
         """Write the resumable masked checkpoint; a failed write on rank zero reaches every rank."""
         temporary = trainer.strategy.broadcast(temporary_path(path), src=0)
         if trainer.is_global_zero:
@@ -377,7 +401,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         result = export(reference, self.masks, example, inplace_dict=self.inplace_dict)
         export_seconds = time.perf_counter() - start
         small = result.model.to(pl_module.device).eval()
-        batches = [(_cast(self._prepare(trainer, pl_module, inputs), dtype), target) for inputs, target in self._batches(trainer, pl_module)]
+        batches = [
+            (_cast(self._prepare(trainer, pl_module, inputs), dtype), target)
+            for inputs, target in self._batches(trainer, pl_module)
+        ]
         report = verify_on_batches(reference, small, batches or [(example, None)], self.rtol)
         latency = compare_latency({"dense": reference, "exported": small}, example)
         report.update(
@@ -411,7 +438,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         return [split_batch(b, pl_module.forward, self.input_key) for b in first_batches(trainer, self.verify_batches)]
 
     def _log(self, trainer: Any, report: dict[str, Any]) -> None:
-        metrics = {f"prune/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            f"prune/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
@@ -437,7 +466,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     def _prepare(self, trainer: Any, pl_module: Any, inputs: Any) -> Any:
         converted = trainer.precision_plugin.convert_input(inputs)
-        return torch.utils._pytree.tree_map(lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, converted)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, converted
+        )
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
@@ -446,7 +477,9 @@ def _dtype(module: torch.nn.Module) -> torch.dtype:
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors in ``value`` (nested) cast to ``dtype``."""
-    return torch.utils._pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value
+    )
 
 
 def _network_prefix(module: torch.nn.Module) -> str:

@@ -7,12 +7,12 @@ import numbers
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from lightning_prune.errors import ConfigurationError
-from lightning_prune.pruners import PRUNERS, check_config_list
+from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.pruners import PRUNERS, check_config_list
 
 PRUNER_NAMES = ("auto", *PRUNERS)
 ON_FAILURE = ("raise", "warn")
@@ -31,45 +31,85 @@ def _is_int(value: Any) -> bool:
 
 
 def _names(argument: str, value: Any) -> None:
-    if value is not None and (isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)):
+    if value is not None and (
+        isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)
+    ):
         raise _fail(argument, value, "must be a list of strings, e.g. ['Conv2d'] or ['net.0'].")
 
 
 def validate_arguments(
-    *, pruner: Any, sparsity: Any, op_types: Any, op_names: Any, exclude_op_names: Any, config_list: Any, masks: Any,
-    inplace_dict: Any, example_input: Any, input_key: Any, prune_on_epoch: Any, export_dir: Any, on_failure: Any,
-    rtol: Any, group_consistent: Any, verify_batches: Any, gather_full_state: Any,
+    *,
+    pruner: Any,
+    sparsity: Any,
+    op_types: Any,
+    op_names: Any,
+    exclude_op_names: Any,
+    config_list: Any,
+    masks: Any,
+    inplace_dict: Any,
+    example_input: Any,
+    input_key: Any,
+    prune_on_epoch: Any,
+    export_dir: Any,
+    on_failure: Any,
+    rtol: Any,
+    group_consistent: Any,
+    verify_batches: Any,
+    gather_full_state: Any,
 ) -> None:
-    """Raise :class:`~lightning_prune.errors.ConfigurationError` for the first argument out of range."""
+    """Raise :class:`~lightning_prune.core.errors.ConfigurationError` for the first argument out of range."""
     if isinstance(pruner, str) and pruner not in PRUNER_NAMES:
-        raise _fail("pruner", pruner, f"is not supported. Choose one of {sorted(PRUNER_NAMES)}, an NNI pruner object, "
-                    "or None. HINT: None reads masks from the model; 'auto' uses `masks=` when given.")
+        raise _fail(
+            "pruner",
+            pruner,
+            f"is not supported. Choose one of {sorted(PRUNER_NAMES)}, an NNI pruner object, "
+            "or None. HINT: None reads masks from the model; 'auto' uses `masks=` when given.",
+        )
     if pruner is not None and not isinstance(pruner, str) and not hasattr(pruner, "compress"):
-        raise ConfigurationError(f"`PruneExportCallback(pruner=...)` got a value of type {type(pruner).__name__!r}, which has no "
-                                 "`compress()`; pass an NNI 3.0 pruner object, a pruner name, or None.")
+        raise ConfigurationError(
+            f"`PruneExportCallback(pruner=...)` got a value of type {type(pruner).__name__!r}, which has no "
+            "`compress()`; pass an NNI 3.0 pruner object, a pruner name, or None."
+        )
     if masks is not None and pruner not in ("auto", None):
-        raise ConfigurationError(f"`PruneExportCallback(pruner={pruner if isinstance(pruner, str) else type(pruner).__name__!r}, "
-                                 "masks=...)` gives two mask sources. HINT: leave `pruner` at 'auto' to use your masks.")
+        raise ConfigurationError(
+            f"`PruneExportCallback(pruner={pruner if isinstance(pruner, str) else type(pruner).__name__!r}, "
+            "masks=...)` gives two mask sources. HINT: leave `pruner` at 'auto' to use your masks."
+        )
     if not _is_number(sparsity) or not 0.0 < sparsity < 1.0:
         raise _fail("sparsity", sparsity, "must be a number in (0, 1), e.g. 0.5.")
     for argument, value in (("op_types", op_types), ("op_names", op_names), ("exclude_op_names", exclude_op_names)):
         _names(argument, value)
     if config_list is not None:
         if op_names or exclude_op_names or op_types:
-            raise ConfigurationError("`PruneExportCallback(config_list=...)` replaces `op_types`, `op_names` and `exclude_op_names`; give one or the other.")
+            raise ConfigurationError(
+                "`PruneExportCallback(config_list=...)` replaces `op_types`, `op_names` and `exclude_op_names`; give one or the other."
+            )
         check_config_list(config_list, "PruneExportCallback(config_list=...)")
     if masks is not None and not isinstance(masks, (Mapping, str, os.PathLike)):
-        raise _fail("masks", type(masks).__name__, "must be a dict of masks or the path of a file saved with torch.save.")
+        raise _fail(
+            "masks", type(masks).__name__, "must be a dict of masks or the path of a file saved with torch.save."
+        )
     if isinstance(masks, (str, os.PathLike)) and not os.path.isfile(masks):
         raise ConfigurationError(f"`PruneExportCallback(masks={os.fspath(masks)!r})`: mask file not found.")
     if isinstance(inplace_dict, (str, os.PathLike)):
         if inplace_dict != "auto" and not os.path.isfile(inplace_dict):
             raise _fail("inplace_dict", os.fspath(inplace_dict), "is neither 'auto' nor an existing YAML/JSON file.")
     elif not isinstance(inplace_dict, Mapping):
-        raise _fail("inplace_dict", type(inplace_dict).__name__, "must be 'auto', a dict, or the path of a YAML/JSON file.")
+        raise _fail(
+            "inplace_dict", type(inplace_dict).__name__, "must be 'auto', a dict, or the path of a YAML/JSON file."
+        )
     if example_input is not None and not isinstance(example_input, (torch.Tensor, list, tuple, Mapping)):
-        raise _fail("example_input", type(example_input).__name__, "must be a tensor, a tuple or dict of inputs, or a list of ints (a shape).")
-    if isinstance(example_input, list) and example_input and all(_is_int(v) for v in example_input) and min(example_input) < 1:
+        raise _fail(
+            "example_input",
+            type(example_input).__name__,
+            "must be a tensor, a tuple or dict of inputs, or a list of ints (a shape).",
+        )
+    if (
+        isinstance(example_input, list)
+        and example_input
+        and all(_is_int(v) for v in example_input)
+        and min(example_input) < 1
+    ):
         raise _fail("example_input", example_input, "as a shape must hold positive sizes, e.g. [1, 3, 32, 32].")
     if input_key is not None and not isinstance(input_key, str):
         raise _fail("input_key", input_key, "must be the name of a key of your dict batches, or None.")
@@ -89,7 +129,7 @@ def validate_arguments(
         raise _fail("gather_full_state", gather_full_state, "must be True, False or None.")
 
 
-def writable_problem(directory: str) -> Optional[str]:
+def writable_problem(directory: str) -> str | None:
     """Why files cannot be written in ``directory`` (created if missing), or ``None`` when they can."""
     try:
         os.makedirs(directory, exist_ok=True)
@@ -102,4 +142,6 @@ def writable_problem(directory: str) -> Optional[str]:
 
 def is_sharded(strategy: Any) -> bool:
     """Whether parameters are sharded across ranks (FSDP, DeepSpeed, model parallel): export needs the full state."""
-    return any(cls.__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") for cls in type(strategy).__mro__)
+    return any(
+        cls.__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") for cls in type(strategy).__mro__
+    )

@@ -1,7 +1,7 @@
 """One shrink function per module type, found through a registry users can extend.
 
 A shrink function receives the module (a private copy, free to change in place) and its
-:class:`~lightning_prune.plan.LayerChange`, and returns the module to put in its place. Most
+:class:`~lightning_prune.core.plan.LayerChange`, and returns the module to put in its place. Most
 only slice parameters with :func:`shrink_parameters` and update size attributes.
 
 Teaching the exporter a custom layer takes one function. Its parameters are traced through the
@@ -31,12 +31,12 @@ size:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.plan import LayerChange, NormConstants
+from lightning_prune.core.plan import LayerChange, NormConstants
 
 Shrinker = Callable[[nn.Module, LayerChange], nn.Module]
 _SHRINKERS: dict[type, Shrinker] = {}
@@ -98,7 +98,9 @@ def _add_bias_delta(module: nn.Module, change: LayerChange) -> None:
     if change.bias_delta is None:
         return
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device))
+        module.bias = nn.Parameter(
+            torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
+        )
         if ("weight", 0) in change.keep:
             change.keep[("bias", 0)] = change.keep[("weight", 0)]
     module.bias = nn.Parameter(module.bias + change.bias_delta.to(module.bias.device, module.bias.dtype))
@@ -194,7 +196,9 @@ class PrunedLayerNorm(nn.LayerNorm):
         s1, s2 = self.pruned_sum.to(x.dtype), self.pruned_sum_sq.to(x.dtype)
         mean = (x.sum(-1, keepdim=True) + s1) / self.channels
         centred = x - mean
-        var = (centred.square().sum(-1, keepdim=True) + s2 - 2 * mean * s1 + self.pruned * mean.square()) / self.channels
+        var = (
+            centred.square().sum(-1, keepdim=True) + s2 - 2 * mean * s1 + self.pruned * mean.square()
+        ) / self.channels
         y = centred * torch.rsqrt(var + self.eps)
         if self.weight is not None:
             y = y * self.weight

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_prune.graph import ChannelGraph
-from lightning_prune.masks import Masks, out_channel_dim
-from lightning_prune.plan import grouped_conv_rows
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.masks import Masks, out_channel_dim
+from lightning_prune.core.plan import grouped_conv_rows
 
 
 def group_masks(
@@ -91,18 +91,23 @@ def group_masks(
     round_to = int(round_to)
     members = graph.group_members()
     allowed = set(layers) if layers is not None else None
-    candidates = {root: group for root, group in members.items() if allowed is None or all(l in allowed for l, _ in group)}
+    candidates = {
+        root: group for root, group in members.items() if allowed is None or all(layer in allowed for layer, _ in group)
+    }
     scores = _scores(candidates, score, model, graph, seed)
     if votes is not None:  # the vote decides, the score breaks ties
         top = max((abs(v) for v in scores.values()), default=0.0) + 1
-        scores = {r: sum(bool(votes[l][c]) for l, c in candidates[r] if l in votes) + v / top for r, v in scores.items()}
+        scores = {
+            r: sum(bool(votes[layer][c]) for layer, c in candidates[r] if layer in votes) + v / top
+            for r, v in scores.items()
+        }
     families: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for root, group in candidates.items():
         families[tuple(sorted({layer for layer, _ in group}))].append(root)
     pruned: set[int] = set()
     for layers_spanned, roots in families.items():
         if sparsity is None:
-            voted_out = sum(not bool(votes[l][c]) for r in roots for l, c in candidates[r] if l in votes)
+            voted_out = sum(not bool(votes[layer][c]) for r in roots for layer, c in candidates[r] if layer in votes)
             count = round(voted_out / len(layers_spanned))  # the average over the family's layers
         else:
             count = math.floor(sparsity * len(roots))
@@ -118,10 +123,12 @@ def group_masks(
     return {layer: keep for layer, keep in masks.items() if not bool(keep.all())}
 
 
-def _scores(candidates: dict[int, list[tuple[str, int]]], score: str, model: nn.Module | None, graph: ChannelGraph, seed: int) -> dict[int, float]:
+def _scores(
+    candidates: dict[int, list[tuple[str, int]]], score: str, model: nn.Module | None, graph: ChannelGraph, seed: int
+) -> dict[int, float]:
     if score == "random":
         draws = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
-        return dict(zip(sorted(candidates), draws))
+        return dict(zip(sorted(candidates), draws, strict=True))
     norms = _filter_norms(model, graph)
     return {root: sum(float(norms[layer][channel]) for layer, channel in group) for root, group in candidates.items()}
 

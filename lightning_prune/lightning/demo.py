@@ -5,8 +5,6 @@ Used by the quickstart, the LightningCLI configs and the tests.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -19,14 +17,16 @@ class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's 1,797 8x8 digits, split 1,437 train / 360 held out; optionally resized
     to ``image_size`` and repeated to ``channels`` (for torchvision backbones)."""
 
-    def __init__(self, batch_size: int = 64, image_size: int = 8, channels: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, batch_size: int = 64, image_size: int = 8, channels: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         from sklearn.datasets import load_digits
@@ -61,21 +61,21 @@ class Classifier(pl.LightningModule):
         return self.net(x)
 
     @override
-    def training_step(self, batch, batch_idx):  # noqa: ANN001
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     @override
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     @override
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-4)
 
 
@@ -95,11 +95,19 @@ class DigitsCNN(Classifier):
             return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=not batch_norm), norm(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=not batch_norm), norm(2 * width), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1, bias=not batch_norm),
+            norm(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=not batch_norm),
+            norm(2 * width),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=not batch_norm), norm(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=not batch_norm),
+            norm(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, num_classes),
         )
         self.example_input_array = torch.zeros(1, 1, 8, 8)
 

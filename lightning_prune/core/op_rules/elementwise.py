@@ -1,6 +1,6 @@
 """Rules for ops that keep every element where it is: per-element math, copies, pooling, reductions.
 
-Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.op_rules`.
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.op_rules`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.trace import Rep
+from lightning_prune.core.trace import Rep
 
 if TYPE_CHECKING:
-    from lightning_prune.op_rules import OpCall
-    from lightning_prune.trace import Tracer
+    from lightning_prune.core.op_rules import OpCall
+    from lightning_prune.core.trace import Tracer
 
 MULTIPLICATIVE = frozenset({"mul", "multiply", "div", "divide", "true_divide", "truediv"})
 

@@ -1,10 +1,10 @@
 """The traced channel graph: coupled groups of channels, and which of them must be kept.
 
-A :class:`ChannelGraph` is built once from a :class:`~lightning_prune.trace.ChannelTrace` and the
+A :class:`ChannelGraph` is built once from a :class:`~lightning_prune.core.trace.ChannelTrace` and the
 overrides that restrict it (labels to keep, each with the reason the notes report: a user's
 ``inplace_dict``, a size guess export found wrong), and never changes afterwards. A further
 restriction gives a new graph (:meth:`ChannelGraph.with_blocked`); planning
-(:func:`lightning_prune.plan.plan`) only reads it.
+(:func:`lightning_prune.core.plan.plan`) only reads it.
 
 >>> import torch
 >>> from torch import nn
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.masks import Masks
-from lightning_prune.plan import initial_keep
-from lightning_prune.trace import ChannelTrace, ParamAxis, trace_channels
+from lightning_prune.core.masks import Masks
+from lightning_prune.core.plan import initial_keep
+from lightning_prune.core.trace import ChannelTrace, ParamAxis, trace_channels
 
 Override = tuple[Tensor | np.ndarray, str]
 """Labels to keep whatever the masks say, and why (the reason the export notes give)."""

@@ -36,11 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_prune.checkpoint import remove_stale_temporaries, temporary_path
-from lightning_prune.errors import CheckpointError, ConfigurationError, VerificationError
-from lightning_prune.modules import evaluating
-from lightning_prune.report import compare_latency, latency_is_noise
-from lightning_prune.verify import compare_outputs
+from lightning_prune.core.checkpoint import remove_stale_temporaries, temporary_path
+from lightning_prune.core.errors import CheckpointError, ConfigurationError, VerificationError
+from lightning_prune.core.modules import evaluating
+from lightning_prune.core.report import compare_latency, latency_is_noise
+from lightning_prune.core.verify import compare_outputs
 
 DEPLOY_FORMATS = ("onnx", "pt2")
 FILE_NAMES = {"onnx": "pruned.onnx", "pt2": "pruned.pt2"}
@@ -62,7 +62,7 @@ def _signature_order(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, A
 
 
 def _args_kwargs(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``inputs`` in :func:`~lightning_prune.trace.call_model`'s convention as ``(args, kwargs)``:
+    """``inputs`` in :func:`~lightning_prune.core.trace.call_model`'s convention as ``(args, kwargs)``:
     a tensor is one positional input, a tuple or list several, a dict keywords."""
     if isinstance(inputs, Mapping):
         return (), _signature_order(model, inputs)
@@ -76,7 +76,7 @@ def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
 
 
 def _batch_inputs(batch: Any) -> Any:
-    """The inputs of one verification batch: ``(inputs, target)`` as :func:`~lightning_prune.verify.verify_on_batches`
+    """The inputs of one verification batch: ``(inputs, target)`` as :func:`~lightning_prune.core.verify.verify_on_batches`
     takes them, or a bare tensor or dict of inputs."""
     if isinstance(batch, (Tensor, Mapping)):
         return batch
@@ -223,11 +223,11 @@ def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, 
 
     Every input and output has a dynamic batch axis (dim 0 of each input whose dim 0 is the batch
     size), unless the model's code fixes it, which is warned about. Inputs follow
-    :func:`~lightning_prune.trace.call_model`: a tensor, a tuple of positional tensors or a dict of
+    :func:`~lightning_prune.core.trace.call_model`: a tensor, a tuple of positional tensors or a dict of
     keyword tensors. A LightningModule is exported as its ``forward``. The graph comes from
     ``torch.export`` through torch's ONNX exporter (``opset`` defaults to the exporter's); the file is
     written to a temporary name and renamed. Needs ``onnx`` and ``onnxscript``
-    (:class:`~lightning_prune.errors.ConfigurationError` otherwise). The model is not modified.
+    (:class:`~lightning_prune.core.errors.ConfigurationError` otherwise). The model is not modified.
     """
     path = os.fspath(path)
     _require("onnx", "onnxscript", purpose=f"save_onnx('{path}')")
@@ -258,7 +258,7 @@ def save_pt2(model: nn.Module, example_input: Any, path: str | os.PathLike) -> s
 class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by an ONNX Runtime session, called like the model it came from.
 
-    Inputs follow :func:`~lightning_prune.trace.call_model` (keywords in the order of the original
+    Inputs follow :func:`~lightning_prune.core.trace.call_model` (keywords in the order of the original
     ``forward`` where ``reference`` is given, else as given); tensor inputs are fed to the graph's
     inputs in order. Returns a tensor for a one-output graph, else a list of tensors (the model's
     output tensors, flattened). ``providers`` defaults to the CPU provider; ``threads`` sets ONNX
@@ -393,11 +393,11 @@ def check_deployed(
 
     ``.onnx`` files run in ONNX Runtime (CPU), ``.pt2`` files through ``torch.export.load(path).module()``
     (``format=`` names the format of a file named otherwise). ``batches`` holds ``(inputs, target)``
-    pairs as :func:`~lightning_prune.verify.verify_on_batches` takes them (the target is not used) or
-    bare inputs (a tensor or dict); inputs follow :func:`~lightning_prune.trace.call_model`. ``rtol``
+    pairs as :func:`~lightning_prune.core.verify.verify_on_batches` takes them (the target is not used) or
+    bare inputs (a tensor or dict); inputs follow :func:`~lightning_prune.core.trace.call_model`. ``rtol``
     bounds the relative error ``||file - model|| / ||model||`` of every output tensor (default 1e-4
     for ONNX, 1e-5 for pt2). Returns ``{"format", "path", "max_relative_error", "batches",
-    "batch_sizes", "rtol"}``; raises :class:`~lightning_prune.errors.VerificationError` naming the file
+    "batch_sizes", "rtol"}``; raises :class:`~lightning_prune.core.errors.VerificationError` naming the file
     and the batch where it differs or fails to run.
     """
     path = os.fspath(path)
@@ -428,15 +428,15 @@ def save_deployables(
     checked against ``model`` on ``batches`` (``(inputs, target)`` pairs or bare inputs; the example
     input when there are none) with :func:`check_deployed`, and only then renamed onto its target: a
     file that fails leaves the previous one, if any, in place, and raises
-    :class:`~lightning_prune.errors.VerificationError` naming it. With ``latency_budget_s > 0`` the ONNX
+    :class:`~lightning_prune.core.errors.VerificationError` naming it. With ``latency_budget_s > 0`` the ONNX
     entry also times ONNX Runtime against torch eager on the example input, interleaved
-    (:func:`~lightning_prune.report.compare_latency`).
+    (:func:`~lightning_prune.core.report.compare_latency`).
 
     Returns, per format, ``{"path", "size_bytes", "format", "max_relative_error", "batches",
     "batch_sizes", "rtol", "dynamic_batch"}`` (plus ``latency_ms``, ``latency_iqr_ms``,
     ``torch_latency_ms``, ``torch_latency_iqr_ms``, ``latency_within_noise`` for ONNX when timed).
     Unknown formats and missing optional packages raise
-    :class:`~lightning_prune.errors.ConfigurationError` before anything is written.
+    :class:`~lightning_prune.core.errors.ConfigurationError` before anything is written.
     """
     formats = list(formats)
     unknown = [f for f in formats if f not in DEPLOY_FORMATS]

@@ -1,6 +1,6 @@
 """Rules for ops that move elements: views, permutes, indexing, cat/stack, split/chunk/unbind.
 
-Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.op_rules`.
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.op_rules`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves
 
-from lightning_prune.trace import Rep
+from lightning_prune.core.trace import Rep
 
 if TYPE_CHECKING:
-    from lightning_prune.op_rules import OpCall
-    from lightning_prune.trace import Tracer
+    from lightning_prune.core.op_rules import OpCall
+    from lightning_prune.core.trace import Tracer
 
 
 def movement(t: Tracer, call: OpCall) -> None:
@@ -63,7 +63,7 @@ def movement(t: Tracer, call: OpCall) -> None:
 
 
 def _compress(t: Tracer, full: Tensor, split: bool) -> Rep | None:
-    """The :class:`~lightning_prune.trace.Rep` of a full label tensor.
+    """The :class:`~lightning_prune.core.trace.Rep` of a full label tensor.
 
     When ``split`` (a view or stack just spread single-dim channels over several dims), the
     labels are coupled along every dim but the one the model's code will shrink: the model

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGraph
-from lightning_prune.masks import Masks, out_channel_dim
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.masks import Masks, out_channel_dim
 
 
 @dataclass
@@ -40,7 +40,9 @@ class MaskHold:
         self.held = held
 
     @classmethod
-    def build(cls, model: nn.Module, masks: Masks, example_input: Any = None, graph: ChannelGraph | None = None) -> MaskHold:
+    def build(
+        cls, model: nn.Module, masks: Masks, example_input: Any = None, graph: ChannelGraph | None = None
+    ) -> MaskHold:
         """Hold the masked layers' filters and biases, plus (given an example input or a graph) the
         affine parameters of the norms the pruned channels feed."""
         held = []

@@ -1,6 +1,6 @@
 """Which recorded op follows which channel rule: a table from op names to plain functions, users extend it.
 
-The tracer (:mod:`lightning_prune.trace`) sees every ``torch`` function, ``Tensor`` method and
+The tracer (:mod:`lightning_prune.core.trace`) sees every ``torch`` function, ``Tensor`` method and
 ``torch.nn.functional`` call of a forward pass. Each is looked up in :data:`TABLE` by its
 normalised name (``__iadd__`` -> ``add``, ``relu_`` -> ``relu``) and its rule is called as
 ``rule(tracer, call)`` with the recorded :class:`OpCall`. A rule moves channel labels through the
@@ -9,7 +9,7 @@ op with the tracer's bookkeeping API (``rep``, ``set_rep``, ``couple``, ``block`
 those channels (they are kept) with a warning naming the op, so an unknown op never yields a
 wrong model.
 
->>> from lightning_prune.op_rules import register_op_rule, rule_for
+>>> from lightning_prune.core.op_rules import register_op_rule, rule_for
 >>> register_op_rule("my_fused_gelu", "elementwise")   # a custom op that acts per element
 >>> rule_for("my_fused_gelu").__name__
 'elementwise'
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lightning_prune.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
-from lightning_prune.op_rules.layers import (
+from lightning_prune.core.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
+from lightning_prune.core.op_rules.layers import (
     batch_norm,
     conv,
     conv_transpose,
@@ -39,11 +39,11 @@ from lightning_prune.op_rules.layers import (
     linear,
     prelu,
 )
-from lightning_prune.op_rules.movement import movement, split
-from lightning_prune.op_rules.writes import factory, fill, write
+from lightning_prune.core.op_rules.movement import movement, split
+from lightning_prune.core.op_rules.writes import factory, fill, write
 
 if TYPE_CHECKING:
-    from lightning_prune.trace import Tracer
+    from lightning_prune.core.trace import Tracer
 
 
 @dataclass(frozen=True)

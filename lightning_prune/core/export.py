@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.graph import ChannelGraph, Override
-from lightning_prune.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
-from lightning_prune.layers import shrinker_for
-from lightning_prune.masks import (
+from lightning_prune.core.graph import ChannelGraph, Override
+from lightning_prune.core.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
+from lightning_prune.core.masks import (
     Masks,
     MaskSource,
     collect_masks,
@@ -31,9 +30,10 @@ from lightning_prune.masks import (
     unwrapped_copy,
     zero_pruned_channels,
 )
-from lightning_prune.plan import Note, Plan, plan
-from lightning_prune.trace import call_model
-from lightning_prune.verify import compare_outputs
+from lightning_prune.core.plan import Note, Plan, plan
+from lightning_prune.core.shrink import shrinker_for
+from lightning_prune.core.trace import call_model
+from lightning_prune.core.verify import compare_outputs
 
 _RESHAPED_WRONG = (
     "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"
