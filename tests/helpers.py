@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
-from lightning_prune.core.masks import Masks, is_prunable, out_channels
+from lightning_prune.core.masks import Masks, is_prunable, out_channels, zero_pruned_norms
 
 RTOL = 1e-5
 
@@ -52,14 +52,8 @@ def random_masks(model: nn.Module, fraction: float = 0.5, seed: int = 0, skip: t
 def zero_norm_affine(model: nn.Module, masks: Masks, example_input: Any) -> nn.Module:
     """The second variant: the masked model with the norms' affine parameters of pruned channels zeroed too."""
     masked = apply_masks(model, masks)
-    graph = ChannelGraph.from_model(masked, example_input)
-    for (layer, param), keep in graph.norm_affine_keep(masks, masked).items():
-        getattr(masked.get_submodule(layer), param)[~keep] = 0.0
+    zero_pruned_norms(masked, ChannelGraph.from_model(masked, example_input).norm_affine_keep(masks, masked))
     return masked
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def export_and_check(reference: nn.Module, masks: Masks, example_input: Any):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from helpers import apply_masks, export_and_check, num_params, randomize, zero_norm_affine
+from helpers import apply_masks, export_and_check, randomize, zero_norm_affine
 
 from lightning_prune import ChannelGraph, group_masks
+from lightning_prune.core.report import count_params
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ def test_group_masks_keep_at_most_60_percent_exactly(name: str) -> None:
     graph = ChannelGraph.from_model(model, example)
     masks = group_masks(graph, 0.5, model=model)
     result = export_and_check(zero_norm_affine(model, masks, example), masks, example)
-    assert num_params(result.model) <= 0.6 * num_params(model)
+    assert count_params(result.model) <= 0.6 * count_params(model)
     assert not [n for n in result.notes if n.action == "kept"]  # nothing lost to the union
 
 

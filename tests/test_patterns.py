@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from helpers import export_and_check, random_masks, randomize, zero_norm_affine
 from models import ConcatNet, Conv2dBetween3d, DepthwiseNet, OpsNet, SeedNet, SENet, ShuffleChunkNet, UnprunedLast
 from torch import nn
 
 from lightning_prune import apply_masks, export
+from lightning_prune.core.report import count_params
 
 g = torch.Generator().manual_seed(3)
 IMAGE = torch.randn(2, 3, 16, 16, generator=g)
@@ -32,7 +33,7 @@ def test_pattern_exports_exactly(builder, example, variant) -> None:
     masks = random_masks(model)
     reference = apply_masks(model, masks) if variant == "weights" else zero_norm_affine(model, masks, example)
     result = export_and_check(reference, masks, example)
-    assert num_params(result.model) < num_params(model)
+    assert count_params(result.model) < count_params(model)
 
 
 def test_concat_keeps_unpruned_and_input_channels() -> None:

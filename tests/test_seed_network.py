@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RTOL, export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from helpers import RTOL, export_and_check, random_masks, randomize, zero_norm_affine
 from models import HSMNetLike
 from torch import nn
 
@@ -27,6 +27,7 @@ from lightning_prune import (
 )
 from lightning_prune.core.errors import InplaceDictMismatchError
 from lightning_prune.core.inplace_dict import load_inplace_dict
+from lightning_prune.core.report import count_params
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "data" / "seed_inplace_dict.py.txt"  # the dict exactly as the page prints it
@@ -108,7 +109,7 @@ def test_corrected_page_dict_exports_exactly(hsm, page_dict, tmp_path) -> None:
     path.write_text(format_inplace_dict(corrected))  # printed, reviewed, read back: the seed's workflow
     result = export(reference, masks, STEREO, inplace_dict=path)
     assert verify_equivalence(reference, result.model, STEREO, rtol=RTOL).passed
-    assert num_params(result.model) < num_params(hsm)
+    assert count_params(result.model) < count_params(hsm)
     # the 3D decoders are no keys, so they keep their shape, and so do the features they read
     assert result.model.decoder3.convs[0].conv1[0].in_channels == 8
     proj3 = [n for n in result.notes if n.layer == FE + "proj3.cbr_unit.0" and n.action == "kept"]
@@ -145,12 +146,12 @@ def test_cost_volume_features_shrink_exactly_with_random_masks(hsm, variant) -> 
     result = _no_warnings_export(reference, masks, STEREO)
     small = result.model
     if variant == "weights":  # pruned channels carry BN shifts into zero-padded convs: many are kept
-        assert num_params(small) < num_params(hsm)  # 148,464 -> 135,582
+        assert count_params(small) < count_params(hsm)  # 148,464 -> 135,582
         return
     assert small.feature_extraction.proj3.cbr_unit[0].out_channels == 2
     assert small.decoder3.convs[0].conv1[0].in_channels == small.decoder4.up[1][0].out_channels + 2
     assert small.decoder3.convs[0].downsample.conv1.in_channels == small.decoder3.convs[0].conv1[0].in_channels
-    assert num_params(small) < 0.5 * num_params(hsm)  # 148,464 -> 65,962
+    assert count_params(small) < 0.5 * count_params(hsm)  # 148,464 -> 65,962
     for note in result.notes:  # nothing the volume touches is blocked
         assert "is not understood" not in note.reason and "new_empty" not in note.reason
 
@@ -164,7 +165,7 @@ def test_cost_volume_features_shrink_exactly_with_group_masks(hsm) -> None:
     assert small.decoder5.convs[0].conv1[0].in_channels == small.decoder6.up[1][0].out_channels + 2
     assert small.decoder3.convs[0].downsample.conv1.in_channels == small.decoder4.up[1][0].out_channels + 2
     assert not [n for n in result.notes if n.action == "kept"]  # whole groups: nothing lost to a union
-    assert num_params(small) < 0.3 * num_params(hsm)  # 148,464 -> 42,034
+    assert count_params(small) < 0.3 * count_params(hsm)  # 148,464 -> 42,034
 
 
 # ------------------------------------------------- slice assignment, in isolation

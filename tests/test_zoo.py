@@ -8,8 +8,10 @@ import functools
 import pytest
 import torch
 import torchvision
-from helpers import export_and_check, num_params, random_masks, randomize, zero_norm_affine
+from helpers import export_and_check, random_masks, randomize, zero_norm_affine
 from torchvision import models
+
+from lightning_prune.core.report import count_params
 
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 OVER_150M = {"convnext_large", "regnet_y_128gf"}  # 197.8M and 644.8M parameters
@@ -44,4 +46,4 @@ def test_export_is_exact_and_smaller(name: str, variant: str) -> None:
     else:
         reference = zero_norm_affine(model, masks, example)
     result = export_and_check(reference, masks, example)
-    assert num_params(result.model) < num_params(model)
+    assert count_params(result.model) < count_params(model)

@@ -192,7 +192,9 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     """A deep copy of ``model`` with NNI wrappers and ``torch.nn.utils.prune`` reparametrisations removed.
 
     Pruning buffers are made permanent (``weight = weight_orig * weight_mask``); NNI wrappers are
-    replaced by the modules they wrap. The argument itself is not changed. With
+    replaced by the modules they wrap, with their masks (weight, and bias where they mask it)
+    multiplied in, so the copy computes what the wrapped model computes. The argument itself is
+    not changed. With
     ``share_tensors=True`` plain parameters and buffers are shared with ``model`` rather than
     copied (cheap, for callers that replace every tensor they change and copy the rest after).
     """
@@ -213,13 +215,27 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
         if _is_nni3_wrapper(module):
             continue
         wrapper = module._modules.get("_nni_wrapper")
-        if wrapper is not None:
+        if wrapper is not None:  # NNI 3.0 masks in its forward; unwrapping restores the unmasked tensors
+            spaces = wrapper.pruning_target_spaces.items()
+            applied = {target: space.mask for target, space in spaces if space.mask is not None}
             wrapper.unwrap()
+            _multiply(module, applied)
         inner = getattr(module, "module", None)
-        if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:
+        if hasattr(module, "weight_mask") and isinstance(inner, nn.Module) and name:  # NNI 2.x
+            _multiply(
+                inner, {t: getattr(module, f"{t}_mask") for t in ("weight", "bias") if hasattr(module, f"{t}_mask")}
+            )
             set_submodule(model, name, inner)
     make_pruning_permanent(model)
     return model
+
+
+@torch.no_grad()
+def _multiply(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            replace_tensor(module, name, tensor * mask.to(tensor.device, tensor.dtype))
 
 
 def make_pruning_permanent(model: nn.Module) -> None:
@@ -252,6 +268,17 @@ def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
         replace_tensor(module, "weight", module.weight.index_fill(out_channel_dim(module), pruned, 0.0))
         if getattr(module, "bias", None) is not None:
             replace_tensor(module, "bias", module.bias.index_fill(0, pruned, 0.0))
+
+
+@torch.no_grad()
+def zero_pruned_norms(model: nn.Module, norm_keep: dict[tuple[str, str], torch.Tensor]) -> bool:
+    """Zero the norm affine parameters fed by pruned channels (``ChannelGraph.norm_affine_keep``'s
+    ``{(norm layer, "weight" | "bias"): keep-vector}``), as new tensors. Whether anything changed."""
+    for (layer, param), keep in norm_keep.items():
+        module = model.get_submodule(layer)
+        tensor = getattr(module, param)
+        replace_tensor(module, param, tensor.index_fill(0, (~keep).nonzero().flatten().to(tensor.device), 0.0))
+    return bool(norm_keep)
 
 
 def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:

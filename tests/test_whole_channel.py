@@ -1,0 +1,84 @@
+"""The reference is the model as the mask source defines it; ``whole_channel`` and ``round_to`` are choices.
+
+Masks read from the model (zeroed filters) leave live biases live: the export computes what the
+model given computes. ``whole_channel=True`` zeroes a pruned filter's bias and the norm
+parameters it feeds first, so the export is as small as the masks say, and reports the function
+change that accepts. ``round_to`` adds pruned channels back to a multiple, exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import RTOL, random_masks, randomize, zero_norm_affine
+from torch import nn
+
+from lightning_prune import apply_masks, export, verify_equivalence
+from lightning_prune.core.report import count_params
+
+IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def biased_net() -> nn.Sequential:
+    """Filters zeroed by hand, biases left: a pruned channel carries relu(bias), a constant."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3)))
+    with torch.no_grad():
+        model[0].weight[::2] = 0.0
+        model[0].bias.uniform_(0.2, 0.5)
+    return model
+
+
+def test_masks_read_from_the_model_keep_its_live_biases() -> None:
+    model = biased_net()
+    result = export(model, None, IMAGE)
+    assert verify_equivalence(model, result.model, IMAGE, rtol=RTOL).passed  # the model as given
+    assert result.model[0].out_channels == 4  # the constants were folded into the 1x1 conv's bias
+    assert any(note.action == "folded into bias" and note.layer == "2" for note in result.notes)
+    assert result.function_change is None
+
+
+def test_whole_channel_zeroes_the_biases_and_reports_the_change() -> None:
+    model = biased_net()
+    result = export(model, None, IMAGE, whole_channel=True)
+    whole = apply_masks(model, result.masks)  # filters and biases of pruned channels zeroed
+    assert verify_equivalence(whole, result.model, IMAGE, rtol=RTOL).passed
+    assert result.function_change == pytest.approx(verify_equivalence(model, whole, IMAGE).max_relative_error)
+    assert result.function_change > 1e-3  # relu(bias) no longer reaches the next layer
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("resnet18", id="resnet18"), pytest.param("mobilenet_v2", id="mobilenet_v2")],
+)
+def test_whole_channel_export_is_as_small_as_the_masks(name) -> None:
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
+    masks = random_masks(model, 0.5, seed=3, skip=("fc", "classifier.1"))
+    plain = export(model, masks, IMAGE)
+    whole = export(model, masks, IMAGE, whole_channel=True)
+    reference = zero_norm_affine(model, masks, IMAGE)  # filters, biases and the norms they feed zeroed
+    assert verify_equivalence(reference, whole.model, IMAGE, rtol=RTOL).passed
+    assert count_params(whole.model) < count_params(
+        plain.model
+    )  # BN shifts behind zero padding no longer keep channels
+    assert not [note for note in whole.notes if "constant" in note.reason]
+    assert whole.function_change > 0
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_adds_channels_back_exactly(round_to) -> None:
+    model = randomize(torchvision.models.resnet18(weights=None, num_classes=10))
+    masks = random_masks(model, 0.5, seed=1, skip=("fc",))
+    result = export(model, masks, IMAGE, round_to=round_to, whole_channel=True)
+    reference = zero_norm_affine(model, masks, IMAGE)
+    assert verify_equivalence(reference, result.model, IMAGE, rtol=RTOL).passed
+    original = dict(model.named_modules())
+    for name, module in result.model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.out_channels < original[name].out_channels:
+            assert module.out_channels % round_to == 0, name
+    assert any(f"round_to={round_to}" in note.reason for note in result.notes)
+
+
+def test_round_to_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match=r"round_to must be an int >= 1; got 0"):
+        export(biased_net(), None, IMAGE, round_to=0)
