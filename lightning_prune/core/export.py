@@ -29,7 +29,9 @@ from lightning_prune.core.masks import (
     unshare_tensors,
     unwrapped_copy,
     zero_pruned_channels,
+    zero_pruned_norms,
 )
+from lightning_prune.core.modules import evaluating
 from lightning_prune.core.plan import Note, Plan, plan
 from lightning_prune.core.shrink import shrinker_for
 from lightning_prune.core.trace import call_model
@@ -48,6 +50,10 @@ class ExportResult:
     masks: Masks
     plan: Plan
     graph: ChannelGraph
+    function_change: float | None = None
+    """With ``whole_channel=True``: the relative error, on the example input, between the model with
+    whole channels zeroed (what the export computes exactly) and the model with only the given masks
+    (the change of function the option accepts); ``None`` otherwise."""
 
     @property
     def notes(self) -> list[Note]:
@@ -67,24 +73,35 @@ def export(
     example_input: Any,
     *,
     inplace_dict: InplaceDict | str | os.PathLike | None = None,
+    whole_channel: bool = False,
+    round_to: int = 1,
 ) -> ExportResult:
     """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
     keep = collect_masks(model if masks is None else masks, model)
     masked = unwrapped_copy(model, share_tensors=True)  # export replaces what it changes; the rest is cloned below
-    zero_pruned_channels(masked, keep)
+    if (
+        masks is not None or whole_channel
+    ):  # given masks zero filters and biases, as NNI's do; the model's own are applied
+        zero_pruned_channels(masked, keep)
     graph = ChannelGraph.from_model(masked, example_input)
+    function_change = None
+    if whole_channel:
+        given = graph.trace.output if masks is not None else _output(unwrapped_copy(model), example_input)
+        if zero_pruned_norms(masked, graph.norm_affine_keep(keep, masked)):
+            graph = ChannelGraph.from_model(masked, example_input)  # the constants changed
+        function_change = compare_outputs(given, graph.trace.output).max_relative_error
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
-    decided = plan(graph, keep, masked)
+    decided = plan(graph, keep, masked, round_to=round_to)
     work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, decided)
     if graph.trace.reshaped and not _reproduces(work, example_input, graph.trace.output):
         # a guessed size (a multi-dim view's factor, a written tensor's) was wrong: keep those channels
         graph = graph.with_blocked(_reshaped(graph))
-        decided = plan(graph, keep, masked)  # its notes say which channels this kept
+        decided = plan(graph, keep, masked, round_to=round_to)  # its notes say which channels this kept
         work = shrink_model(masked, decided)
     unshare_tensors(work, model)
     work.train(model.training)
-    return ExportResult(work, keep, decided, graph)
+    return ExportResult(work, keep, decided, graph, function_change)
 
 
 def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
@@ -109,6 +126,11 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
 
 
+def _output(model: nn.Module, example_input: Any) -> Any:
+    with torch.no_grad(), evaluating(model):
+        return call_model(model, example_input)
+
+
 def _reproduces(model: nn.Module, example_input: Any, expected: Any) -> bool:
     try:
         with torch.no_grad():
@@ -123,6 +145,8 @@ def export_pruned_model(
     example_input: Any,
     *,
     inplace_dict: InplaceDict | str | os.PathLike | None = None,
+    whole_channel: bool = False,
+    round_to: int = 1,
 ) -> nn.Module:
     """Return a new, physically smaller model that computes what ``model`` with ``masks`` applied computes.
 
@@ -132,5 +156,16 @@ def export_pruned_model(
     channel topology is traced from one real forward pass on it. ``inplace_dict`` (a dict in the
     seed's format, or a path to a YAML/JSON file holding one) overrides the inferred topology:
     it is checked against the trace, and only its keys change shape. ``model`` is not mutated.
+
+    The reference is the model as the mask source defines it: given masks zero the pruned
+    filters and their biases (as NNI's masks do); masks read from the model leave whatever it
+    computes, live biases included (constants are folded into the next layer where that is
+    exact, else those channels are kept, with a note). ``whole_channel=True`` treats a pruned
+    filter's whole channel as pruned: its bias and the norm parameters it feeds are zeroed first,
+    so nothing constant remains and the export is as small as the masks say; the function change
+    this accepts is :attr:`ExportResult.function_change`. ``round_to`` adds pruned channels back
+    until each pruned layer keeps a multiple of it (keeping a channel is always exact).
     """
-    return export(model, masks, example_input, inplace_dict=inplace_dict).model
+    return export(
+        model, masks, example_input, inplace_dict=inplace_dict, whole_channel=whole_channel, round_to=round_to
+    ).model

@@ -74,13 +74,17 @@ class Plan:
     notes: list[Note]
 
 
-def plan(graph: ChannelGraph, masks: Masks, model: nn.Module) -> Plan:
+def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int = 1) -> Plan:
     """Decide which channels go, which stay (and why), and how each layer changes.
 
     ``model`` is the masked model that was traced (its weights give the bias folds). Every
     channel a mask prunes that the plan keeps gets a note: the notes of action ``"kept"`` for
-    a layer add up to the number of its masked channels kept, one note per reason.
+    a layer add up to the number of its masked channels kept, one note per reason. With
+    ``round_to > 1`` every pruned layer keeps a multiple of ``round_to`` output channels (or all
+    of them): pruned channels are added back, which is always exact.
     """
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f"round_to must be an int >= 1; got {round_to!r}.")
     notes: list[Note] = []
     reasons = list(graph.reasons)  # the graph's, then the plan's own, in the order first given
     keep, why = initial_keep(graph, masks, reasons, notes)
@@ -88,6 +92,7 @@ def plan(graph: ChannelGraph, masks: Masks, model: nn.Module) -> Plan:
     changed = True
     while changed:
         changed = _widen_groups(graph, keep, why, reasons) | _keep_unfoldable(graph, keep, why, reasons, calls)
+        changed |= round_to > 1 and _round_up(graph, keep, why, reasons, round_to)
     kept_channels = {}
     for layer, labels in graph.producers.items():
         kept = int(keep[graph.root[labels.numpy()]].sum())
@@ -202,6 +207,21 @@ def _widen_groups(graph: ChannelGraph, keep: np.ndarray, why: np.ndarray, reason
         extra = [np.flatnonzero(~kept[g])[: int(counts.max() - counts[g])] + g * per_group for g in range(groups)]
         reason = f"'{layer}' is a grouped conv whose {groups} groups must keep equal channel counts (mask widened)"
         _keep_groups(graph, keep, why, reasons, rows.ravel()[np.concatenate(extra)], reason)
+        changed = True
+    return changed
+
+
+def _round_up(graph: ChannelGraph, keep: np.ndarray, why: np.ndarray, reasons: list[str], round_to: int) -> bool:
+    """Add pruned channels back (lowest index first) until each layer keeps a multiple of ``round_to``."""
+    changed = False
+    for layer, labels in graph.producers.items():
+        labels = labels.numpy()
+        kept = keep[graph.root[labels]]
+        missing = -int(kept.sum()) % round_to
+        if kept.all() or missing == 0:
+            continue
+        reason = f"'{layer}' keeps a multiple of {round_to} channels (round_to={round_to})"
+        _keep_groups(graph, keep, why, reasons, labels[~kept][:missing], reason)
         changed = True
     return changed
 
