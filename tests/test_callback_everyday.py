@@ -358,3 +358,27 @@ def test_the_core_imports_without_lightning() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_deployable_files_and_speed_in_the_report(tmp_path) -> None:
+    import onnxruntime
+
+    callback = PruneExportCallback(
+        pruner="l1", deploy_formats=["onnx", "pt2"], whole_channel=True, round_to=4, export_dir=str(tmp_path / "out")
+    )
+    _, module = run(tmp_path, callback, module=PLClassifier(width=16))
+    report = callback.report
+    assert sorted(os.listdir(tmp_path / "out")) == ["masked.ckpt", "pruned.ckpt", "pruned.onnx", "pruned.pt2"]
+    assert (
+        report["deploy"]["onnx"]["max_relative_error"] <= 1e-4 and report["deploy"]["pt2"]["max_relative_error"] <= 1e-5
+    )
+    assert {"latency_b1_dense_ms", "latency_b16_exported_iqr_ms", "latency_b16_per_mac"} <= set(report)
+    assert report["function_change"] <= 1e-6  # the mask hold had zeroed the whole channels already
+    network = callback.exported_network
+    assert [network[0].out_channels, network[3].out_channels] == [8, 16]  # 50% of 16 and 32: multiples of 4
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "pruned.onnx"))
+    name = session.get_inputs()[0].name
+    with torch.no_grad():
+        expected = callback.exported_model.eval()(VAL[:5]).numpy()
+    got = session.run(None, {name: VAL[:5].numpy()})[0]
+    assert abs(got - expected).max() <= 1e-4 * abs(expected).max()

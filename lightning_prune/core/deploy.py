@@ -45,6 +45,8 @@ from lightning_prune.core.verify import compare_outputs
 DEPLOY_FORMATS = ("onnx", "pt2")
 FILE_NAMES = {"onnx": "pruned.onnx", "pt2": "pruned.pt2"}
 DEFAULT_RTOL = {"onnx": 1e-4, "pt2": 1e-5}
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+"""What writing and checking ``pruned.onnx`` needs: the optional ``deploy`` extra."""
 _EXTRA_HINT = "Install them with: pip install 'lightning-prune[deploy]' (or pip install onnx onnxscript onnxruntime)."
 
 
@@ -447,7 +449,7 @@ def save_deployables(
             f"expected some of {', '.join(map(repr, DEPLOY_FORMATS))}."
         )
     if "onnx" in formats:
-        _require("onnx", "onnxscript", "onnxruntime", purpose="save_deployables(formats=['onnx'])")
+        _require(*ONNX_PACKAGES, purpose="save_deployables(formats=['onnx'])")
     directory = os.fspath(directory)
     batches = list(batches) or [(example_input, None)]
     program, dynamic = _export_program(model, example_input)

@@ -238,6 +238,41 @@ def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, war
     return latency["model"].median_ms / 1e3
 
 
+def compare_models(dense: nn.Module, exported: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Size and speed of a model before and after export, side by side.
+
+    ``inputs`` names the example inputs to time on (``{"b1": one_image, "b64": a_batch}``): for each,
+    the two models are timed interleaved (:func:`compare_latency`) and the report gives medians,
+    interquartile ranges, whether the difference is within the noise, and ``latency_<name>_per_mac``:
+    the latency ratio (exported / dense) divided by the MAC ratio, 1.0 when latency falls as fast as
+    the MACs do. Params and MACs are counted once, on the first input.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> summary = compare_models(nn.Linear(64, 64), nn.Linear(64, 16), {"b1": torch.randn(1, 64)})
+    >>> summary["params_dense"], summary["params_exported"], summary["macs_exported"]
+    (4160, 1040, 1024)
+    >>> sorted(k for k in summary if k.startswith("latency_b1"))[:3]
+    ['latency_b1_dense_iqr_ms', 'latency_b1_dense_ms', 'latency_b1_exported_iqr_ms']
+    """
+    first = next(iter(inputs.values()))
+    summary: dict[str, Any] = {
+        "params_dense": count_params(dense),
+        "params_exported": count_params(exported),
+        "macs_dense": count_macs(dense, first),
+        "macs_exported": count_macs(exported, first),
+    }
+    mac_ratio = summary["macs_exported"] / summary["macs_dense"] if summary["macs_dense"] else math.nan
+    for name, example in inputs.items():
+        times = compare_latency({"dense": dense, "exported": exported}, example)
+        for model, latency in times.items():
+            summary[f"latency_{name}_{model}_ms"] = latency.median_ms
+            summary[f"latency_{name}_{model}_iqr_ms"] = latency.spread_ms
+        summary[f"latency_{name}_within_noise"] = latency_is_noise(times["dense"], times["exported"])
+        summary[f"latency_{name}_per_mac"] = times["exported"].median_ms / times["dense"].median_ms / mac_ratio
+    return summary
+
+
 def format_report(report: dict[str, Any]) -> str:
     """An export report (as :class:`~lightning_prune.PruneExportCallback` makes it) as a small markdown table.
 
@@ -250,21 +285,29 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [
         ("params", "params_dense", "params_exported", "{:,.0f}"),
         ("MACs", "macs_dense", "macs_exported", "{:,.0f}"),
-        ("latency ms (median)", "latency_dense_ms", "latency_exported_ms", "{:.3f}"),
-        ("latency spread ms (IQR)", "latency_dense_iqr_ms", "latency_exported_iqr_ms", "{:.3f}"),
-        ("accuracy", "accuracy_masked", "accuracy_exported", "{:.4f}"),
     ]
+    for name in sorted({k.split("_")[1] for k in report if k.startswith("latency_") and k.endswith("_dense_ms")}):
+        rows.append(
+            (f"latency ms, {name} (median)", f"latency_{name}_dense_ms", f"latency_{name}_exported_ms", "{:.3f}")
+        )
+        rows.append(
+            (f"latency ms, {name} (IQR)", f"latency_{name}_dense_iqr_ms", f"latency_{name}_exported_iqr_ms", "{:.3f}")
+        )
+    rows.append(("accuracy", "accuracy_masked", "accuracy_exported", "{:.4f}"))
     lines = ["| | dense (masked) | exported |", "|---|---|---|"]
     for label, dense, small, fmt in rows:
         if dense in report and small in report:
             lines.append(f"| {label} | {fmt.format(report[dense])} | {fmt.format(report[small])} |")
-    if report.get("latency_within_noise"):
-        lines.append("| latency | the difference is within this machine's noise (the ranges overlap) | |")
+    for key in sorted(k for k in report if k.startswith("latency_") and k.endswith("_per_mac")):
+        name = key.split("_")[1]
+        noise = " (within this machine's noise)" if report.get(f"latency_{name}_within_noise") else ""
+        lines.append(f"| latency ratio / MAC ratio, {name} | | {report[key]:.2f}{noise} |")
     for label, key, fmt in (
         ("max relative error", "max_relative_error", "{:.2e}"),
+        ("change of function (whole_channel)", "function_change", "{:.2e}"),
         ("top-1 agreement", "top1_agreement", "{:.4f}"),
         ("export seconds", "export_seconds", "{:.3f}"),
     ):
-        if key in report:
+        if report.get(key) is not None:
             lines.append(f"| {label} | | {fmt.format(report[key])} |")
     return "\n".join(lines)

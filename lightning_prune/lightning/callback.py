@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_prune.core.batches import split_batch
 from lightning_prune.core.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
+from lightning_prune.core.deploy import save_deployables
 from lightning_prune.core.errors import ConfigurationError, InplaceDictError, MaskError, PruneExportError
 from lightning_prune.core.export import export
 from lightning_prune.core.graph import ChannelGraph
@@ -31,7 +32,7 @@ from lightning_prune.core.hold import MaskHold
 from lightning_prune.core.inplace_dict import check_inplace_dict, load_inplace_dict
 from lightning_prune.core.masks import Masks, collect_masks, make_pruning_permanent
 from lightning_prune.core.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
-from lightning_prune.core.report import compare_latency, count_macs, count_params, format_report, latency_is_noise
+from lightning_prune.core.report import compare_models, format_report
 from lightning_prune.core.verify import verify_on_batches
 from lightning_prune.lightning.checks import is_sharded, validate_arguments, writable_problem
 from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
@@ -68,6 +69,17 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         rtol: relative error allowed between masked and exported outputs.
         group_consistent: align masks within each coupled group (residual adds, concatenations),
             keeping each source's amount, so export loses no sparsity to unions.
+        round_to: keep a multiple of this many channels in each pruned layer: a named pruner's kept
+            count is rounded down (never below ``round_to``), your masks get channels added back.
+            Default 1: on this project's CPU benchmark rounding to 8 or 16 gave no measurable
+            speed-up (``benchmarks/deploy.py``) and it stops narrow layers from being pruned; 8 is
+            the alignment GPU tensor cores want.
+        whole_channel: zero a pruned filter's bias and the norm parameters it feeds before export,
+            so nothing constant is left (the mask hold already does this while fine-tuning); the
+            report's ``function_change`` says how much that changed the model.
+        deploy_formats: also write ``pruned.onnx`` (``"onnx"``, dynamic batch axis, checked in ONNX
+            Runtime) and/or ``pruned.pt2`` (``"pt2"``, ``torch.export``, runs without your code),
+            each checked on the verification batches; ONNX needs ``pip install 'lightning-prune[deploy]'``.
         verify_batches: how many validation batches verification runs (``0``: the example input only).
         gather_full_state: export from a fresh module (built from the module's hyper-parameters)
             holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
@@ -95,6 +107,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         on_failure: str = "raise",
         rtol: float = 1e-5,
         group_consistent: bool = True,
+        round_to: int = 1,
+        whole_channel: bool = False,
+        deploy_formats: list[str] | None = None,
         verify_batches: int = 4,
         gather_full_state: bool | None = None,
     ) -> None:
@@ -114,6 +129,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             on_failure=on_failure,
             rtol=rtol,
             group_consistent=group_consistent,
+            round_to=round_to,
+            whole_channel=whole_channel,
+            deploy_formats=deploy_formats,
             verify_batches=verify_batches,
             gather_full_state=gather_full_state,
         )
@@ -136,6 +154,9 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self.on_failure = on_failure
         self.rtol = rtol
         self.group_consistent = group_consistent
+        self.round_to = round_to
+        self.whole_channel = whole_channel
+        self.deploy_formats = list(deploy_formats or [])
         self.verify_batches = verify_batches
         self.gather_full_state = gather_full_state
         self._handoff = Handoff()
@@ -312,7 +333,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         graph = ChannelGraph.from_model(pl_module, example)
         masks = votes
         if self.group_consistent and votes:
-            masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys())
+            # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
+            # export adds channels back to the multiple instead
+            round_to = self.round_to if self.pruner_name is not None else 1
+            masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys(), round_to=round_to)
         masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
         pruned = sum(int((~keep).sum()) for keep in masks.values())
         if pruned == 0:
@@ -397,29 +421,34 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         reference = copy.deepcopy(pl_module).float() if trained_dtype in _LOW_PRECISION else pl_module
         dtype = _dtype(reference)
         example = _cast(self._example(trainer, pl_module), dtype)
-        start = time.perf_counter()
-        result = export(reference, self.masks, example, inplace_dict=self.inplace_dict)
-        export_seconds = time.perf_counter() - start
-        small = result.model.to(pl_module.device).eval()
         batches = [
             (_cast(self._prepare(trainer, pl_module, inputs), dtype), target)
             for inputs, target in self._batches(trainer, pl_module)
         ]
+        start = time.perf_counter()
+        round_to = 1 if self.pruner_name is not None else self.round_to  # a named pruner's masks are rounded already
+        result = export(
+            reference,
+            self.masks,
+            example,
+            inplace_dict=self.inplace_dict,
+            whole_channel=self.whole_channel,
+            round_to=round_to,
+        )
+        export_seconds = time.perf_counter() - start
+        small = result.model.to(pl_module.device).eval()
         report = verify_on_batches(reference, small, batches or [(example, None)], self.rtol)
-        latency = compare_latency({"dense": reference, "exported": small}, example)
+        inputs = {f"b{_batch_size(x)}": x for x in (_first_sample(example), batches[0][0] if batches else example)}
+        report.update(compare_models(reference, small, inputs))
+        if self.deploy_formats:
+            report["deploy"] = save_deployables(
+                small, example, self.export_dir, self.deploy_formats, batches, latency_budget_s=2.0
+            )
         report.update(
-            params_dense=count_params(reference),
-            params_exported=count_params(small),
-            macs_dense=count_macs(reference, example),
-            macs_exported=count_macs(small, example),
-            latency_dense_ms=latency["dense"].median_ms,
-            latency_dense_iqr_ms=latency["dense"].spread_ms,
-            latency_exported_ms=latency["exported"].median_ms,
-            latency_exported_iqr_ms=latency["exported"].spread_ms,
-            latency_within_noise=latency_is_noise(latency["dense"], latency["exported"]),
             export_seconds=export_seconds,
             device=str(pl_module.device),
             verified_dtype=str(dtype).replace("torch.", ""),
+            function_change=result.function_change,
             notes=[str(note) for note in result.notes],
         )
         result.model = small.to(trained_dtype)
@@ -479,6 +508,17 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors in ``value`` (nested) cast to ``dtype``."""
     return torch.utils._pytree.tree_map(
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value
+    )
+
+
+def _first_sample(example: Any) -> Any:
+    """The example cut to a batch of one (every tensor's first dim)."""
+    return torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.ndim else t, example)
+
+
+def _batch_size(example: Any) -> int:
+    return next(
+        (t.shape[0] for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor) and t.ndim), 1
     )
 
 

@@ -3,6 +3,7 @@ every type and value in ``__init__``, a message naming the argument, the value a
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 import os
 import tempfile
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lightning_prune.core.deploy import DEPLOY_FORMATS, ONNX_PACKAGES
 from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.pruners import PRUNERS, check_config_list
 
@@ -56,6 +58,9 @@ def validate_arguments(
     group_consistent: Any,
     verify_batches: Any,
     gather_full_state: Any,
+    round_to: Any = 1,
+    whole_channel: Any = False,
+    deploy_formats: Any = None,
 ) -> None:
     """Raise :class:`~lightning_prune.core.errors.ConfigurationError` for the first argument out of range."""
     if isinstance(pruner, str) and pruner not in PRUNER_NAMES:
@@ -125,8 +130,25 @@ def validate_arguments(
         raise _fail("group_consistent", group_consistent, "must be True or False.")
     if not _is_int(verify_batches) or verify_batches < 0:
         raise _fail("verify_batches", verify_batches, "must be an int >= 0 (0 verifies on the example input only).")
+    if not _is_int(round_to) or round_to < 1:
+        raise _fail("round_to", round_to, "must be an int >= 1 (1: no rounding; 8 suits GPU tensor cores).")
+    if not isinstance(whole_channel, bool):
+        raise _fail("whole_channel", whole_channel, "must be True or False.")
+    _deploy_formats(deploy_formats)
     if gather_full_state is not None and not isinstance(gather_full_state, bool):
         raise _fail("gather_full_state", gather_full_state, "must be True, False or None.")
+
+
+def _deploy_formats(formats: Any) -> None:
+    if formats is None:
+        return
+    if isinstance(formats, str) or not isinstance(formats, (list, tuple)) or not set(formats) <= set(DEPLOY_FORMATS):
+        raise _fail(
+            "deploy_formats", formats, f"must be a list drawn from {list(DEPLOY_FORMATS)}, e.g. ['onnx', 'pt2']."
+        )
+    missing = [name for name in ONNX_PACKAGES if "onnx" in formats and importlib.util.find_spec(name) is None]
+    if missing:
+        raise _fail("deploy_formats", formats, f"needs {', '.join(missing)}: `pip install 'lightning-prune[deploy]'`.")
 
 
 def writable_problem(directory: str) -> str | None:
