@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune import PruneExportCallback, load_pruned_module, verify_equivalence
-from lightning_prune.lightning.callback import format_report
+from lightning_prune.core.report import format_report
 from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 

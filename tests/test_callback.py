@@ -115,36 +115,6 @@ def test_masks_from_a_file(tmp_path) -> None:
     assert torch.equal(callback.masks["net.3"], keep["net.3"])
 
 
-def test_model_pruning_interop(tmp_path) -> None:
-    from pytorch_lightning.callbacks import ModelPruning
-
-    module = DigitsCNN(width=8)
-    pruning = ModelPruning(
-        "ln_structured",
-        amount=0.5,
-        parameters_to_prune=[(module.net[3], "weight")],
-        pruning_dim=0,
-        pruning_norm=1,
-        apply_pruning=lambda epoch: epoch == 0,
-        use_global_unstructured=False,
-        verbose=0,
-    )
-    callback = PruneExportCallback(pruner=None, prune_on_epoch=1)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-        callbacks=[pruning, callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(module, datamodule=DigitsDataModule())
-    assert callback.exported_model.net[3].out_channels == 8
-    assert not hasattr(module.net[3], "weight_orig")
-
-
 def test_resume_gives_the_same_export(tmp_path) -> None:
     straight = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "a"))
     fit(tmp_path / "a", straight, max_epochs=3, shuffle=False)  # a fixed batch order: resuming cannot replay shuffles

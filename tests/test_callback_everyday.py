@@ -158,6 +158,7 @@ def test_model_pruning_keeps_its_amount(tmp_path) -> None:
     callback = PruneExportCallback(pruner=None, prune_on_epoch=1)
     run(tmp_path, callback, module=module, callbacks=[pruning], max_steps=12)
     assert callback.exported_network[3].out_channels == 11  # round(0.3 * 16) = 5 pruned, not 8
+    assert not hasattr(module.model[3], "weight_orig")  # the reparametrisation was made permanent
 
 
 def l1_top_half(weight: torch.Tensor) -> set[int]:

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_prune.core.checkpoint import remove_stale_temporaries, temporary_path
 from lightning_prune.core.errors import CheckpointError, ConfigurationError, VerificationError
+from lightning_prune.core.files import remove_stale_temporaries, temporary_path
 from lightning_prune.core.modules import evaluating
 from lightning_prune.core.report import compare_latency, latency_is_noise
 from lightning_prune.core.verify import compare_outputs

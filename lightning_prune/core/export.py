@@ -31,7 +31,7 @@ from lightning_prune.core.masks import (
     zero_pruned_channels,
     zero_pruned_norms,
 )
-from lightning_prune.core.modules import evaluating
+from lightning_prune.core.modules import copy_training_modes, evaluating
 from lightning_prune.core.plan import Note, Plan, plan
 from lightning_prune.core.shrink import shrinker_for
 from lightning_prune.core.trace import call_model
@@ -100,7 +100,7 @@ def export(
         decided = plan(graph, keep, masked, round_to=round_to)  # its notes say which channels this kept
         work = shrink_model(masked, decided)
     unshare_tensors(work, model)
-    work.train(model.training)
+    copy_training_modes(model, work)
     return ExportResult(work, keep, decided, graph, function_change)
 
 

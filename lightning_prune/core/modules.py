@@ -33,6 +33,14 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def copy_training_modes(source: nn.Module, target: nn.Module) -> None:
+    """Give each submodule of ``target`` the train/eval mode of the ``source`` submodule at the same path
+    (a module the export put in place of another takes that one's mode)."""
+    modes = {name: module.training for name, module in source.named_modules()}
+    for name, module in target.named_modules():
+        module.training = modes.get(name, module.training)
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (``"layer1.0.conv1"``)."""
     parent, _, child = name.rpartition(".")
@@ -47,4 +55,4 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
-__all__ = ["evaluating", "replace_tensor", "set_submodule"]
+__all__ = ["copy_training_modes", "evaluating", "replace_tensor", "set_submodule"]

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_prune.core.errors import ExampleInputError
+from lightning_prune.core.modules import evaluating
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall, Rule
@@ -174,8 +175,6 @@ class Tracer:
             for name, module in self.model.named_modules()
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
         ]
-        was_training = self.model.training
-        self.model.eval()
         try:
             for tensor in tree_leaves(example_input):
                 if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim >= 1:
@@ -185,7 +184,7 @@ class Tracer:
                     self.trace.blocked.append((labels, "they are tied to the network input"))
                     self.set_rep(tensor, Rep((dim,), labels))
             try:
-                with torch.no_grad(), _Mode(self):
+                with torch.no_grad(), evaluating(self.model), _Mode(self):
                     output = call_model(self.model, example_input)
             except Exception as err:
                 raise ExampleInputError(
@@ -199,7 +198,6 @@ class Tracer:
         finally:
             for hook in hooks:
                 hook.remove()
-            self.model.train(was_training)
 
     def _norm_pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:

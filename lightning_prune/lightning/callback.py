@@ -22,10 +22,11 @@ import torch
 from typing_extensions import override
 
 from lightning_prune.core.batches import split_batch
-from lightning_prune.core.checkpoint import remove_stale_temporaries, save_pruned, temporary_path
+from lightning_prune.core.checkpoint import save_pruned
 from lightning_prune.core.deploy import save_deployables
 from lightning_prune.core.errors import ConfigurationError, InplaceDictError, MaskError, PruneExportError
 from lightning_prune.core.export import export
+from lightning_prune.core.files import remove_stale_temporaries, temporary_path
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.groups import group_masks
 from lightning_prune.core.hold import MaskHold

@@ -1,0 +1,121 @@
+"""Files written so that nothing is lost: a temporary name beside the target, then a rename.
+
+A reader sees the old file or the new one, never a partial one; a failed write raises a
+:class:`~lightning_prune.core.errors.CheckpointError` and leaves the previous file. The temporary
+name says who writes it (host and pid), so the next write to a directory removes what a killed
+writer left there, and never a live writer's file.
+
+>>> import os, tempfile, torch
+>>> directory = tempfile.mkdtemp()
+>>> atomic_save({"weights": torch.zeros(2)}, os.path.join(directory, "model.ckpt"))
+>>> os.listdir(directory)
+['model.ckpt']
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import time
+from typing import Any
+
+import torch
+
+from lightning_prune.core.errors import CheckpointError
+
+STALE_AFTER_S = 24 * 3600  # a temporary file of an unknown or remote writer is left alone this long
+
+# .tmp-<host>-<pid>-<random>.part (this module's), .tmp-XXXXXXXX.part (tempfile.mkstemp's, before
+# temporary_path existed) and .masked-<pid>.ckpt.part (the callback's masked checkpoint, before it)
+_TEMPORARY = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8,})\.part")
+_OLD_TEMPORARY = re.compile(r"\.tmp-[a-z0-9_]{8}\.part|\.masked-\d+\.ckpt\.part")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def temporary_path(target: str | os.PathLike) -> str:
+    """A fresh temporary file name beside ``target`` that names its writer: ``.tmp-<host>-<pid>-<random>.part``.
+
+    Write there, then ``os.replace`` it onto ``target``. :func:`remove_stale_temporaries` reads the
+    writer back to tell a killed writer's leftovers from a live writer's file.
+
+    >>> name = os.path.basename(temporary_path("/checkpoints/pruned.ckpt"))
+    >>> name.startswith(".tmp-") and name.endswith(".part") and f"-{os.getpid()}-" in name
+    True
+    """
+    directory = os.path.dirname(os.path.abspath(os.fspath(target)))
+    return os.path.join(directory, f".tmp-{_host()}-{os.getpid()}-{secrets.token_hex(8)}.part")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process (or an absurd number): keep
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that killed writers left in ``directory``; return their paths.
+
+    A ``.tmp-<host>-<pid>-<random>.part`` file (see :func:`temporary_path`) is removed when its
+    writer ran on this host and is no longer alive. Files from other hosts, and files in the older
+    name formats (``.tmp-XXXXXXXX.part`` from ``tempfile.mkstemp``, ``.masked-<pid>.ckpt.part``),
+    whose writer cannot be checked, are removed once they are older than 24 hours. A file whose
+    writer is alive is never removed; nothing else in the directory is touched. Errors (a missing
+    directory, a file another process removed first, no permission) are ignored: cleaning up
+    never stops a write.
+    """
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    host, now, removed = _host(), time.time(), []
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        path = os.path.join(directory, name)
+        try:
+            if match is not None and match["host"] == host:
+                stale = not _alive(int(match["pid"]))
+            elif match is not None or _OLD_TEMPORARY.fullmatch(name):
+                stale = now - os.stat(path).st_mtime > STALE_AFTER_S
+            else:
+                continue
+            if stale and os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers see the old file or the new one.
+
+    Stale temporary files of killed writers in that directory are removed first
+    (:func:`remove_stale_temporaries`).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "xb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException as err:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        if isinstance(err, Exception):  # a full disk surfaces as OSError or as torch's zip-writer RuntimeError
+            raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
+        raise
