@@ -22,22 +22,30 @@ torch.Size([3, 2])
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import io
 import os
-import re
-import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from lightning_prune.core.errors import CheckpointError, ConfigurationError, VerificationError
-from lightning_prune.core.files import remove_stale_temporaries, temporary_path
+from lightning_prune.core.capture import (
+    ONNX_PACKAGES,
+    batch_inputs,
+    export_program,
+    first_line,
+    leading_batch_size,
+    onnx_bytes,
+    pt2_bytes,
+    require_packages,
+    signature_order,
+    split_arguments,
+    tensor_arguments,
+)
+from lightning_prune.core.errors import ConfigurationError, VerificationError
+from lightning_prune.core.files import atomic_write
 from lightning_prune.core.modules import evaluating
 from lightning_prune.core.report import compare_latency, latency_is_noise
 from lightning_prune.core.verify import compare_outputs
@@ -45,179 +53,6 @@ from lightning_prune.core.verify import compare_outputs
 DEPLOY_FORMATS = ("onnx", "pt2")
 FILE_NAMES = {"onnx": "pruned.onnx", "pt2": "pruned.pt2"}
 DEFAULT_RTOL = {"onnx": 1e-4, "pt2": 1e-5}
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-"""What writing and checking ``pruned.onnx`` needs: the optional ``deploy`` extra."""
-_EXTRA_HINT = "Install them with: pip install 'lightning-prune[deploy]' (or pip install onnx onnxscript onnxruntime)."
-
-
-# --- inputs -------------------------------------------------------------------------------------
-
-
-def _signature_order(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword inputs in the order of ``model.forward``'s parameters (then any others, as given):
-    the order the exported graph's inputs take, whatever order a batch's dict has."""
-    try:
-        names = [n for n in inspect.signature(model.forward).parameters if n in inputs]
-    except (TypeError, ValueError):
-        names = []
-    return {**{n: inputs[n] for n in names}, **{n: v for n, v in inputs.items() if n not in names}}
-
-
-def _args_kwargs(model: nn.Module, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``inputs`` in :func:`~lightning_prune.core.trace.call_model`'s convention as ``(args, kwargs)``:
-    a tensor is one positional input, a tuple or list several, a dict keywords."""
-    if isinstance(inputs, Mapping):
-        return (), _signature_order(model, inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
-def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
-    return [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
-
-
-def _batch_inputs(batch: Any) -> Any:
-    """The inputs of one verification batch: ``(inputs, target)`` as :func:`~lightning_prune.core.verify.verify_on_batches`
-    takes them, or a bare tensor or dict of inputs."""
-    if isinstance(batch, (Tensor, Mapping)):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0]
-    raise ConfigurationError(
-        f"A verification batch must be (inputs, target) (target may be None), a tensor or a dict of inputs; "
-        f"got a {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. "
-        f"Wrap a tuple of positional inputs as ((x1, x2), None)."
-    )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    tensors = [t for t in _tensors(args, kwargs) if t.ndim > 0]
-    return int(tensors[0].shape[0]) if tensors else None
-
-
-# --- export -------------------------------------------------------------------------------------
-
-
-def _export_program(model: nn.Module, example_input: Any) -> tuple[torch.export.ExportedProgram, bool]:
-    """``torch.export`` of what ``model(example_input)`` computes in eval mode, with dim 0 of every input
-    whose dim 0 is the batch size dynamic where the model allows it; returns the program and whether
-    the batch is dynamic. An example batch of one is doubled for tracing (torch.export specialises size 1)."""
-    args, kwargs = _args_kwargs(model, example_input)
-    batch = _batch_size(args, kwargs)
-    name = type(model).__name__
-    with evaluating(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if batch is not None and batch > 0:
-            dim = torch.export.Dim("batch", min=1)
-
-            def widen(leaf: Any) -> Any:
-                return (
-                    torch.cat([leaf, leaf])
-                    if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == 1 == batch
-                    else leaf
-                )
-
-            def spec(leaf: Any) -> Any:
-                return {0: dim} if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == batch else None
-
-            traced_args, traced_kwargs = tree_map(widen, args), tree_map(widen, kwargs)
-            shapes: Any = (
-                {k: tree_map(spec, v) for k, v in kwargs.items()} if kwargs else tuple(tree_map(spec, a) for a in args)
-            )
-            try:
-                return torch.export.export(model, traced_args, traced_kwargs, dynamic_shapes=shapes), True
-            except Exception as err:  # batch-dependent control flow, say: fall back to the example's shapes
-                reason = f"{type(err).__name__}: {_first_line(err)}"
-        else:
-            reason = "its inputs have no batch dimension"
-        try:
-            program = torch.export.export(model, args, kwargs)
-        except Exception as err:
-            raise ConfigurationError(
-                f"torch.export could not capture the {name} on the example input: {type(err).__name__}: {err}. "
-                f"Deployable files need a model torch.export can trace (no data-dependent Python control flow); "
-                f"see https://pytorch.org/docs/stable/export.html."
-            ) from err
-    warnings.warn(
-        f"The {name} was exported with a fixed batch size of {batch} ({reason}); the files accept only that size.",
-        stacklevel=3,
-    )
-    return program, False
-
-
-def _require(*packages: str, purpose: str) -> None:
-    """Import the optional ``packages`` or raise a ConfigurationError naming the missing ones."""
-    missing = []
-    for package in packages:
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise ConfigurationError(
-            f"{purpose} needs the optional package{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
-            f"which could not be imported. {_EXTRA_HINT}"
-        )
-
-
-def _onnx_bytes(program: torch.export.ExportedProgram, opset: int | None, name: str) -> bytes:
-    """The ONNX file for ``program`` (the captured ``name``), from torch's ONNX exporter."""
-    _require("onnx", "onnxscript", purpose="Writing ONNX")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
-    except Exception as err:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the exporter colours its messages
-        cause = next((line.strip() for line in text.splitlines() if line.strip().startswith("<class")), "")
-        raise ConfigurationError(
-            f"torch's ONNX exporter could not convert the {name}: {type(err).__name__}: {cause or _first_line(err)}. "
-            f"An op without an ONNX translation cannot go to ONNX; the pt2 file does not need one "
-            f"(formats=['pt2'])."
-        ) from err
-    return onnx_program.model_proto.SerializeToString()
-
-
-def _write_atomically(path: str, write: Callable[[IO[bytes]], None], check: Callable[[str], Any] | None = None) -> Any:
-    """Write with ``write`` to a temporary file beside ``path``, run ``check`` on it, then rename it onto ``path``.
-
-    Readers see the old file or the new one; a failed write or check removes the temporary file and
-    leaves ``path`` as it was. Returns what ``check`` returned."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"Could not write '{path}': {err}. Pass a directory that can be created.") from err
-    remove_stale_temporaries(directory)
-    temporary = temporary_path(path)
-    try:
-        try:
-            with open(temporary, "xb") as stream:
-                write(stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-        except Exception as err:  # a full disk, a protobuf over 2 GB
-            raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
-        result = check(temporary) if check is not None else None
-        os.replace(temporary, path)
-        return result
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _pt2_bytes(program: torch.export.ExportedProgram) -> bytes:
-    """The archive in memory: written straight to a failing file (a full disk), torch's zip writer aborts
-    the process from a destructor instead of raising, so the bytes are written by Python."""
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
 
 
 def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, opset: int | None = None) -> str:
@@ -232,10 +67,10 @@ def save_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *, 
     (:class:`~lightning_prune.core.errors.ConfigurationError` otherwise). The model is not modified.
     """
     path = os.fspath(path)
-    _require("onnx", "onnxscript", purpose=f"save_onnx('{path}')")
-    program, _ = _export_program(model, example_input)
-    data = _onnx_bytes(program, opset, type(model).__name__)
-    _write_atomically(path, lambda stream: stream.write(data))
+    require_packages("onnx", "onnxscript", purpose=f"save_onnx('{path}')")
+    program, _ = export_program(model, example_input)
+    data = onnx_bytes(program, opset, type(model).__name__)
+    atomic_write(path, lambda stream: stream.write(data))
     return path
 
 
@@ -248,9 +83,9 @@ def save_pt2(model: nn.Module, example_input: Any, path: str | os.PathLike) -> s
     temporary name and renamed. The model is not modified.
     """
     path = os.fspath(path)
-    program, _ = _export_program(model, example_input)
-    data = _pt2_bytes(program)
-    _write_atomically(path, lambda stream: stream.write(data))
+    program, _ = export_program(model, example_input)
+    data = pt2_bytes(program)
+    atomic_write(path, lambda stream: stream.write(data))
     return path
 
 
@@ -277,7 +112,7 @@ class OnnxRuntimeModel(nn.Module):
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
-        _require("onnxruntime", purpose=f"Running '{self.path}' in ONNX Runtime")
+        require_packages("onnxruntime", purpose=f"Running '{self.path}' in ONNX Runtime")
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -297,8 +132,8 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | list[Tensor]:
         """Run the session on the tensor inputs; outputs come back as CPU tensors."""
         if kwargs and self._order is not None:
-            kwargs = _signature_order(self._order, kwargs)
-        tensors = _tensors(args, kwargs)
+            kwargs = signature_order(self._order, kwargs)
+        tensors = tensor_arguments(args, kwargs)
         if len(tensors) != len(self.input_names):
             raise VerificationError(
                 f"'{self.path}' takes {len(self.input_names)} inputs ({', '.join(self.input_names)}); "
@@ -347,7 +182,7 @@ def _check(
     worst, count, sizes = 0.0, 0, []
     with evaluating(reference_model):
         for index, batch in enumerate(batches):
-            args, kwargs = _args_kwargs(reference_model, _batch_inputs(batch))
+            args, kwargs = split_arguments(reference_model, batch_inputs(batch))
             expected = reference_model(*args, **kwargs)
             try:
                 got = runner(*args, **kwargs)
@@ -355,8 +190,8 @@ def _check(
                 raise
             except Exception as err:
                 raise VerificationError(
-                    f"Deployed file '{label}' failed to run on batch {index} (batch size {_batch_size(args, kwargs)}): "
-                    f"{type(err).__name__}: {_first_line(err)}. A file exported with a fixed batch size runs only "
+                    f"Deployed file '{label}' failed to run on batch {index} (batch size {leading_batch_size(args, kwargs)}): "
+                    f"{type(err).__name__}: {first_line(err)}. A file exported with a fixed batch size runs only "
                     f"that size; check the inputs match the example the file was exported with."
                 ) from err
             reference_leaves = [leaf.detach().cpu() for leaf in tree_flatten(expected)[0] if isinstance(leaf, Tensor)]
@@ -368,7 +203,7 @@ def _check(
                 )
             comparison = compare_outputs(reference_leaves, got_leaves, rtol)
             worst, count = max(worst, comparison.max_relative_error), count + 1
-            sizes.append(_batch_size(args, kwargs))
+            sizes.append(leading_batch_size(args, kwargs))
             if not comparison.passed:
                 raise VerificationError(
                     f"Deployed file '{label}' differs from the model on batch {index}: max relative error "
@@ -405,7 +240,7 @@ def check_deployed(
     path = os.fspath(path)
     fmt = _format_of(path, format)
     if fmt == "onnx":
-        _require("onnxruntime", purpose=f"check_deployed('{path}')")
+        require_packages("onnxruntime", purpose=f"check_deployed('{path}')")
     result = _check(path, path, fmt, reference_model, batches, DEFAULT_RTOL[fmt] if rtol is None else rtol)
     return {"path": path, **result}
 
@@ -449,16 +284,16 @@ def save_deployables(
             f"expected some of {', '.join(map(repr, DEPLOY_FORMATS))}."
         )
     if "onnx" in formats:
-        _require(*ONNX_PACKAGES, purpose="save_deployables(formats=['onnx'])")
+        require_packages(*ONNX_PACKAGES, purpose="save_deployables(formats=['onnx'])")
     directory = os.fspath(directory)
     batches = list(batches) or [(example_input, None)]
-    program, dynamic = _export_program(model, example_input)
+    program, dynamic = export_program(model, example_input)
     rtol = {"onnx": rtol_onnx, "pt2": rtol_pt2}
     reports: dict[str, dict[str, Any]] = {}
     for fmt in dict.fromkeys(formats):
         target = os.path.join(directory, FILE_NAMES[fmt])
-        data = _onnx_bytes(program, opset, type(model).__name__) if fmt == "onnx" else _pt2_bytes(program)
-        result = _write_atomically(
+        data = onnx_bytes(program, opset, type(model).__name__) if fmt == "onnx" else pt2_bytes(program)
+        result = atomic_write(
             target,
             lambda stream, data=data: stream.write(data),
             lambda temporary, fmt=fmt, target=target: _check(temporary, target, fmt, model, batches, rtol[fmt]),

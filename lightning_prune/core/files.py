@@ -19,7 +19,8 @@ import re
 import secrets
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import torch
 
@@ -96,26 +97,38 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     return removed
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers see the old file or the new one.
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], check: Callable[[str], Any] | None = None
+) -> Any:
+    """Write with ``write`` to a temporary file beside ``path``, run ``check`` on it, then rename it onto ``path``.
 
-    Stale temporary files of killed writers in that directory are removed first
-    (:func:`remove_stale_temporaries`).
-    """
+    Readers see the old file or the new one; a failed write or check removes the temporary file and
+    leaves ``path`` as it was. Stale temporary files of killed writers in that directory are removed
+    first (:func:`remove_stale_temporaries`). Returns what ``check`` returned."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"Could not write '{path}': {err}. Pass a directory that can be created.") from err
     remove_stale_temporaries(directory)
     temporary = temporary_path(path)
     try:
-        with open(temporary, "xb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+        try:
+            with open(temporary, "xb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except Exception as err:  # a full disk, a protobuf over 2 GB
+            raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
+        result = check(temporary) if check is not None else None
         os.replace(temporary, path)
-    except BaseException as err:
+        return result
+    finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-        if isinstance(err, Exception):  # a full disk surfaces as OSError or as torch's zip-writer RuntimeError
-            raise CheckpointError(f"Could not write '{path}': {err}. The previous file, if any, is unchanged.") from err
-        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`: readers see the old file or the new one."""
+    atomic_write(path, lambda stream: torch.save(obj, stream))

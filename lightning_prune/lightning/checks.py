@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from lightning_prune.core.deploy import DEPLOY_FORMATS, ONNX_PACKAGES
+from lightning_prune.core.capture import ONNX_PACKAGES
+from lightning_prune.core.deploy import DEPLOY_FORMATS
 from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.pruners import PRUNERS, check_config_list
 
