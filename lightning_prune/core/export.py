@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.core.attention import update_heads
 from lightning_prune.core.graph import ChannelGraph, Override
 from lightning_prune.core.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
 from lightning_prune.core.masks import (
@@ -112,6 +113,8 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
         if replacement is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    for name, counts in plan.heads.items():
+        update_heads(model.get_submodule(name), counts)
     return model
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_prune.core.masks import Masks
 from lightning_prune.core.plan import initial_keep
-from lightning_prune.core.trace import ChannelTrace, ParamAxis, trace_channels
+from lightning_prune.core.trace import ChannelTrace, ParamAxis, components, trace_channels
 
 Override = tuple[Tensor | np.ndarray, str]
 """Labels to keep whatever the masks say, and why (the reason the export notes give)."""
@@ -72,7 +72,7 @@ class ChannelGraph:
                     why = f"'{other.module}' is called on different numbers of channels"
                     extra_blocked += [(calls[0].labels, why), (other.labels, why)]
             axes.append(calls[0])
-        root = _components(trace.num_labels, edges)
+        root = components(trace.num_labels, edges)
         owner = np.full(trace.num_labels, -1, dtype=np.int64)
         owner_channel = np.zeros(trace.num_labels, dtype=np.int64)
         owner_names: list[str | None] = []
@@ -184,26 +184,6 @@ class ChannelGraph:
                 if not kept.all():
                     result[(axis.module, axis.param)] = torch.from_numpy(kept)
         return result
-
-
-def _components(count: int, edges: list[tuple[Tensor, Tensor]]) -> np.ndarray:
-    """Connected components of labels under ``edges``: each label -> the smallest label of its group."""
-    parent = np.arange(count, dtype=np.int64)
-    if not edges:
-        return parent
-    a = np.concatenate([e[0].numpy().ravel() for e in edges]).astype(np.int64)
-    b = np.concatenate([e[1].numpy().ravel() for e in edges]).astype(np.int64)
-    while True:
-        ra, rb = parent[a], parent[b]
-        differ = ra != rb
-        if not differ.any():
-            return parent
-        np.minimum.at(parent, np.maximum(ra, rb)[differ], np.minimum(ra, rb)[differ])
-        while True:  # pointer jumping: every label points at its root again
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
 
 
 def _root_flags(root: np.ndarray, label_sets: list[Tensor]) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.attention import HeadCounts
 from lightning_prune.core.errors import PrunedToZeroError
 from lightning_prune.core.masks import Masks
 from lightning_prune.core.trace import Consumer
@@ -72,6 +73,7 @@ class Plan:
     changes: dict[str, LayerChange]
     kept_channels: dict[str, int]  # producer -> output channels kept
     notes: list[Note]
+    heads: dict[str, HeadCounts] = field(default_factory=dict)  # attention module -> heads, where some go
 
 
 def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int = 1) -> Plan:
@@ -103,7 +105,22 @@ def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int =
             )
         kept_channels[layer] = kept
     notes += _kept_notes(graph, masks, keep, why, reasons)
-    return Plan(_changes(graph, keep, model, notes), kept_channels, notes)
+    heads = _heads(graph, keep, notes)
+    return Plan(_changes(graph, keep, model, notes), kept_channels, notes, heads)
+
+
+def _heads(graph: ChannelGraph, keep: np.ndarray, notes: list[Note]) -> dict[str, HeadCounts]:
+    """Per attention module whose heads shrink, its counts before and after (a note each)."""
+    result = {}
+    for module, heads in graph.trace.heads.items():
+        query, key_value = (int(graph.kept(keep, labels).sum()) for labels in (heads.query, heads.key_value))
+        before = (heads.query.numel(), heads.key_value.numel())
+        if (query, key_value) == before:
+            continue
+        result[module] = HeadCounts(query, key_value, heads.head_dim, *before)
+        why = f"{query} of {before[0]} query heads and {key_value} of {before[1]} key/value heads kept"
+        notes.append(Note(module, before[0] - query, "heads removed", why))
+    return result
 
 
 def initial_keep(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -82,6 +83,41 @@ class Consumer:
 
 
 @dataclass
+class AttentionHeads:
+    """The heads an attention op found, for the module that called it (export updates its head counts).
+
+    ``query[h]`` is a label of query head ``h`` (every channel of a head shares its keep decision),
+    ``key_value[g]`` one of key/value head ``g``; under grouped-query attention each key/value head
+    is coupled with the query heads that share it, so both counts shrink by the same factor.
+    """
+
+    query: Tensor
+    key_value: Tensor
+    head_dim: int
+
+
+@dataclass
+class Deferred:
+    """A coupling or block that depends on what attention finds later in the pass.
+
+    A view that splits channels into ``(heads, head_dim)`` and an op that treats the positions of a
+    head differently (rotary embeddings, a per-position scale, a slice of ``head_dim``) are exact
+    when whole heads go, and otherwise are not. They are decided when the pass ends, once the
+    attention ops have said which labels form heads: see :meth:`Tracer.resolve_deferred`.
+    ``kind`` is ``"split"`` (``labels``: the split labels, coupled as :func:`movement` guesses unless
+    they all form heads), ``"within"`` (``labels`` blocked unless, along each of ``axes``, they stay
+    inside one head) or ``"fixed_part"`` (``labels`` blocked unless each of their heads keeps a
+    label in ``survivors``, so that what the op drops is a fixed part of every head).
+    """
+
+    kind: str
+    labels: Tensor
+    reason: str
+    axes: tuple[int, ...] = ()
+    survivors: Tensor | None = None
+
+
+@dataclass
 class ChannelTrace:
     """Everything one traced forward pass recorded about channels."""
 
@@ -100,7 +136,10 @@ class ChannelTrace:
     warnings: list[str] = field(default_factory=list)
     input_labels: list[Tensor] = field(default_factory=list)
     reshaped: list[Tensor] = field(default_factory=list)  # labels whose exported size is a guess to verify
+    head_units: list[Tensor] = field(default_factory=list)  # (heads, channels per head) labels attention found
+    deferred: list[Deferred] = field(default_factory=list)
     reshaped_inputs: set[str] = field(default_factory=set)  # layers that read a tensor a view gave another rank
+    heads: dict[str, AttentionHeads] = field(default_factory=dict)  # attention module -> its heads
     output: Any = None  # what the traced (masked) model returned
 
     def new_labels(self, owner: str | None, count: int) -> Tensor:
@@ -161,6 +200,7 @@ class Tracer:
                     if tensor is not None:
                         self.params.setdefault(id(tensor), (mod_name, p_name))
         self.warned: set[str] = set()
+        self.module_stack: list[str] = []  # the model's modules now running, outermost first
         self.op = ""  # the op being recorded, for block reasons
         # Storages of fresh tensors (factories such as new_empty, zeros): storage key -> (tensor kept
         # alive, per-element "fresh" mask or None for all). A fresh element holds a constant and
@@ -174,6 +214,11 @@ class Tracer:
             module.register_forward_pre_hook(self._norm_pre_hook(name))
             for name, module in self.model.named_modules()
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+        ]
+        names = {id(module): name for name, module in self.model.named_modules()}
+        hooks += [  # which of the model's modules is running: attention ops report heads to it
+            nn.modules.module.register_module_forward_pre_hook(self._enter(names)),
+            nn.modules.module.register_module_forward_hook(self._leave(names)),
         ]
         try:
             for tensor in tree_leaves(example_input):
@@ -195,9 +240,57 @@ class Tracer:
             for tensor in tree_leaves(output):
                 if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
                     self.block(rep.labels, "they reach the model output")
+            self.resolve_deferred()
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _enter(self, names: dict[int, str]) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if id(module) in names:
+                self.module_stack.append(names[id(module)])
+
+        return hook
+
+    def _leave(self, names: dict[int, str]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if id(module) in names and self.module_stack:
+                self.module_stack.pop()
+
+        return hook
+
+    def resolve_deferred(self) -> None:
+        """Decide what :class:`Deferred` left open, now that the attention ops have named the heads.
+
+        A split whose labels all belong to heads is not coupled across heads (the heads dim is the
+        one that shrinks, and export updates the module's head count); any other split gets
+        :func:`movement`'s guess. Then a ``"within"`` or ``"fixed_part"`` block is dropped where
+        it only concerns positions inside whole heads, and applied otherwise.
+        """
+        trace = self.trace
+        in_head = torch.zeros(trace.num_labels, dtype=torch.bool)
+        for units in trace.head_units:
+            in_head[units[units >= 0]] = True
+
+        def all_in_heads(labels: Tensor) -> bool:
+            labels = labels[labels >= 0]
+            return bool(in_head[labels].all())
+
+        for item in trace.deferred:
+            if item.kind == "split" and not all_in_heads(item.labels):
+                couple_split(self, item.labels, item.reason)
+        root = torch.from_numpy(components(trace.num_labels, trace.edges))
+        for item in trace.deferred:
+            labels = item.labels
+            if item.kind == "within":
+                fine = all_in_heads(labels) and all(_constant_along(root, labels, axis) for axis in item.axes)
+            elif item.kind == "fixed_part":
+                live = labels[labels >= 0]
+                fine = all_in_heads(live) and bool(torch.isin(root[live], root[item.survivors]).all())
+            else:
+                continue
+            if not fine:
+                self.block(labels, item.reason)
 
     def _norm_pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -346,6 +439,44 @@ class Tracer:
         if entry is None:
             return False
         return entry[1] is None or bool(region(entry[1], tensor).all())
+
+
+def couple_split(t: Tracer, labels: Tensor, reason: str) -> None:
+    """A view spread channels over several dims (``labels`` is at least 2-D): couple them along every
+    dim but the one the model's code will shrink, taken to be the largest (the model recomputes one
+    factor of the view from the tensor size: ShuffleNet's ``view(b, groups, c // groups, ...)``, a
+    stack of a few tensors)."""
+    sizes = list(labels.shape)
+    shrinking = len(sizes) - 1 - sizes[::-1].index(max(sizes))
+    for axis in range(labels.ndim):
+        if axis != shrinking:
+            t.couple(labels, labels.narrow(axis, 0, 1).expand_as(labels), reason)
+
+
+def components(count: int, edges: list[tuple[Tensor, Tensor]]) -> np.ndarray:
+    """Connected components of labels under ``edges``: each label -> the smallest label of its group."""
+    parent = np.arange(count, dtype=np.int64)
+    if not edges:
+        return parent
+    a = np.concatenate([e[0].numpy().ravel() for e in edges]).astype(np.int64)
+    b = np.concatenate([e[1].numpy().ravel() for e in edges]).astype(np.int64)
+    while True:
+        ra, rb = parent[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            return parent
+        np.minimum.at(parent, np.maximum(ra, rb)[differ], np.minimum(ra, rb)[differ])
+        while True:  # pointer jumping: every label points at its root again
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+
+
+def _constant_along(root: Tensor, labels: Tensor, axis: int) -> bool:
+    """Whether, along ``axis`` of ``labels``, every label lies in one coupled group."""
+    groups = root[labels.clamp(min=0)]
+    return bool((groups == groups.narrow(axis, 0, 1)).all())
 
 
 def storage_key(tensor: Any) -> Any:

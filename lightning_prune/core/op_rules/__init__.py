@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lightning_prune.core.op_rules.attention import matmul, scaled_dot_product_attention
 from lightning_prune.core.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
 from lightning_prune.core.op_rules.layers import (
     batch_norm,
@@ -100,6 +101,8 @@ RULES: dict[str, Rule] = {
         group_norm,
         layer_norm,
         prelu,
+        matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
+        scaled_dot_product_attention,
     )
 }
 """The built-in rules by name (what :func:`register_op_rule` accepts as a string)."""
@@ -178,6 +181,9 @@ TABLE.update(
         "group_norm": group_norm,
         "layer_norm": layer_norm,
         "prelu": prelu,
+        "matmul": matmul,
+        "bmm": matmul,
+        "scaled_dot_product_attention": scaled_dot_product_attention,
     }
 )
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves
 
-from lightning_prune.core.trace import Rep
+from lightning_prune.core.trace import Deferred, Rep
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall
@@ -58,34 +58,29 @@ def movement(t: Tracer, call: OpCall) -> None:
     before = torch.cat(before)
     after = torch.cat(seen) if seen else torch.empty(0, dtype=torch.long)
     if not bool(torch.isin(before[before >= 0], after).all()):
-        # a fixed slice of the channels: they must stay where they are
-        t.block(before, f"op '{op}' keeps a fixed part of them (a view it cannot shrink)")
+        # a fixed slice of the channels must stay where it is, unless it is a fixed part of whole
+        # heads (rotary embeddings slice head_dim): decided once attention has named the heads
+        reason = f"op '{op}' keeps a fixed part of them (a view it cannot shrink)"
+        t.trace.deferred.append(Deferred("fixed_part", before, reason, survivors=after[after >= 0]))
 
 
 def _compress(t: Tracer, full: Tensor, split: bool) -> Rep | None:
     """The :class:`~lightning_prune.core.trace.Rep` of a full label tensor.
 
     When ``split`` (a view or stack just spread single-dim channels over several dims), the
-    labels are coupled along every dim but the one the model's code will shrink: the model
-    recomputes one factor of the view from the tensor size, and that is taken to be the
-    largest (ShuffleNet's ``view(b, groups, c // groups, ...)``, a stack of a few tensors).
-    Export checks the guess and keeps these channels if the exported model disagrees.
+    labels are coupled along every dim but one when the pass ends
+    (:func:`~lightning_prune.core.trace.couple_split`), unless attention finds that the split
+    made heads (``view(b, n, heads, head_dim)``): then whole heads go. Export checks the guess
+    and keeps these channels if the exported model disagrees.
     """
     if full.numel() == 0 or int(full.max()) < 0:
         return None
     varying = [d for d in range(full.ndim) if full.shape[d] > 1 and not bool((full == full.narrow(d, 0, 1)).all())]
     index = tuple(slice(None) if d in varying else 0 for d in range(full.ndim))
     labels = full[index]
-    if split and labels.ndim > 1:
-        sizes = list(labels.shape)
-        shrinking = len(sizes) - 1 - sizes[::-1].index(max(sizes))
-        for axis in range(labels.ndim):
-            if axis != shrinking:
-                t.couple(
-                    labels,
-                    labels.narrow(axis, 0, 1).expand_as(labels),
-                    f"op '{t.op}' spreads them over several dims, one of them fixed",
-                )
+    if split and labels.ndim > 1:  # coupled when the pass ends, unless attention finds heads here
+        reason = f"op '{t.op}' spreads them over several dims, one of them fixed"
+        t.trace.deferred.append(Deferred("split", labels, reason))
         t.trace.reshaped.append(labels.flatten())
     return Rep(tuple(varying), labels)
 
@@ -150,12 +145,21 @@ def split(t: Tracer, call: OpCall) -> None:
             dims = tuple(d - (op == "unbind" and d > dim) for d in rep.dims)
             t.set_rep(tensor, Rep(dims, rep.labels))
         return
+    axis = rep.dims.index(dim)
     if op == "unbind":
-        return t.give_up(call, "makes one tensor of each of them")
+        if len(rep.dims) == 1:
+            return t.give_up(call, "makes one tensor of each of them")
+        # (3, heads, head_dim) -> q, k, v: each piece keeps its labels along the other dims
+        dims = tuple(d - (d > dim) for d in rep.dims if d != dim)
+        for tensor, labels in zip(outs, rep.labels.unbind(axis), strict=False):
+            t.set_rep(tensor, Rep(dims, labels))
+        return
     sizes = {tensor.shape[dim] for tensor in outs}
-    if op != "chunk" or len(rep.dims) != 1 or len(sizes) != 1:
+    if op not in ("chunk", "split") or len(sizes) != 1:
         return t.give_up(call, "splits them into pieces of fixed sizes")
-    pieces = rep.labels.split(sizes.pop())
+    pieces = rep.labels.split(sizes.pop(), axis)
     for tensor, labels in zip(outs, pieces, strict=False):
-        t.couple(labels, pieces[0])  # equal chunks must lose the same channels
+        t.couple(labels, pieces[0])  # equal pieces must lose the same channels
         t.set_rep(tensor, Rep(rep.dims, labels))
+    if op == "split":  # the code gave the piece size: export checks it still fits
+        t.trace.reshaped.append(rep.labels.flatten())
