@@ -49,7 +49,7 @@ class Evil:
 
 
 CASES = {
-    "callback-pruner-name": lambda t: PruneExportCallback(pruner="taylor"),
+    "callback-pruner-name": lambda t: PruneExportCallback(pruner="magic"),
     "callback-pruner-object": lambda t: PruneExportCallback(pruner=object()),
     "callback-sparsity": lambda t: PruneExportCallback(sparsity=1.5),
     "callback-sparsity-type": lambda t: PruneExportCallback(sparsity="0.5"),

@@ -30,14 +30,17 @@ from lightning_prune.core.files import remove_stale_temporaries, temporary_path
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.groups import group_masks
 from lightning_prune.core.hold import MaskHold
+from lightning_prune.core.importance import IMPORTANCES, TaylorScores, importance_masks
 from lightning_prune.core.inplace_dict import check_inplace_dict, load_inplace_dict
 from lightning_prune.core.masks import Masks, collect_masks, make_pruning_permanent
 from lightning_prune.core.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
 from lightning_prune.core.report import compare_models, format_report
 from lightning_prune.core.verify import verify_on_batches
-from lightning_prune.lightning.checks import is_sharded, validate_arguments, writable_problem
+from lightning_prune.lightning.checks import NNI_NAMES, is_sharded, validate_arguments, writable_problem
 from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
 from lightning_prune.lightning.data import first_batches
+from lightning_prune.lightning.distill import Distiller, distill_settings
+from lightning_prune.lightning.schedule import Schedule
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -46,14 +49,20 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     r"""Prune channels, hold them at zero while fine-tuning, and export a smaller, verified model.
 
     Args:
-        pruner: ``"auto"`` (the masks given in ``masks``, else FPGM), ``"fpgm"``, ``"l1"`` or
-            ``"l2"`` (NNI 3.0 one-shot pruners built from the config below), an NNI pruner object
-            you built, or ``None`` to read masks from the model itself (``torch.nn.utils.prune``
-            buffers as Lightning's ``ModelPruning`` leaves them, or zeroed filters).
+        pruner: ``"auto"`` (the masks given in ``masks``, else ``"fpgm"``); this package's own
+            importance measures, each scoring whole coupled groups (:mod:`~lightning_prune.core.importance`):
+            ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"`` or ``"taylor"`` (gradients of the training
+            steps before each pruning step, so it needs ``prune_on_epoch >= 1`` or a schedule starting
+            at epoch 1 or later); ``"nni-fpgm"``, ``"nni-l1"``, ``"nni-l2"`` (NNI 3.0's per-layer one-shot
+            pruners, made group-consistent afterwards); an NNI pruner object you built; or ``None`` to
+            read masks from the model itself (``torch.nn.utils.prune`` buffers as Lightning's
+            ``ModelPruning`` leaves them, or zeroed filters).
         sparsity: fraction of channels to prune in each targeted layer (named pruners only; a
-            pruner object or given masks keep their own amount).
+            pruner object or given masks keep their own amount). With ``ranking="global"``: the
+            fraction of all targeted channel groups, spread over the layers by score.
         op_types, op_names, exclude_op_names: which layers a named pruner prunes (names are paths
-            from the LightningModule, as ``named_modules()`` gives them).
+            from the LightningModule, as ``named_modules()`` gives them); ``exclude_op_names`` are the
+            layers to skip. A coupled group is pruned only when all its layers are targeted.
         config_list: a full NNI ``config_list`` instead (NNI 2.x's ``"sparsity"`` key accepted).
         masks: masks (any form :func:`~lightning_prune.collect_masks` takes) or a path to a mask file.
         inplace_dict: ``"auto"`` (inferred), a dict giving each layer's input producers in concat
@@ -65,6 +74,25 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             the parameters of the module's ``forward``.
         prune_on_epoch: ``0`` prunes when training starts (after any checkpoint is restored, so a
             resumed dense model is ranked on its trained weights); ``k`` trains dense for ``k`` epochs first.
+        ranking: ``"uniform"`` (each layer, or each set of coupled layers, loses ``sparsity`` of its
+            channels) or ``"global"`` (every group of the model ranked together, so layers whose
+            channels score high keep more); our own measures only.
+        min_channels: the fewest channels (coupled groups) any pruned layer keeps; our own measures only.
+        schedule: prune gradually: ``{"start_epoch": 1, "end_epoch": 6, "steps": 5, "ramp": "cubic"}``
+            prunes at the start of ``steps`` epochs spread from ``start_epoch`` to ``end_epoch``, the
+            sparsity rising on a cubic (AGP) or ``"linear"`` ramp to ``sparsity``; each step's masks
+            contain the previous step's; the position is saved in checkpoints, so a resumed run
+            continues the schedule (:mod:`~lightning_prune.lightning.schedule`). Our own measures only.
+        distill: ``True`` or ``{"weight": 0.5, "temperature": 4.0}``: from the first pruning step on,
+            add ``weight * T**2 * KL(teacher || student)`` to your training loss, the teacher being a
+            frozen copy of the network made just before that step; your ``training_step`` is unchanged
+            (how the outputs are found: :mod:`~lightning_prune.lightning.distill`). The teacher is
+            saved in checkpoints so a resume keeps it.
+        finetune: ``"masked"`` (fine-tune at full size with the pruned channels held at zero) or
+            ``"pruned"``: export right after the last pruning step (verified), put the smaller layers
+            into your LightningModule, rebuild the optimizers (learning rates and scheduler state
+            carried over, momentum restarts) and fine-tune the smaller model; checkpoints then hold
+            the small model and resume into it. Single-device strategies only.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
@@ -113,6 +141,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         deploy_formats: list[str] | None = None,
         verify_batches: int = 4,
         gather_full_state: bool | None = None,
+        ranking: str = "uniform",
+        min_channels: int = 1,
+        schedule: dict[str, Any] | None = None,
+        distill: bool | dict[str, float] | None = None,
+        finetune: str = "masked",
     ) -> None:
         validate_arguments(
             pruner=pruner,
@@ -135,6 +168,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             deploy_formats=deploy_formats,
             verify_batches=verify_batches,
             gather_full_state=gather_full_state,
+            ranking=ranking,
+            min_channels=min_channels,
+            schedule=schedule,
+            distill=distill,
+            finetune=finetune,
         )
         self.pruner = pruner
         self.sparsity = float(sparsity)
@@ -160,6 +198,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self.deploy_formats = list(deploy_formats or [])
         self.verify_batches = verify_batches
         self.gather_full_state = gather_full_state
+        self.ranking = ranking
+        self.min_channels = min_channels
+        self.schedule = Schedule.from_argument(schedule) if schedule is not None else None
+        self.distill = distill_settings(distill)
+        self.finetune = finetune
         self._handoff = Handoff()
         self._reset()
 
@@ -171,13 +214,30 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._report: dict[str, Any] = {}
         self._module: weakref.ref | None = None
         self._pruner_votes: Masks | None = None
+        self.steps_done = 0  # pruning steps taken (the schedule's position; 1 after a one-shot prune)
+        self.shrunk = False  # finetune="pruned": the smaller layers are in the module
+        self.taylor = TaylorScores()
+        self._graph: ChannelGraph | None = None
+        self._distiller: Distiller | None = None
+        self._teacher_state: dict[str, torch.Tensor] | None = None
 
     @property
     def pruner_name(self) -> str | None:
-        """The NNI pruner this callback runs by name, or ``None`` (a pruner object, given masks, or the model's own)."""
+        """The pruner this callback runs by name (one of ours, or ``"nni-..."``), or ``None`` (a pruner
+        object, given masks, or the model's own)."""
         if self.pruner == "auto":
             return None if self.mask_source is not None else "fpgm"
         return self.pruner if isinstance(self.pruner, str) else None
+
+    @property
+    def importance(self) -> str | None:
+        """Our own importance measure in use, or ``None`` (NNI, a pruner object, masks)."""
+        return self.pruner_name if self.pruner_name in IMPORTANCES else None
+
+    @property
+    def _steps(self) -> Schedule:
+        """The schedule; a one-shot prune is the schedule of one step at ``prune_on_epoch``."""
+        return self.schedule or Schedule(self.prune_on_epoch, self.prune_on_epoch, 1, "linear")
 
     @property
     def report(self) -> dict[str, Any]:
@@ -228,21 +288,73 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             bound = getattr(self.pruner, "bound_model", pl_module)
             self._pruner_votes = _prefixed(masks_from_pruner(self.pruner, bound), pl_module, bound)
         self._check_against_model(trainer, pl_module)
+        self._graph = None
+        self._setup_recovery(trainer, pl_module)
+
+    def _setup_recovery(self, trainer: Any, pl_module: Any) -> None:
+        """Distillation's hooks, and the early restore that a resumed ``finetune="pruned"`` run (or a
+        saved teacher) needs before Lightning loads the checkpoint's weights into the module."""
+        if self.finetune == "pruned" and type(trainer.strategy).__name__ != "SingleDeviceStrategy":
+            raise ConfigurationError(
+                f"`PruneExportCallback(finetune='pruned')` replaces layers inside the module while training, which "
+                f"this version supports on a single device only; the trainer uses {type(trainer.strategy).__name__}. "
+                "HINT: use finetune='masked' (the default) under this strategy."
+            )
+        if self.distill is not None:
+            if not pl_module.automatic_optimization:
+                raise ConfigurationError(
+                    "`PruneExportCallback(distill=...)` adds its loss to what `training_step` returns, and under manual "
+                    "optimization (`automatic_optimization = False`) Lightning never receives a loss. HINT: add "
+                    "`lightning_prune.lightning.distill.distill_loss(student, teacher, T)` to your own loss, or leave `distill` off."
+                )
+            if self._distiller is None:
+                self._distiller = Distiller(**self.distill, network_name=_network_prefix(pl_module))
+            self._distiller.attach(pl_module)
+        if self.finetune == "pruned" or self.distill is not None:
+            user_hook = pl_module.on_load_checkpoint
+
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                self._early_restore(trainer, pl_module, checkpoint)
+                user_hook(checkpoint)
+
+            pl_module.on_load_checkpoint = on_load_checkpoint
+            self._restore_hook = (pl_module, user_hook)
+
+    def _early_restore(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Called by the module's ``on_load_checkpoint``, before the weights are loaded: rebuild the
+        teacher from its saved state and shrink the module when the checkpoint holds the small one."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        if self._distiller is not None and state.get("teacher") is not None:
+            self._distiller.make_teacher(self._network(pl_module), state["teacher"])
+        if state.get("shrunk") and not self.shrunk:
+            self.masks = state["masks"]
+            self._shrink(trainer, pl_module, rebuild_optimizers=False)  # the weights come from the checkpoint next
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._distiller is not None:
+            self._distiller.detach()
+        restore = self.__dict__.pop("_restore_hook", None)
+        if restore is not None:
+            vars(restore[0]).pop("on_load_checkpoint", None)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.masks is None and self.prune_on_epoch == 0:
-            self._prune(trainer, pl_module)  # after a checkpoint is restored: a dense one is ranked on its own weights
-        elif self.masks is not None and self.hold is None:  # masks restored from a checkpoint, or a second fit
+        # after a checkpoint is restored: a dense one is ranked on its own weights
+        if self.masks is not None and self.hold is None and not self.shrunk:  # restored masks, or a second fit
             self._hold(trainer, pl_module)
+        if self._distiller is not None and self._distiller.teacher is None and self._teacher_state is not None:
+            self._distiller.make_teacher(self._network(pl_module), self._teacher_state)
+        self._prune_due(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.masks is None and self.prune_on_epoch > 0 and trainer.current_epoch + 1 >= self.prune_on_epoch:
-            self._prune(trainer, pl_module)
+        self._prune_due(trainer, pl_module, trainer.current_epoch + 1)  # the start of the next epoch
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.importance == "taylor" and self.steps_done < self._steps.steps:
+            self.taylor.accumulate(self._graph_for(trainer, pl_module), pl_module)  # complete, unscaled gradients
         if self.hold is not None:
             self.hold.zero_grads()
 
@@ -253,6 +365,14 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._distiller is not None:
+            self._distiller.detach()  # training is over: the copies export makes carry no hook
+        if self.masks is not None and self.steps_done < self._steps.steps:
+            warn(
+                trainer,
+                f"PruneExportCallback: training ended after {self.steps_done} of the schedule's {self._steps.steps} "
+                "pruning steps; exporting the masks reached so far.",
+            )
         if self.masks is None:
             warn(
                 trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported."
@@ -279,12 +399,27 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.cpu() for k, v in self.masks.items()} if self.masks is not None else None}
+        state: dict[str, Any] = {
+            "masks": {k: v.cpu() for k, v in self.masks.items()} if self.masks is not None else None,
+            "steps_done": self.steps_done,
+            "shrunk": self.shrunk,
+        }
+        if self.importance == "taylor":
+            state["taylor"] = self.taylor.state_dict()
+        teacher = self._distiller.teacher if self._distiller is not None else None
+        if teacher is not None:
+            state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = state_dict.get("masks")
         self.hold = None
+        # saved by 0.1.0, which pruned once: masks mean the one step was taken
+        self.steps_done = state_dict.get("steps_done", 0 if self.masks is None else self._steps.steps)
+        self.shrunk = bool(state_dict.get("shrunk", False)) or self.shrunk
+        self.taylor.load_state_dict(state_dict.get("taylor") or {})
+        self._teacher_state = state_dict.get("teacher")
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -328,19 +463,35 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 ) from err
 
     # ---------------------------------------------------------------- pruning
-    def _prune(self, trainer: Any, pl_module: Any) -> None:
-        example = self._example(trainer, pl_module)
-        votes = self._votes(pl_module)
-        graph = ChannelGraph.from_model(pl_module, example)
-        masks = votes
-        if self.group_consistent and votes:
-            # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
-            # export adds channels back to the multiple instead
-            round_to = self.round_to if self.pruner_name is not None else 1
-            masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys(), round_to=round_to)
+    def _prune_due(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+        """Take every pruning step whose epoch has come (at most one, except after a skipped epoch)."""
+        for step in self._steps.due(epoch, self.steps_done):
+            self._prune(trainer, pl_module, step)
+
+    def _prune(self, trainer: Any, pl_module: Any, step: int = 1) -> None:
+        last = step == self._steps.steps
+        graph = self._graph_for(trainer, pl_module)
+        if self._distiller is not None and self._distiller.teacher is None:  # the dense model, before any mask
+            self._distiller.make_teacher(self._network(pl_module))
+            info(
+                trainer,
+                f"PruneExportCallback: distilling from a frozen copy of {self._distiller.where()} "
+                f"({self._distiller.teacher_megabytes():.1f} MiB on each device).",
+            )
+        if self.importance is not None:
+            votes = self._importance_masks(pl_module, graph, step)
+            masks = votes
+        else:
+            votes = self._votes(pl_module)
+            masks = votes
+            if self.group_consistent and votes:
+                # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
+                # export adds channels back to the multiple instead
+                round_to = self.round_to if self.pruner_name is not None else 1
+                masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys(), round_to=round_to)
         masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
         pruned = sum(int((~keep).sum()) for keep in masks.values())
-        if pruned == 0:
+        if pruned == 0 and last:
             chosen = sorted(votes) or "none"
             raise ConfigurationError(
                 f"PruneExportCallback: nothing to prune. The {self._source()} chose layers {chosen}, but none of "
@@ -348,12 +499,85 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 "op that keeps its channels (see the warnings above). HINT: target other layers (`op_types`, `op_names`)."
             )
         self.masks = masks
+        self.steps_done = step
+        self.taylor.reset()
         self._hold(trainer, pl_module, graph)
-        total = sum(k.numel() for k in masks.values())
+        total = sum(int(labels.numel()) for labels in graph.producers.values())
+        where = f" (step {step} of {self._steps.steps})" if self._steps.steps > 1 else ""
         info(
             trainer,
-            f"PruneExportCallback: pruned {pruned} of {total} channels in {len(masks)} layers ({self._source()}).",
+            f"PruneExportCallback: pruned {pruned} of {total} channels in {len(masks)} layers ({self._source()}){where}.",
         )
+        if last and self.finetune == "pruned":
+            self._shrink(trainer, pl_module)
+
+    def _importance_masks(self, pl_module: Any, graph: ChannelGraph, step: int) -> Masks:
+        """Our own group-level masks for schedule step ``step``, containing the previous step's."""
+        fraction = self._steps.fraction(step)
+        sparsity = {layer: ratio * fraction for layer, ratio in self._layer_sparsity(pl_module).items()}
+        return importance_masks(
+            graph,
+            pl_module,
+            self.importance,
+            sparsity,
+            ranking=self.ranking,
+            min_channels=self.min_channels,
+            previous=self.masks,
+            round_to=self.round_to,
+            taylor=self.taylor,
+        )
+
+    def _layer_sparsity(self, pl_module: Any) -> dict[str, float]:
+        """Each targeted layer's fraction from the config (the last entry naming a layer wins, as in NNI)."""
+        selected = layers_to_prune(pl_module, self.config_list, self._config_argument)
+        ratios: dict[str, float] = {}
+        for entry in self.config_list:
+            ratio = entry.get("sparse_ratio", entry.get("sparsity"))
+            if entry.get("exclude") or ratio is None:
+                continue
+            try:
+                ratios.update(dict.fromkeys(layers_to_prune(pl_module, [entry], self._config_argument), float(ratio)))
+            except ConfigurationError:
+                continue  # this entry selects nothing; the whole config was checked above
+        return {layer: ratios[layer] for layer in selected if layer in ratios}
+
+    def _graph_for(self, trainer: Any, pl_module: Any) -> ChannelGraph:
+        if self._graph is None:
+            self._graph = ChannelGraph.from_model(pl_module, self._example(trainer, pl_module))
+        return self._graph
+
+    def _network(self, pl_module: Any) -> torch.nn.Module:
+        name = self._distiller.network_name if self._distiller is not None else _network_prefix(pl_module)
+        return pl_module.get_submodule(name) if name else pl_module
+
+    def _shrink(self, trainer: Any, pl_module: Any, rebuild_optimizers: bool = True) -> None:
+        """``finetune="pruned"``: export now and put the smaller layers into the module itself."""
+        example = self._example(trainer, pl_module)
+        round_to = 1 if self.pruner_name is not None else self.round_to
+        paused = self._distiller is not None and self._distiller._handle is not None
+        if paused:
+            self._distiller.detach()  # the copy export makes must not carry the hooks
+        try:
+            result = export(pl_module, self.masks, example, inplace_dict=self.inplace_dict, round_to=round_to)
+            small = result.model.to(pl_module.device)
+            if rebuild_optimizers:  # the masked model is live: the small one must compute what it computes
+                verify_on_batches(pl_module, small, [(example, None)], self.rtol)
+            before = sum(p.numel() for p in pl_module.parameters())
+            for name, child in list(pl_module.named_children()):
+                replacement = small.get_submodule(name)
+                if replacement is not child:
+                    setattr(pl_module, name, replacement)
+        finally:
+            if paused:
+                self._distiller.attach(pl_module)
+        self.hold, self.shrunk, self._graph = None, True, None
+        if rebuild_optimizers:
+            _rebuild_optimizers(trainer)
+            after = sum(p.numel() for p in pl_module.parameters())
+            info(
+                trainer,
+                f"PruneExportCallback: fine-tuning at the pruned size from here: {after:,} parameters (was {before:,}).",
+            )
 
     def _pruner_object(self) -> Any:
         return None if self.pruner is None or isinstance(self.pruner, str) else self.pruner
@@ -368,7 +592,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def _votes(self, pl_module: Any) -> Masks:
         """Masks as the chosen source gives them, layer by layer."""
         if self.pruner_name is not None:
-            return nni_masks(pl_module, self.pruner_name, self.config_list)
+            return nni_masks(pl_module, NNI_NAMES[self.pruner_name], self.config_list)
         if self._pruner_votes is not None:
             return self._pruner_votes
         if self.mask_source is not None:
@@ -430,7 +654,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         round_to = 1 if self.pruner_name is not None else self.round_to  # a named pruner's masks are rounded already
         result = export(
             reference,
-            self.masks,
+            {} if self.shrunk else self.masks,  # at the pruned size already: the export is verified against itself
             example,
             inplace_dict=self.inplace_dict,
             whole_channel=self.whole_channel,
@@ -499,6 +723,20 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         return torch.utils._pytree.tree_map(
             lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, converted
         )
+
+
+def _rebuild_optimizers(trainer: Any) -> None:
+    """Optimizers and schedulers from ``configure_optimizers`` again, for the module's new parameters;
+    each param group's settings (learning rate, ...) and each scheduler's state carry over."""
+    strategy = trainer.strategy
+    old_optimizers, old_schedulers = list(strategy.optimizers), list(strategy.lr_scheduler_configs)
+    strategy.setup_optimizers(trainer)
+    for old, new in zip(old_optimizers, strategy.optimizers, strict=False):
+        if len(old.param_groups) == len(new.param_groups):
+            for old_group, new_group in zip(old.param_groups, new.param_groups, strict=True):
+                new_group.update({k: v for k, v in old_group.items() if k != "params"})
+    for old, new in zip(old_schedulers, strategy.lr_scheduler_configs, strict=False):
+        new.scheduler.load_state_dict(old.scheduler.state_dict())
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:

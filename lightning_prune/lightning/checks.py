@@ -15,10 +15,15 @@ import torch
 from lightning_prune.core.capture import ONNX_PACKAGES
 from lightning_prune.core.deploy import DEPLOY_FORMATS
 from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.importance import IMPORTANCES, RANKINGS
 from lightning_prune.core.pruners import PRUNERS, check_config_list
+from lightning_prune.lightning.distill import distill_settings
+from lightning_prune.lightning.schedule import Schedule
 
-PRUNER_NAMES = ("auto", *PRUNERS)
+NNI_NAMES = {f"nni-{name}": name for name in PRUNERS}  # NNI's own one-shot pruners, per layer
+PRUNER_NAMES = ("auto", *IMPORTANCES, *NNI_NAMES)
 ON_FAILURE = ("raise", "warn")
+FINETUNE = ("masked", "pruned")
 
 
 def _fail(argument: str, value: Any, expected: str) -> ConfigurationError:
@@ -62,13 +67,18 @@ def validate_arguments(
     round_to: Any = 1,
     whole_channel: Any = False,
     deploy_formats: Any = None,
+    ranking: Any = "uniform",
+    min_channels: Any = 1,
+    schedule: Any = None,
+    distill: Any = None,
+    finetune: Any = "masked",
 ) -> None:
     """Raise :class:`~lightning_prune.core.errors.ConfigurationError` for the first argument out of range."""
     if isinstance(pruner, str) and pruner not in PRUNER_NAMES:
         raise _fail(
             "pruner",
             pruner,
-            f"is not supported. Choose one of {sorted(PRUNER_NAMES)}, an NNI pruner object, "
+            f"is not supported. Choose one of {list(PRUNER_NAMES)}, an NNI pruner object, "
             "or None. HINT: None reads masks from the model; 'auto' uses `masks=` when given.",
         )
     if pruner is not None and not isinstance(pruner, str) and not hasattr(pruner, "compress"):
@@ -138,6 +148,53 @@ def validate_arguments(
     _deploy_formats(deploy_formats)
     if gather_full_state is not None and not isinstance(gather_full_state, bool):
         raise _fail("gather_full_state", gather_full_state, "must be True, False or None.")
+    _recovery(pruner, masks, prune_on_epoch, ranking, min_channels, schedule, distill, finetune)
+
+
+def _recovery(
+    pruner: Any,
+    masks: Any,
+    prune_on_epoch: Any,
+    ranking: Any,
+    min_channels: Any,
+    schedule: Any,
+    distill: Any,
+    finetune: Any,
+) -> None:
+    """The accuracy-recovery arguments: our importance measures, the schedule, distillation, the fine-tune size."""
+    if ranking not in RANKINGS:
+        raise _fail(
+            "ranking", ranking, f"must be one of {list(RANKINGS)} ('global' ranks every group of the model together)."
+        )
+    if not _is_int(min_channels) or min_channels < 1:
+        raise _fail("min_channels", min_channels, "must be an int >= 1 (the fewest channels a pruned layer keeps).")
+    if finetune not in FINETUNE:
+        raise _fail("finetune", finetune, f"must be one of {list(FINETUNE)}.")
+    distill_settings(distill)
+    ours = pruner in IMPORTANCES or (pruner == "auto" and masks is None)
+    if schedule is not None:
+        steps = Schedule.from_argument(schedule)
+        if not ours:
+            shown = pruner if isinstance(pruner, (str, type(None))) else type(pruner).__name__
+            raise ConfigurationError(
+                f"`PruneExportCallback(pruner={shown!r}, schedule=...)`: a schedule prunes step by step with this "
+                f"package's own importance measures; choose `pruner` from {list(IMPORTANCES)}."
+            )
+        if prune_on_epoch != 0:
+            raise ConfigurationError(
+                f"`PruneExportCallback(prune_on_epoch={prune_on_epoch}, schedule=...)`: the schedule's 'start_epoch' "
+                "says when pruning starts; leave `prune_on_epoch` at 0."
+            )
+        first = steps.start_epoch
+    else:
+        first = prune_on_epoch
+    if pruner == "taylor" and first == 0:
+        where = "schedule={'start_epoch': 0, ...}" if schedule is not None else "prune_on_epoch=0"
+        raise ConfigurationError(
+            f"`PruneExportCallback(pruner='taylor', {where})`: Taylor importance is measured from the gradients "
+            "of training steps, and none have run when training starts. HINT: prune after an epoch of training "
+            "(`prune_on_epoch=1`, or a schedule with 'start_epoch' >= 1)."
+        )
 
 
 def _deploy_formats(formats: Any) -> None:

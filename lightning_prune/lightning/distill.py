@@ -1,0 +1,185 @@
+"""Distillation from the dense model while the pruned one fine-tunes, with the user's code unchanged.
+
+How it finds the outputs: the callback knows the network inside the LightningModule (the deepest
+submodule that holds every parameter, e.g. ``self.model``; the module itself when the parameters
+are spread over several children). While the module's own ``training_step`` runs, a forward hook
+on that network records its input and output. The network must be called exactly once per
+training step and return one tensor of logits (class scores along dim 1), or a dict / an object
+with a ``logits`` entry (Hugging Face outputs). The frozen teacher, a copy of that network made just
+before the first pruning step, runs on the same input, and
+
+    loss = your loss + weight * temperature**2 * KL(softmax(teacher / T) || softmax(student / T))
+
+is returned to Lightning instead of your loss (for a dict result, its ``"loss"``). The term is
+logged as ``prune/distill_loss``. ``training_step`` is replaced on the instance for the fit and put
+back afterwards; your class is not touched.
+
+Where it cannot work it says so before training: manual optimization (``automatic_optimization =
+False``: Lightning never sees a loss to add to), and during training: a network called twice in
+one step, or outputs that hold several tensors and no ``logits``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_prune.core.errors import ConfigurationError
+
+DEFAULTS = {"weight": 0.5, "temperature": 4.0}
+
+
+def distill_settings(value: Any) -> dict[str, float] | None:
+    """``distill=`` as given (``None``/``False``, ``True``, or a dict) -> the settings, checked."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(DEFAULTS)
+    if not isinstance(value, Mapping) or set(value) - set(DEFAULTS):
+        raise ConfigurationError(
+            f"`PruneExportCallback(distill={value!r})` must be True, False, or a dict with keys "
+            f"{list(DEFAULTS)}, e.g. {{'weight': 0.5, 'temperature': 4.0}}."
+        )
+    settings = {**DEFAULTS, **value}
+    for key, number in settings.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0:
+            raise ConfigurationError(
+                f"`PruneExportCallback(distill={value!r})`: '{key}' must be a number > 0; got {number!r}."
+            )
+    return {k: float(v) for k, v in settings.items()}
+
+
+def logits_of(output: Any, where: str) -> Tensor:
+    """The logits tensor in a network's output: the tensor itself, or its ``logits`` entry."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    kind = type(output).__name__
+    size = f" of {len(output)}" if isinstance(output, (tuple, list, Mapping)) else ""
+    raise ConfigurationError(
+        f"PruneExportCallback(distill=...): {where} returned a {kind}{size}, not one tensor of logits, so the "
+        "distillation loss cannot tell which output to match. HINT: return the logits (or a dict / an object "
+        "with a 'logits' entry) from the network, or leave `distill` off."
+    )
+
+
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Hinton's loss: ``T**2 * KL(softmax(teacher/T) || softmax(student/T))``, classes along dim 1,
+    averaged over every other position (batch, pixels, tokens)."""
+    classes = student.shape[1] if student.ndim > 1 else student.shape[0]
+    s = student.movedim(1, -1).reshape(-1, classes) if student.ndim > 1 else student[None]
+    t = teacher.movedim(1, -1).reshape(-1, classes) if teacher.ndim > 1 else teacher[None]
+    log_s = F.log_softmax(s.float() / temperature, dim=-1)
+    log_t = F.log_softmax(t.float() / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+class Distiller:
+    """Holds the frozen teacher and adds the distillation term to the module's training loss."""
+
+    def __init__(self, weight: float, temperature: float, network_name: str) -> None:
+        self.weight, self.temperature, self.network_name = weight, temperature, network_name
+        self.teacher: nn.Module | None = None
+        self._calls: list[tuple[tuple, dict, Any]] | None = None
+        self._handle: Any = None
+        self._original: Any = None
+        self.last_loss: float | None = None
+
+    def where(self) -> str:
+        return f"the network '{self.network_name}'" if self.network_name else "the LightningModule"
+
+    def make_teacher(self, network: nn.Module, state: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """A frozen copy of ``network`` (evaluation mode), with ``state`` loaded when given; the
+        recording hook is not copied with it."""
+        hooked = self._handle is not None
+        if hooked:
+            self._handle.remove()
+        try:
+            teacher = copy.deepcopy(network)
+        finally:
+            if hooked:
+                self._handle = network.register_forward_hook(self._record, with_kwargs=True)
+        if state is not None:
+            teacher.load_state_dict(state)
+        teacher.eval().requires_grad_(False)
+        self.teacher = teacher
+        return teacher
+
+    def teacher_megabytes(self) -> float:
+        if self.teacher is None:
+            return 0.0
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    def attach(self, pl_module: Any) -> None:
+        """Hook the network and wrap the instance's ``training_step`` (idempotent)."""
+        if self._original is not None:
+            return
+        network = pl_module.get_submodule(self.network_name) if self.network_name else pl_module
+        self._handle = network.register_forward_hook(self._record, with_kwargs=True)
+        original = pl_module.training_step
+        self._original = (pl_module, original, "training_step" in vars(pl_module))
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._step(pl_module, original, args, kwargs)
+
+        pl_module.training_step = training_step
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._original is not None:
+            pl_module, original, had_own = self._original
+            if had_own:
+                pl_module.training_step = original
+            else:
+                vars(pl_module).pop("training_step", None)
+            self._original = None
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._calls is not None and torch.is_grad_enabled():
+            self._calls.append((args, kwargs, output))
+
+    def _step(self, pl_module: Any, original: Any, args: tuple, kwargs: dict) -> Any:
+        self._calls = []
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            calls, self._calls = self._calls, None
+        if result is None or self.teacher is None:
+            return result
+        if len(calls) != 1:
+            raise ConfigurationError(
+                f"PruneExportCallback(distill=...): {self.where()} ran {len(calls)} times in one training step; "
+                "distillation matches one output per step. HINT: call the network once per training_step, or leave "
+                "`distill` off."
+            )
+        inputs, keywords, output = calls[0]
+        student = logits_of(output, self.where())
+        with torch.no_grad():
+            teacher = logits_of(self.teacher(*inputs, **keywords), "the teacher")
+        term = distill_loss(student, teacher, self.temperature)
+        self.last_loss = float(term.detach())
+        pl_module.log("prune/distill_loss", term.detach(), on_step=True, on_epoch=False, batch_size=student.shape[0])
+        if isinstance(result, Tensor):
+            return result + self.weight * term
+        if isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
+            return {**result, "loss": result["loss"] + self.weight * term}
+        raise ConfigurationError(
+            f"PruneExportCallback(distill=...): training_step returned a {type(result).__name__} without a 'loss' "
+            "tensor, so there is no loss to add the distillation term to."
+        )
+
+
+__all__ = ["DEFAULTS", "Distiller", "distill_loss", "distill_settings", "logits_of"]
