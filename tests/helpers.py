@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
-from lightning_prune.core.masks import Masks, is_prunable, out_channels, zero_pruned_norms
+from lightning_prune.core.masks import Masks, channel_tensors, is_prunable, out_channels, zero_pruned_parameters
 
 RTOL = 1e-5
 
@@ -30,8 +30,10 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             if getattr(module, "running_mean", None) is not None:
                 fill(module.running_mean, -0.5, 0.5)
                 fill(module.running_var, 0.5, 2.0)
-        elif is_prunable(module) and module.bias is not None:
-            fill(module.bias, -0.2, 0.2)
+        elif is_prunable(module):  # biases of conv/linear; an attention's in_proj_bias, bias_k, bias_v
+            for item in channel_tensors(module):
+                if not item.is_weight:
+                    fill(getattr(module, item.name), -0.2, 0.2)
     return model.eval()
 
 
@@ -50,9 +52,9 @@ def random_masks(model: nn.Module, fraction: float = 0.5, seed: int = 0, skip: t
 
 @torch.no_grad()
 def zero_norm_affine(model: nn.Module, masks: Masks, example_input: Any) -> nn.Module:
-    """The second variant: the masked model with the norms' affine parameters of pruned channels zeroed too."""
+    """The second variant: the masked model with the parameters pruned channels reach (norms, position embeddings) zeroed too."""
     masked = apply_masks(model, masks)
-    zero_pruned_norms(masked, ChannelGraph.from_model(masked, example_input).norm_affine_keep(masks, masked))
+    zero_pruned_parameters(masked, ChannelGraph.from_model(masked, example_input).channel_parameter_keep(masks, masked))
     return masked
 
 

@@ -30,7 +30,7 @@ from lightning_prune.core.masks import (
     unshare_tensors,
     unwrapped_copy,
     zero_pruned_channels,
-    zero_pruned_norms,
+    zero_pruned_parameters,
 )
 from lightning_prune.core.modules import copy_training_modes, evaluating
 from lightning_prune.core.plan import Note, Plan, plan
@@ -88,7 +88,7 @@ def export(
     function_change = None
     if whole_channel:
         given = graph.trace.output if masks is not None else _output(unwrapped_copy(model), example_input)
-        if zero_pruned_norms(masked, graph.norm_affine_keep(keep, masked)):
+        if zero_pruned_parameters(masked, graph.channel_parameter_keep(keep, masked)):
             graph = ChannelGraph.from_model(masked, example_input)  # the constants changed
         function_change = compare_outputs(given, graph.trace.output).max_relative_error
     if inplace_dict is not None and inplace_dict != "auto":

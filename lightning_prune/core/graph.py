@@ -167,22 +167,25 @@ class ChannelGraph:
         labels = labels.numpy() if isinstance(labels, Tensor) else labels
         return np.where(labels >= 0, keep[self.root[np.maximum(labels, 0)]], True)
 
-    def norm_affine_keep(self, masks: Masks, model: nn.Module) -> dict[tuple[str, str], Tensor]:
-        """``(norm layer, "weight" | "bias") -> bool keep-vector`` for the affine parameters of every
-        BatchNorm/InstanceNorm/GroupNorm/LayerNorm that pruned channels feed.
+    def channel_parameter_keep(self, masks: Masks, model: nn.Module) -> dict[tuple[str, str, int], Tensor]:
+        """``(module, parameter, dim) -> bool keep-vector`` for every parameter, other than a conv or
+        linear layer's own, that is sliced with channels the masks prune: the affine parameters of
+        the norms they feed, a position embedding added to them, a class token joined to them, a
+        per-head table.
 
         Zeroing these with the filters holds the whole channel at zero, so a pruned channel
         leaves no constant behind (what masked fine-tuning does).
         """
         keep, _ = initial_keep(self, masks)
-        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
         result = {}
         for axis in self.axes:
-            module = model.get_submodule(axis.module)
-            if isinstance(module, norms) and axis.param in ("weight", "bias"):
-                kept = self.kept(keep, axis.labels)
-                if not kept.all():
-                    result[(axis.module, axis.param)] = torch.from_numpy(kept)
+            if axis.module in self.trace.producers:
+                continue
+            if axis.param not in dict(model.get_submodule(axis.module).named_parameters(recurse=False)):
+                continue  # buffers (running statistics) are not the channel's value
+            kept = self.kept(keep, axis.labels)
+            if not kept.all():
+                result[(axis.module, axis.param, axis.dim)] = torch.from_numpy(kept)
         return result
 
 

@@ -55,9 +55,9 @@ class MaskHold:
         if graph is None and example_input is not None:
             graph = ChannelGraph.from_model(model, example_input)
         if graph is not None:
-            for (layer, param), keep in graph.norm_affine_keep(masks, model).items():
+            for (layer, param, dim), keep in graph.channel_parameter_keep(masks, model).items():
                 tensor = getattr(model.get_submodule(layer), param)
-                held.append(_Held(tensor, 0, (~keep).nonzero().flatten().to(tensor.device)))
+                held.append(_Held(tensor, dim, (~keep).nonzero().flatten().to(tensor.device)))
         return cls([h for h in held if h.pruned.numel()])
 
     @torch.no_grad()

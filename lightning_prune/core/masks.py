@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ Masks = dict[str, torch.Tensor]
 
 MaskSource = Mapping | str | os.PathLike | nn.Module
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
 
 
 def is_prunable(module: nn.Module) -> bool:
@@ -42,10 +42,56 @@ def out_channel_dim(module: nn.Module) -> int:
 
 
 def out_channels(module: nn.Module) -> int:
-    """The number of output channels of a prunable layer (all groups of a transposed conv)."""
+    """The number of output channels of a prunable layer (all groups of a transposed conv; an
+    ``nn.MultiheadAttention``'s query, key and value projections together)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return 3 * module.embed_dim
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return module.weight.shape[1] * module.groups
     return module.weight.shape[0]
+
+
+class ChannelTensor(NamedTuple):
+    """A tensor that holds output channels of a prunable layer: ``count`` channels (``None``: all of
+    them) from channel ``first`` on, along ``dim``."""
+
+    name: str
+    dim: int
+    first: int = 0
+    count: int | None = None
+    is_weight: bool = True  # a filter (scored, read for zeros) rather than a bias
+
+
+def channel_tensors(module: nn.Module) -> list[ChannelTensor]:
+    """The tensors of a prunable layer that hold its output channels: its filters, then its biases.
+
+    A conv or linear layer: ``weight`` (along :func:`out_channel_dim`) and ``bias``. An
+    ``nn.MultiheadAttention``, whose channels are its query, key and value projections (``3 *
+    embed_dim``): ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``),
+    ``in_proj_bias``, and ``bias_k``/``bias_v`` (shaped ``(1, 1, embed_dim)``, the key and value
+    thirds). Tensors the layer lacks are left out.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        width = module.embed_dim
+        if module._qkv_same_embed_dim:
+            found = [ChannelTensor("in_proj_weight", 0)]
+        else:
+            found = [ChannelTensor(f"{p}_proj_weight", 0, i * width, width) for i, p in enumerate("qkv")]
+        found += [ChannelTensor("in_proj_bias", 0, is_weight=False)]
+        found += [ChannelTensor(f"bias_{p}", 2, i * width, width, False) for i, p in ((1, "k"), (2, "v"))]
+    else:
+        found = [ChannelTensor("weight", out_channel_dim(module)), ChannelTensor("bias", 0, is_weight=False)]
+    return [item for item in found if getattr(module, item.name, None) is not None]
+
+
+def filter_norms(module: nn.Module) -> torch.Tensor:
+    """Per output channel of a prunable layer, the mean absolute value of its filter."""
+    norms = []
+    for item in channel_tensors(module):
+        if item.is_weight:
+            rows = getattr(module, item.name).detach().movedim(item.dim, 0).flatten(1)
+            norms.append(rows.abs().sum(1) / max(rows.shape[1], 1))
+    return torch.cat(norms)
 
 
 def collect_masks(source: MaskSource | Masks, model: nn.Module | None = None) -> Masks:
@@ -134,13 +180,13 @@ def _validated(masks: Masks, model: nn.Module | None) -> Masks:
         if not is_prunable(module):
             raise MaskError(
                 f"Mask given for layer '{name}', a {type(module).__name__}; masks apply to the output "
-                "channels of Conv, ConvTranspose and Linear layers."
+                "channels of Conv, ConvTranspose, Linear and MultiheadAttention layers."
             )
         expected = out_channels(module)
         if keep.numel() != expected:
             raise MaskError(
                 f"Mask for layer '{name}' has {keep.numel()} channels, but its weight "
-                f"{tuple(module.weight.shape)} has {expected} output channels."
+                f"{tuple(getattr(module, channel_tensors(module)[0].name).shape)} has {expected} output channels."
             )
     return masks
 
@@ -181,8 +227,10 @@ def _masks_from_module(model: nn.Module) -> Masks:
         return masks
     for name, module in model.named_modules():
         if is_prunable(module):
-            dim = out_channel_dim(module)
-            keep = module.weight.detach().movedim(dim, 0).flatten(1).ne(0).any(dim=1).cpu()
+            filters = [
+                getattr(module, t.name).detach().movedim(t.dim, 0) for t in channel_tensors(module) if t.is_weight
+            ]
+            keep = torch.cat([f.flatten(1).ne(0).any(dim=1).cpu() for f in filters])
             if not bool(keep.all()):
                 masks[name] = keep
     return masks
@@ -264,21 +312,24 @@ def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
     """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched)."""
     for name, keep in masks.items():
         module = model.get_submodule(name)
-        pruned = (~keep.bool()).nonzero().flatten().to(module.weight.device)
-        replace_tensor(module, "weight", module.weight.index_fill(out_channel_dim(module), pruned, 0.0))
-        if getattr(module, "bias", None) is not None:
-            replace_tensor(module, "bias", module.bias.index_fill(0, pruned, 0.0))
+        pruned = (~keep.bool()).nonzero().flatten()
+        for item in channel_tensors(module):
+            tensor = getattr(module, item.name)
+            local = pruned - item.first
+            if item.count is not None:  # it holds a part of the channels (a key or value projection)
+                local = local[(local >= 0) & (local < item.count)]
+            replace_tensor(module, item.name, tensor.index_fill(item.dim, local.to(tensor.device), 0.0))
 
 
 @torch.no_grad()
-def zero_pruned_norms(model: nn.Module, norm_keep: dict[tuple[str, str], torch.Tensor]) -> bool:
-    """Zero the norm affine parameters fed by pruned channels (``ChannelGraph.norm_affine_keep``'s
-    ``{(norm layer, "weight" | "bias"): keep-vector}``), as new tensors. Whether anything changed."""
-    for (layer, param), keep in norm_keep.items():
+def zero_pruned_parameters(model: nn.Module, channel_keep: dict[tuple[str, str, int], torch.Tensor]) -> bool:
+    """Zero the parameter slices pruned channels reach (``ChannelGraph.channel_parameter_keep``'s
+    ``{(module, parameter, dim): keep-vector}``), as new tensors. Whether anything changed."""
+    for (layer, param, dim), keep in channel_keep.items():
         module = model.get_submodule(layer)
         tensor = getattr(module, param)
-        replace_tensor(module, param, tensor.index_fill(0, (~keep).nonzero().flatten().to(tensor.device), 0.0))
-    return bool(norm_keep)
+        replace_tensor(module, param, tensor.index_fill(dim, (~keep).nonzero().flatten().to(tensor.device), 0.0))
+    return bool(channel_keep)
 
 
 def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:

@@ -200,6 +200,9 @@ class Tracer:
                     if tensor is not None:
                         self.params.setdefault(id(tensor), (mod_name, p_name))
         self.warned: set[str] = set()
+        # Tensors made from one parameter by views and indexing (a class token expanded, a relative
+        # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)
+        self.derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.module_stack: list[str] = []  # the model's modules now running, outermost first
         self.op = ""  # the op being recorded, for block reasons
         # Storages of fresh tensors (factories such as new_empty, zeros): storage key -> (tensor kept
@@ -318,6 +321,8 @@ class Tracer:
             self.outputs_unlabeled(out)
             if rule in self.rules.PRODUCERS:  # a producer even of unlabelled input
                 self.dispatch(rule, call)
+            elif rule in self.rules.FOLLOWS_PARAMETERS:
+                self.follow_parameter(call)
             return
         if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
             return
@@ -433,6 +438,56 @@ class Tracer:
         labels = rep.labels.permute(order) if len(order) > 1 else rep.labels
         return labels.reshape(view).expand(tuple(tensor.shape)).contiguous()
 
+    def parameter_origin(self, tensor: Any) -> tuple[Tensor, Tensor] | None:
+        """``(parameter, flat index per element)`` if ``tensor`` is a parameter or buffer of the model, or
+        was made from one by views and indexing; else ``None``."""
+        if not isinstance(tensor, Tensor):
+            return None
+        if self.param_name(tensor) is not None:
+            if tensor.numel() > _FOLLOWED_PARAMETER_SIZE:
+                return None
+            return tensor, torch.arange(tensor.numel()).reshape(tensor.shape)
+        entry = self.derived.get(id(tensor))
+        return (entry[1], entry[2]) if entry is not None and entry[0] is tensor else None
+
+    def follow_parameter(self, call: OpCall) -> None:
+        """A view or index of a parameter: remember which parameter element each output element is."""
+        source = call.args[0] if call.args else None
+        origin = self.parameter_origin(source)
+        if origin is None:
+            return
+        parameter, index = origin
+        if self.rules.rule_for(call.op) is self.rules.RULES["identity"]:
+            results = [index if tensor.shape == source.shape else None for tensor in tree_leaves(call.out)]
+        else:
+            try:
+                results = tree_leaves(call.func(index, *call.args[1:], **call.kwargs))
+            except Exception:  # an op that needs real values (a float index, a boolean mask of data)
+                return
+        for tensor, result in zip(tree_leaves(call.out), results, strict=False):
+            if isinstance(tensor, Tensor) and isinstance(result, Tensor) and result.shape == tensor.shape:
+                self.derived[id(tensor)] = (tensor, parameter, result)
+
+    def slice_parameter(self, tensor: Tensor, dim: int, labels: Tensor) -> bool:
+        """Record the parameter ``tensor`` comes from as sliced by ``labels``, which lie along ``tensor``'s
+        ``dim``: possible when one parameter dim follows ``dim`` one to one and no other parameter
+        dim varies along it (a class token expanded over the batch, a per-head table gathered
+        over positions). ``False`` (nothing recorded) where no such dim exists."""
+        origin = self.parameter_origin(tensor)
+        if origin is None or labels.ndim != 1 or labels.numel() != tensor.shape[dim]:
+            return False
+        parameter, index = origin
+        coords = [c.movedim(dim, 0).reshape(tensor.shape[dim], -1) for c in torch.unravel_index(index, parameter.shape)]
+        along = [p for p, c in enumerate(coords) if bool((c == c[:, :1]).all())]
+        fixed = [p for p, c in enumerate(coords) if bool((c == c[:1]).all())]
+        for p in along:
+            position = coords[p][:, 0]
+            if set(fixed) >= set(range(parameter.ndim)) - {p} and position.unique().numel() == position.numel():
+                per_index = torch.full((parameter.shape[p],), -1, dtype=torch.long)
+                per_index[position] = labels
+                return self.add_axis(parameter, p, per_index)
+        return False
+
     def is_fresh(self, tensor: Tensor) -> bool:
         """Whether every element of ``tensor`` still holds what a sized factory put there."""
         entry = self.fresh.get(storage_key(tensor))
@@ -500,6 +555,9 @@ _IN_PLACE_DUNDER = re.compile(r"__i(add|sub|mul|truediv|floordiv|div|mod|pow|and
 
 def _in_place(name: str) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or bool(_IN_PLACE_DUNDER.fullmatch(name))
+
+
+_FOLLOWED_PARAMETER_SIZE = 1 << 22  # larger parameters reach attention through layers, not views
 
 
 def _describe(example_input: Any) -> str:

@@ -41,6 +41,7 @@ from lightning_prune.core.op_rules.layers import (
     prelu,
 )
 from lightning_prune.core.op_rules.movement import movement, split
+from lightning_prune.core.op_rules.multihead import multi_head_attention_forward
 from lightning_prune.core.op_rules.writes import factory, fill, write
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ RULES: dict[str, Rule] = {
         prelu,
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
         scaled_dot_product_attention,
+        multi_head_attention_forward,  # nn.MultiheadAttention, seen whole: whole heads and out_proj
     )
 }
 """The built-in rules by name (what :func:`register_op_rule` accepts as a string)."""
@@ -110,7 +112,10 @@ RULES: dict[str, Rule] = {
 TRACKS_MEMORY: frozenset[Rule] = frozenset({factory, fill, write})
 """Rules the tracer runs on every call, labelled or not: they follow fresh and written memory."""
 
-PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear})
+FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity})
+"""Rules the tracer also runs on a parameter's views: they may later be sliced with channels they meet."""
+
+PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward})
 """Rules the tracer runs on unlabelled input too: their layers give out new channels."""
 
 _ELEMENTWISE = """
@@ -184,6 +189,7 @@ TABLE.update(
         "matmul": matmul,
         "bmm": matmul,
         "scaled_dot_product_attention": scaled_dot_product_attention,
+        "multi_head_attention_forward": multi_head_attention_forward,
     }
 )
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.trace import Rep
+from lightning_prune.core.trace import Deferred, Rep
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall
@@ -61,7 +61,7 @@ def elementwise(t: Tracer, call: OpCall) -> None:
     for tensor in plain:
         shift = len(shape) - tensor.ndim
         spans = [d for d in dims if d >= shift and tensor.shape[d - shift] > 1]
-        is_param = t.param_name(tensor) is not None
+        is_param = t.parameter_origin(tensor) is not None  # a parameter, or a view or index of one
         if not spans:
             if tensor.numel() == 1 or is_param or t.is_fresh(tensor):  # input-independent constants
                 continue
@@ -71,15 +71,33 @@ def elementwise(t: Tracer, call: OpCall) -> None:
                 t.trace.tainted.append(result.flatten())
             else:
                 t.block(result, f"op '{op}' adds input-dependent values that belong to no channel across them")
-        elif is_param and len(dims) == 1 and spans == list(dims):
-            t.add_axis(tensor, dims[0] - shift, result)
+        elif is_param and len(spans) == 1 and _slice_along(t, tensor, spans[0], shift, dims, result):
+            continue
         elif t.is_fresh(tensor):  # a constant sized by the model's code (torch.zeros(x.shape)): checked at export
             t.trace.reshaped.append(result.flatten())
         else:
-            why = "combines them position by position with a tensor that belongs to no prunable channel"
-            t.block(result, f"op '{op}' {why}")
+            why = f"op '{op}' combines them position by position with a tensor that belongs to no prunable channel"
+            if len(dims) > 1:  # fine if it only varies inside heads (rotary embeddings): decided at the end
+                t.trace.deferred.append(Deferred("within", result, why, axes=tuple(dims.index(d) for d in spans)))
+            else:
+                t.block(result, why)
     for tensor in outs:
         t.set_rep(tensor, Rep(dims, result) if tensor.shape == shape else None)
+
+
+def _slice_along(t: Tracer, tensor: Tensor, dim: int, shift: int, dims: tuple[int, ...], labels: Tensor) -> bool:
+    """A parameter (or a view of one) that varies along one channel dim ``dim`` of the result: slice it
+    with the labels there. With channels along other dims too, they must lie inside whole heads
+    (the parameter is the same along them), which is decided at the end of the pass."""
+    axis = dims.index(dim)
+    along = labels.movedim(axis, 0).reshape(labels.shape[axis], -1)[:, 0]
+    if not t.slice_parameter(tensor, dim - shift, along):
+        return False
+    if len(dims) > 1:
+        others = tuple(a for a in range(len(dims)) if a != axis)
+        why = f"op '{t.op}' scales them by a parameter they share with other channels of their row"
+        t.trace.deferred.append(Deferred("within", labels, why, axes=others))
+    return True
 
 
 def spatial(t: Tracer, call: OpCall) -> None:

@@ -101,6 +101,8 @@ def _join(t: Tracer, call: OpCall) -> bool:
         return False
     if not all(isinstance(tensor, Tensor) for tensor in tensors):
         return False
+    if op != "stack":  # an empty piece adds nothing (a key/value cache's first update: cat([empty, k]))
+        tensors = [tensor for tensor in tensors if tensor.numel() or t.rep(tensor) is not None]
     reps = [t.rep(tensor) for tensor in tensors]
     known = [r for r in reps if r is not None]
     dims = known[0].dims
@@ -120,7 +122,9 @@ def _join(t: Tracer, call: OpCall) -> bool:
     if any(r.labels.shape != shape for r in known):
         return False
     first = known[0].labels
-    for rep in reps:
+    for rep, tensor in zip(reps, tensors, strict=True):
+        if rep is None and len(dims) == 1 and t.slice_parameter(tensor, dims[0], first):
+            continue  # a class token joined to the patch tokens: the parameter is sliced with them
         labels = rep.labels if rep is not None else torch.full(tuple(shape), -1, dtype=torch.long)
         t.couple(
             labels, first, f"op '{op}' joins them, along another dim, with values that belong to no prunable channel"
