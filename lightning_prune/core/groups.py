@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.graph import ChannelGraph
-from lightning_prune.core.masks import Masks, out_channel_dim
+from lightning_prune.core.masks import Masks, filter_norms
 from lightning_prune.core.plan import grouped_conv_rows
 
 
@@ -168,7 +168,5 @@ def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[i
 def _filter_norms(model: nn.Module, graph: ChannelGraph) -> dict[str, torch.Tensor]:
     norms = {}
     for layer in graph.producers:
-        module = model.get_submodule(layer)
-        weight = module.weight.detach().movedim(out_channel_dim(module), 0).flatten(1)
-        norms[layer] = weight.abs().sum(1) / max(weight.shape[1], 1)
+        norms[layer] = filter_norms(model.get_submodule(layer))
     return norms

@@ -208,3 +208,6 @@ class PrunedLayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channels={self.channels}, pruned={self.pruned}, channel_dim={self.channel_dim}"
+
+
+from lightning_prune.core import multihead as _multihead  # noqa: E402, F401  (registers nn.MultiheadAttention's shrinker)
