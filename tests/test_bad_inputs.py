@@ -74,6 +74,21 @@ CASES = {
     "callback-rtol": lambda t: PruneExportCallback(rtol=0),
     "callback-inplace-dict-file": lambda t: PruneExportCallback(inplace_dict=str(t / "nope.yaml")),
     "callback-mask-file": lambda t: PruneExportCallback(pruner=None, masks=str(t / "nope.pt")),
+    "callback-ranking": lambda t: PruneExportCallback(ranking="best"),
+    "callback-min-channels": lambda t: PruneExportCallback(min_channels=0),
+    "callback-finetune": lambda t: PruneExportCallback(finetune="small"),
+    "callback-distill-value": lambda t: PruneExportCallback(distill={"weight": -1}),
+    "callback-distill-keys": lambda t: PruneExportCallback(distill={"alpha": 0.5}),
+    "callback-schedule-steps": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 0}),
+    "callback-schedule-epochs": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "end_epoch": 2, "steps": 5}),
+    "callback-schedule-ramp": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 2, "ramp": "exp"}),
+    "callback-schedule-pruner": lambda t: PruneExportCallback(
+        pruner="nni-fpgm", schedule={"start_epoch": 1, "steps": 2}
+    ),
+    "callback-schedule-and-prune-on-epoch": lambda t: PruneExportCallback(
+        prune_on_epoch=2, schedule={"start_epoch": 1, "steps": 2}
+    ),
+    "callback-taylor-at-start": lambda t: PruneExportCallback(pruner="taylor"),
     "mask-unknown-layer": lambda t: collect_masks({"9": keep()}, model()),
     "mask-shape": lambda t: collect_masks({"0": keep(7)}, model()),
     "mask-non-binary": lambda t: collect_masks({"0": torch.full((8,), 0.5)}, model()),
