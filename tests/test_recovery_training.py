@@ -167,3 +167,28 @@ def test_finetune_at_the_pruned_size_resumes(tmp_path) -> None:
     assert resumed_callback.shrunk and resumed.model[0].out_channels == 4
     for name, value in whole.state_dict().items():
         assert torch.allclose(value, resumed.state_dict()[name], atol=1e-6), name
+
+
+def test_the_recovery_recipe_runs_from_yaml(tmp_path) -> None:
+    """configs/recovery.yaml through LightningCLI, its schedule shortened to fit three short epochs."""
+    import os
+
+    import yaml
+
+    from lightning_prune.lightning.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "recovery.yaml")) as handle:
+        config = yaml.safe_load(handle)
+    trainer = config["trainer"]
+    trainer.update(
+        max_epochs=3, limit_train_batches=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    options = trainer["callbacks"][0]["init_args"]
+    assert options["schedule"]["steps"] > 1 and options["distill"] and options["finetune"] == "pruned"
+    options["schedule"] = {"start_epoch": 1, "end_epoch": 2, "steps": 2, "ramp": "cubic"}
+    path = tmp_path / "recovery.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    assert os.path.isfile(tmp_path / "pruned" / "pruned.ckpt")
