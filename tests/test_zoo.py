@@ -1,4 +1,4 @@
-"""Every torchvision classification builder (bar transformers and >150M params) and three
+"""Every torchvision classification builder (bar >150M params, and transformers but vit_b_16) and three
 segmentation heads: random 50% masks, randomised norms, exported == masked, fewer parameters."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from lightning_prune.core.report import count_params
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 OVER_150M = {"convnext_large", "regnet_y_128gf"}  # 197.8M and 644.8M parameters
 SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
-INPUT_SIZE = {"inception_v3": 80}
+INPUT_SIZE = {"inception_v3": 80, "vit_b_16": 32}
 
-ZOO = [
-    name for name in models.list_models(module=models) if not name.startswith(TRANSFORMERS) and name not in OVER_150M
-] + SEGMENTATION
+ZOO = (
+    [name for name in models.list_models(module=models) if not name.startswith(TRANSFORMERS) and name not in OVER_150M]
+    + ["vit_b_16"]
+    + SEGMENTATION
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,6 +31,8 @@ def build(name: str):
     kwargs = {"weights_backbone": None} if name in SEGMENTATION else {}
     if name in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = True
+    if name.startswith("vit_"):
+        kwargs["image_size"] = INPUT_SIZE[name]
     model = randomize(torchvision.models.get_model(name, weights=None, **kwargs))
     size = INPUT_SIZE.get(name, 64)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
