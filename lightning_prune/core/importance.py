@@ -12,6 +12,7 @@ concatenation, a grouped conv's rows. Each measure scores the group as one:
 ``"bn_scale"``
     the absolute scale (``weight``) of the norms the group feeds (Network Slimming); a group that
     feeds no norm has no such score and is kept;
+
 ``"taylor"``
     first-order Taylor (Molchanov et al. 2019): ``|sum of weight x grad|`` over every parameter
     slice the group owns (filters, biases, norm scales and shifts, the consumers' input slices),
@@ -21,7 +22,8 @@ concatenation, a grouped conv's rows. Each measure scores the group as one:
 For ``"l1"``, ``"l2"`` and ``"fpgm"`` each layer's channel scores are divided by their layer's mean
 first, so a group spanning several layers weighs each layer alike and groups of different layers
 compare in global mode; Taylor's scores are estimates of the loss in the same units everywhere
-and are used as they are.
+and are used as they are. The magnitude measures score a group by those of its members that have
+a filter weight of their own; a group with none (only attention heads, say) is kept.
 
 :func:`importance_masks` draws masks from the scores: ``ranking="uniform"`` prunes the same
 fraction of each family (the groups spanning the same layers), ``"global"`` ranks every group of
@@ -85,13 +87,26 @@ def group_scores(
                 np.add.at(scale, roots, values)
                 fed[roots] = True
         return {root: float(scale[root]) for root in members if fed[root]}
-    channel = {layer: _channel_scores(model.get_submodule(layer), importance) for layer in graph.producers}
-    return {root: sum(float(channel[layer][c]) for layer, c in group) / len(group) for root, group in members.items()}
+    channel = {}
+    for layer, labels in graph.producers.items():
+        scores = _channel_scores(model.get_submodule(layer), importance)
+        if scores is not None and scores.numel() == labels.numel():
+            channel[layer] = scores
+    result = {}
+    for root, group in members.items():
+        known = [float(channel[layer][c]) for layer, c in group if layer in channel]
+        if known:  # members without a filter of their own (attention heads) follow the others
+            result[root] = sum(known) / len(known)
+    return result
 
 
-def _channel_scores(module: nn.Module, importance: str) -> torch.Tensor:
-    """Per output channel of ``module``, its score divided by the layer's mean score."""
-    filters = module.weight.detach().float().movedim(out_channel_dim(module), 0).flatten(1)
+def _channel_scores(module: nn.Module, importance: str) -> torch.Tensor | None:
+    """Per output channel of ``module``, its score divided by the layer's mean score (``None``:
+    the layer has no single filter weight to score)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+        return None
+    filters = weight.detach().float().movedim(out_channel_dim(module), 0).flatten(1)
     if importance == "l1":
         scores = filters.abs().mean(1)
     elif importance == "l2":

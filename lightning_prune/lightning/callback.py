@@ -470,7 +470,6 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     def _prune(self, trainer: Any, pl_module: Any, step: int = 1) -> None:
         last = step == self._steps.steps
-        graph = self._graph_for(trainer, pl_module)
         if self._distiller is not None and self._distiller.teacher is None:  # the dense model, before any mask
             self._distiller.make_teacher(self._network(pl_module))
             info(
@@ -479,11 +478,14 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 f"({self._distiller.teacher_megabytes():.1f} MiB on each device).",
             )
         if self.importance is not None:
-            votes = self._importance_masks(pl_module, graph, step)
-            masks = votes
+            graph = self._graph_for(trainer, pl_module)
+            masks = self._importance_masks(pl_module, graph, step)
+            chosen = sorted(self._layer_sparsity(pl_module))
         else:
-            votes = self._votes(pl_module)
-            masks = votes
+            votes = self._votes(pl_module)  # may make torch.nn.utils.prune's reparametrisation permanent
+            self._graph = None  # so the graph is traced on the plain layers
+            graph = self._graph_for(trainer, pl_module)
+            masks, chosen = votes, sorted(votes)
             if self.group_consistent and votes:
                 # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
                 # export adds channels back to the multiple instead
@@ -492,7 +494,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
         pruned = sum(int((~keep).sum()) for keep in masks.values())
         if pruned == 0 and last:
-            chosen = sorted(votes) or "none"
+            chosen = chosen or "none"
             raise ConfigurationError(
                 f"PruneExportCallback: nothing to prune. The {self._source()} chose layers {chosen}, but none of "
                 "their pruned channels can be removed: each is tied to the model's input or output, or reaches an "
