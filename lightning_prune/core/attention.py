@@ -21,14 +21,25 @@ takes one function:
 
 Export checks the exported model against the masked one, so an attention whose attributes no
 updater knows is caught there: its heads are kept, with a note (:mod:`lightning_prune.core.export`).
+
+What describes the whole model (a Hugging Face ``config``) is set once all layers are shrunk, by the
+functions :func:`register_model_updater` registers. Integrations with libraries the package does
+not depend on (:mod:`lightning_prune.core.hf` for ``transformers``) register theirs when that
+library has been imported: :func:`load_integrations`, which export calls before it shrinks.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_prune.core.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,10 @@ class HeadCounts:
 
 HeadUpdater = Callable[[nn.Module, HeadCounts], None]
 _UPDATERS: dict[type, HeadUpdater] = {}
+ModelUpdater = Callable[[nn.Module, "Plan"], None]
+_MODEL_UPDATERS: list[ModelUpdater] = []
+INTEGRATIONS = {"transformers": "lightning_prune.core.hf"}
+"""Library -> our module that registers shrinkers and updaters for it, imported once the library is."""
 
 QUERY_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 """Attributes that hold the number of query heads."""
@@ -84,4 +99,34 @@ def update_head_attributes(module: nn.Module, counts: HeadCounts) -> None:
             setattr(module, name, after)
 
 
-__all__ = ["HeadCounts", "register_attention", "update_head_attributes", "update_heads"]
+def register_model_updater(fn: ModelUpdater) -> ModelUpdater:
+    """Register ``fn(model, plan) -> None``, run on every exported model once its layers are shrunk
+    (to update what describes the whole model, such as a Hugging Face ``config``)."""
+    if fn not in _MODEL_UPDATERS:
+        _MODEL_UPDATERS.append(fn)
+    return fn
+
+
+def update_model(model: nn.Module, plan: Plan) -> None:
+    """Run every registered model updater on ``model``, shrunk as ``plan`` says."""
+    for fn in _MODEL_UPDATERS:
+        fn(model, plan)
+
+
+def load_integrations() -> None:
+    """Import the integration of every library in :data:`INTEGRATIONS` that has been imported (its
+    shrinkers and updaters register themselves); the package itself never imports those libraries."""
+    for library, module in INTEGRATIONS.items():
+        if library in sys.modules and module not in sys.modules:
+            importlib.import_module(module)
+
+
+__all__ = [
+    "HeadCounts",
+    "load_integrations",
+    "register_attention",
+    "register_model_updater",
+    "update_head_attributes",
+    "update_heads",
+    "update_model",
+]

@@ -1,7 +1,7 @@
 """The compressed checkpoint: one file ``torch.load(path, weights_only=True)`` opens.
 
-It holds the small model's state dict, per-layer shape changes (enough to shrink a freshly built
-original model without any pickled code), the masks, the export report and the module's
+It holds the small model's state dict, per-layer shape changes and the attention modules' head counts
+(enough to shrink a freshly built original model without any pickled code), the masks, the export report and the module's
 hyper-parameters.
 
 >>> import torch, tempfile, os
@@ -33,12 +33,13 @@ network too, and the other way round; the attribute prefix is found from the nam
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_prune.core.attention import HeadCounts
 from lightning_prune.core.errors import CheckpointError
 from lightning_prune.core.export import ExportResult, shrink_model
 from lightning_prune.core.files import atomic_save
@@ -82,6 +83,7 @@ def save_pruned(
         "format": FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "layers": layer_shapes(result.plan),
+        "heads": {name: list(astuple(counts)) for name, counts in result.plan.heads.items()},
         "masks": {k: v.cpu() for k, v in result.masks.items()},
         "report": _plain(report or {}),
         "hyper_parameters": _plain(hyper_parameters or {}),
@@ -267,6 +269,9 @@ def load_pruned(path: str | os.PathLike, model: nn.Module, *, prefix: str | None
                 f"Checkpoint '{path}' changes layer '{name}', which the model does not have."
             ) from err
         plan.changes[name] = _change_for(module, info, path, name)
+    for name, counts in data.get("heads", {}).items():  # the head counts attention modules' forward reads
+        if mapping.local(name) is not None:
+            plan.heads[mapping.local(name)] = HeadCounts(*counts)
     shrink_model(target, plan)
     mismatch = _first_mismatch(target, state_dict)
     if mismatch:

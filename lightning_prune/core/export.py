@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.core.attention import update_heads
+from lightning_prune.core.attention import load_integrations, update_heads, update_model
 from lightning_prune.core.graph import ChannelGraph, Override
 from lightning_prune.core.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
 from lightning_prune.core.masks import (
@@ -107,6 +107,7 @@ def export(
 
 def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function."""
+    load_integrations()  # shrinkers and updaters for libraries the model uses (transformers)
     for name, change in plan.changes.items():
         module = model.get_submodule(name)
         replacement = shrinker_for(module)(module, change)
@@ -115,6 +116,7 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
     for name, counts in plan.heads.items():
         update_heads(model.get_submodule(name), counts)
+    update_model(model, plan)
     return model
 
 

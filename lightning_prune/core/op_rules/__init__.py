@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lightning_prune.core.op_rules.addmm import addmm
 from lightning_prune.core.op_rules.attention import matmul, scaled_dot_product_attention
 from lightning_prune.core.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
 from lightning_prune.core.op_rules.layers import (
@@ -105,6 +106,7 @@ RULES: dict[str, Rule] = {
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
         scaled_dot_product_attention,
         multi_head_attention_forward,  # nn.MultiheadAttention, seen whole: whole heads and out_proj
+        addmm,  # bias + x @ W with W stored (in, out): Hugging Face's Conv1D
     )
 }
 """The built-in rules by name (what :func:`register_op_rule` accepts as a string)."""
@@ -115,7 +117,7 @@ TRACKS_MEMORY: frozenset[Rule] = frozenset({factory, fill, write})
 FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity})
 """Rules the tracer also runs on a parameter's views: they may later be sliced with channels they meet."""
 
-PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward})
+PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward, addmm})
 """Rules the tracer runs on unlabelled input too: their layers give out new channels."""
 
 _ELEMENTWISE = """
@@ -190,6 +192,7 @@ TABLE.update(
         "bmm": matmul,
         "scaled_dot_product_attention": scaled_dot_product_attention,
         "multi_head_attention_forward": multi_head_attention_forward,
+        "addmm": addmm,
     }
 )
 

@@ -1,0 +1,170 @@
+"""Hugging Face ``transformers``: what an exported model needs beyond sliced parameters.
+
+Imported only once ``transformers`` is (:func:`~lightning_prune.core.attention.load_integrations`);
+the package does not depend on it. It registers:
+
+- a shrink function for ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, whose weight
+  is ``(in, out)`` and whose ``forward`` sizes its output from ``nf``);
+- a head updater for ``GPT2Attention``, whose ``forward`` splits the fused query/key/value
+  projection by ``split_size``. The other Hugging Face attention classes in this release size their
+  views as ``(..., -1, head_dim)``; the attributes they keep (``num_attention_heads``,
+  ``all_head_size``, ``n_heads``, ``num_key_value_heads``) are set by
+  :func:`~lightning_prune.core.attention.update_head_attributes`, and LLaMA-style
+  ``num_key_value_groups`` stays valid because whole key/value groups go with their query heads;
+- a model updater that re-ties input and output embeddings the export untied, and makes each
+  ``PreTrainedModel``'s ``config`` say the exported sizes where one config can: the same heads,
+  key/value heads, ``head_dim`` and MLP width in every layer, in a model that reads ``head_dim``
+  from its config. It checks this by building the model from the new config on the meta device and
+  comparing every parameter's shape with the exported one; where they differ (widths that differ
+  per layer, ``head_dim`` derived from ``hidden_size`` as in BERT), the config is left as it was
+  and a ``"not described by the config"`` note says to reload with :func:`~lightning_prune.load_pruned`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.pytorch_utils import Conv1D
+
+from lightning_prune.core.attention import (
+    HeadCounts,
+    register_attention,
+    register_model_updater,
+    update_head_attributes,
+)
+from lightning_prune.core.plan import LayerChange, Note
+from lightning_prune.core.shrink import register_shrinker, shrink_parameters
+
+if TYPE_CHECKING:
+    from lightning_prune.core.plan import Plan
+
+MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
+"""Config fields that hold the MLP width (the first fitting one with an int value is updated)."""
+
+
+@register_shrinker(Conv1D)
+def shrink_conv1d(module: Conv1D, change: LayerChange) -> nn.Module:
+    """Slice the ``(nx, nf)`` weight and the bias, then set ``nx``/``nf`` (``forward`` views by ``nf``)."""
+    shrink_parameters(module, change)
+    module.nx, module.nf = module.weight.shape
+    return module
+
+
+@register_attention(GPT2Attention)
+def update_gpt2_attention(module: GPT2Attention, counts: HeadCounts) -> None:
+    """``num_heads``, and ``split_size``: the width of each of the query, key and value thirds."""
+    update_head_attributes(module, counts)
+    module.split_size = counts.query * counts.head_dim
+
+
+@register_model_updater
+def update_transformers(model: nn.Module, plan: Plan) -> None:
+    """Re-tie embeddings and update every ``PreTrainedModel`` config inside ``model`` (once per config)."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel) or id(module.config) in seen:
+            continue
+        seen.add(id(module.config))
+        _retie_embeddings(module)
+        note = _update_config(module, _heads_under(plan, prefix))
+        if note is not None:
+            count, action, reason, unit = note
+            plan.notes.append(Note(prefix or type(module).__name__, count, action, reason, unit=unit))
+
+
+def _heads_under(plan: Plan, prefix: str) -> list[HeadCounts]:
+    start = f"{prefix}." if prefix else ""
+    return [counts for name, counts in plan.heads.items() if name.startswith(start)]
+
+
+@torch.no_grad()
+def _retie_embeddings(model: PreTrainedModel) -> None:
+    """Tied input and output embeddings that export sliced or cloned apart, tied again where equal."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(inputs, "weight", None)
+    if outputs is None or weight is None or outputs.weight is weight:
+        return
+    if outputs.weight.shape == weight.shape and torch.equal(outputs.weight, weight):
+        outputs.weight = weight
+
+
+def _update_config(model: PreTrainedModel, heads: list[HeadCounts]) -> tuple[int, str, str, str] | None:
+    """Set the config's sizes where one config describes the exported model. For the note:
+    ``(count, action, reason, unit)``; ``None`` where the config already describes it."""
+    config = model.config
+    shapes = _shapes(model)
+    before = _built_shapes(model, config)
+    if before is None or before == shapes:
+        return None
+    fields = _changed_fields(config, heads, before, shapes, model)
+    candidate = copy.deepcopy(config)
+    for name, value in fields.items():
+        setattr(candidate, name, value)
+    built = _built_shapes(model, candidate) if fields else before
+    if built == shapes:
+        for name, value in fields.items():
+            setattr(config, name, value)
+        said = ", ".join(f"{name}={value}" for name, value in fields.items())
+        return len(fields), "updated in the config", f"{said}; save_pretrained / from_pretrained rebuild it", "size(s)"
+    unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
+    why = (
+        f"no {type(config).__name__} builds them (widths that differ per layer, a head_dim the model derives "
+        f"from hidden_size, a corrected norm): the config keeps the original sizes; save with save_pruned and "
+        f"rebuild with load_pruned(path, {type(model).__name__}(original_config))"
+    )
+    return unexplained, "not described by the config", why, "parameter shape(s)"
+
+
+def _changed_fields(
+    config: PretrainedConfig,
+    heads: list[HeadCounts],
+    before: dict[str, tuple[int, ...]],
+    after: dict[str, tuple[int, ...]],
+    model: PreTrainedModel,
+) -> dict[str, int]:
+    """The config values the exported shapes suggest: heads agreed by every layer, the MLP width every
+    resized axis of the old width agrees on, the embedding width. :func:`_update_config` checks them."""
+    fields: dict[str, int] = {}
+    if heads and len({(c.query, c.key_value, c.head_dim) for c in heads}) == 1:
+        fields["num_attention_heads"] = heads[0].query
+        if getattr(config, "num_key_value_heads", None) is not None:
+            fields["num_key_value_heads"] = heads[0].key_value
+        fields["head_dim"] = heads[0].head_dim
+    resized: dict[int, set[int]] = {}
+    for key, shape in after.items():
+        for old, new in zip(before.get(key, shape), shape, strict=False):
+            if old != new:
+                resized.setdefault(old, set()).add(new)
+    for name in MLP_WIDTHS:
+        width = getattr(config, name, None)
+        if isinstance(width, int) and len(resized.get(width, ())) == 1:
+            fields[name] = next(iter(resized[width]))
+            break
+    embeddings = model.get_input_embeddings()
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.embedding_dim != hidden:
+        fields["hidden_size"] = embeddings.weight.shape[1]
+    return fields
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
+    try:
+        with torch.device("meta"):
+            return _shapes(type(model)(config))
+    except Exception:  # a config the model refuses (heads that do not divide hidden_size)
+        return None
+
+
+__all__ = ["MLP_WIDTHS", "shrink_conv1d", "update_gpt2_attention", "update_transformers"]
