@@ -1,5 +1,5 @@
 """Quickstart: train a small CNN on scikit-learn's shipped digits, prune 50% of its channels with
-NNI's FPGM pruner, fine-tune with the masks held, export a physically smaller model, verify it
+FPGM (scored over coupled groups), fine-tune with the masks held, export a physically smaller model, verify it
 computes what the masked model computes, save it, and reload it from the compressed checkpoint.
 
     python examples/quickstart.py
