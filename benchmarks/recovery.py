@@ -1,8 +1,8 @@
 """Held-out accuracy against parameters kept for each accuracy-recovery recipe of the callback.
 
-The task: 3x8x8 Gaussian images labelled by a fixed, randomly initialised teacher CNN (10
-classes, argmax of its logits), 1,500 training and 2,000 held-out images. A dense student learns it
-well above chance but far from 100%, so recipes differ visibly. Every seed trains the same dense
+The task: scikit-learn's shipped 8x8 digits (nothing downloaded), made harder so that it does not
+saturate near 99%: fixed Gaussian noise (std 0.8 on pixels in [-1, 1]) and only 600 training images,
+the other 1,197 held out. Every seed trains the same dense
 student for ``--dense-epochs`` epochs once; each recipe then starts from that checkpoint and gets
 the same ``--epochs`` of training (pruning happens inside that budget):
 
@@ -44,21 +44,24 @@ from lightning_prune import PruneExportCallback
 SPARSITY = {"50%": 0.3, "30%": 0.47, "15%": 0.64}  # channel sparsity -> about this share of params kept
 
 
-def task(seed: int = 1234, train: int = 1500, held_out: int = 2000):
-    torch.manual_seed(seed)
-    teacher = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(16 * 64, 10),
-    )  # fmt: skip
-    x = torch.randn(train + held_out, 3, 8, 8)
-    with torch.no_grad():
-        y = teacher(x).argmax(1)
+def task(seed: int = 1234, train: int = 600, noise: float = 0.8):
+    """scikit-learn's shipped 8x8 digits in [-1, 1], with fixed Gaussian noise of std ``noise`` added and
+    only ``train`` images to learn from; the other 1,197 are held out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    generator = torch.Generator().manual_seed(seed)
+    x = x + noise * torch.randn(x.shape, generator=generator)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=generator)
+    x, y = x[order], y[order]
     return TensorDataset(x[:train], y[:train]), TensorDataset(x[train:], y[train:])
 
 
 def student() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
@@ -128,8 +131,8 @@ def recipes(sparsity: float, epochs: int) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--dense-epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--dense-epochs", type=int, default=20)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -138,7 +141,7 @@ def main() -> None:
     # the export report's latency timing (a few seconds per run) is not what this benchmark measures
     callback_module.compare_models = lambda *args, **kwargs: {}
     train, held_out = task()
-    loader = lambda: DataLoader(train, batch_size=64, shuffle=True)
+    loader = lambda: DataLoader(train, batch_size=32, shuffle=True)
     results: dict[tuple[str, str], list[float]] = {}
     kept: dict[tuple[str, str], list[float]] = {}
     steps: dict[tuple[str, str], list[float]] = {}
@@ -150,6 +153,7 @@ def main() -> None:
             dense = Classifier()
             trainer(args.dense_epochs, [], root).fit(dense, loader())
             dense_accuracy.append(accuracy(dense.model, held_out))
+            print(f"seed {seed} dense: acc {dense_accuracy[-1]:.3f}", flush=True)
             dense_params = sum(p.numel() for p in dense.model.parameters())
             for budget, sparsity in SPARSITY.items():
                 for name, options in recipes(sparsity, args.epochs).items():
