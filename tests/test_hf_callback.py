@@ -1,0 +1,104 @@
+"""A user's LightningModule wrapping a tiny Hugging Face causal language model, through the callback.
+
+The module is written the way Hugging Face users write one: dict batches of ``input_ids``,
+``attention_mask`` and ``labels``, the loss the model computes itself, ``self.model`` the
+``LlamaForCausalLM``. The callback prunes its ``Linear`` layers, fine-tunes masked, exports and
+verifies; the exported network must match the masked one on batches of other sizes, have lost
+attention heads, and rebuild from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_prune import PruneExportCallback, load_pruned, verify_equivalence
+from lightning_prune.core.report import count_params
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A LLaMA with grouped-query attention: 4 query heads, 2 key/value heads."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class Sentences(Dataset):
+    """Token sequences of one length, labelled for next-token prediction (``labels`` = ``input_ids``)."""
+
+    def __init__(self, count: int, length: int, seed: int) -> None:
+        self.ids = torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class CausalLM(L.LightningModule):
+    """A user's module: ``self.model`` is the Hugging Face model, which computes its own loss."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = tiny_llama()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+def test_causal_lm_through_the_callback(tmp_path) -> None:
+    """prune -> masked fine-tune -> export -> verify -> save on a Hugging Face model, with no hand edits."""
+    L.seed_everything(0, verbose=False)
+    module = CausalLM()
+    callback = PruneExportCallback(op_types=["Linear"], export_dir=str(tmp_path / "out"))
+    trainer = L.Trainer(
+        max_steps=4,
+        limit_val_batches=2,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        module, DataLoader(Sentences(32, 8, seed=0), batch_size=8), DataLoader(Sentences(16, 8, seed=1), batch_size=8)
+    )
+    network = callback.exported_network
+    assert isinstance(network, transformers.LlamaForCausalLM)
+    report = callback.report
+    assert report["max_relative_error"] <= 1e-5 and report["verified_batches"] >= 1
+    other = {"input_ids": torch.randint(0, VOCAB, (3, 13)), "attention_mask": torch.ones(3, 13, dtype=torch.long)}
+    assert verify_equivalence(module.model, network, other, rtol=1e-5).passed  # another batch size and length
+    assert count_params(network) < count_params(module.model)
+    assert any("head(s) removed" in note for note in report["notes"]), report["notes"]
+    rebuilt = load_pruned(report["path"], CausalLM()).model.eval()
+    assert verify_equivalence(network, rebuilt, other, rtol=1e-5).passed
+    network.save_pretrained(tmp_path / "hf")  # uniform ranking: every layer keeps the same widths
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert reloaded.config.num_attention_heads < module.model.config.num_attention_heads
+    assert verify_equivalence(network, reloaded, other, rtol=1e-5).passed
