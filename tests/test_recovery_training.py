@@ -95,19 +95,37 @@ def test_gradual_masks_only_grow_and_stay_zero(tmp_path, ramp) -> None:
     assert (callback.exported_network[0].out_channels, callback.exported_network[3].out_channels) == (2, 4)
 
 
+class TaylorSpy(PruneExportCallback):
+    """Records the Taylor sums each pruning step ranks by."""
+
+    def _prune(self, trainer, pl_module, step=1):
+        self.seen = [*getattr(self, "seen", []), (step, self.taylor.steps, self.taylor.totals.copy())]
+        super()._prune(trainer, pl_module, step)
+
+
 def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path) -> None:
     """Taylor scores half accumulated, the schedule half done and the teacher: all in the checkpoint."""
 
     def make():
-        return pruning(tmp_path, pruner="taylor", schedule={"start_epoch": 1, "end_epoch": 3, "steps": 2}, distill=True)
+        return TaylorSpy(
+            export_dir=str(tmp_path / "out"),
+            verify_batches=1,
+            pruner="taylor",
+            schedule={"start_epoch": 1, "end_epoch": 3, "steps": 2},
+            distill=True,
+        )
 
-    whole, _ = fit(tmp_path / "a", make(), max_epochs=5)
+    whole_callback = make()
+    whole, _ = fit(tmp_path / "a", whole_callback, max_epochs=5)
     first = make()
     fit(tmp_path / "b", first, max_epochs=2, checkpoints=True)  # stops between the two steps
     assert first.steps_done == 1 and first.taylor.steps == 3  # epoch 1's gradients, for step 2
     resumed_callback = make()
     resumed, _ = fit(tmp_path / "b", resumed_callback, max_epochs=5, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
     assert resumed_callback.steps_done == 2
+    (step, count, totals), (whole_step, whole_count, whole_totals) = resumed_callback.seen[0], whole_callback.seen[1]
+    assert (step, count) == (whole_step, whole_count) == (2, 6)  # epochs 1 and 2, across the interruption
+    assert torch.allclose(torch.from_numpy(totals), torch.from_numpy(whole_totals), rtol=1e-5)
     for name, value in whole.state_dict().items():
         assert torch.allclose(value.float(), resumed.state_dict()[name].float(), atol=1e-6), name
 
