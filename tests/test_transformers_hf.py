@@ -119,15 +119,11 @@ GPT2_MASKS = pytest.mark.xfail(
     strict=True,
     reason="masks.py reads output channels along weight dim 0; Conv1D keeps them along dim 1 (see the report)",
 )
-EAGER = pytest.mark.xfail(
-    strict=True, reason="eager attention adds the causal mask to the scores, which blocks every head (see the report)"
-)
-MARKS = {"gpt2": [GPT2_MASKS], "llama-eager": [EAGER]}
+MARKS = {"gpt2": [GPT2_MASKS]}
 ALL = [pytest.param(name, id=name, marks=MARKS.get(name, [])) for name in CASES]
 FIRST_BLOCK = re.compile(r"\.0\.")
 """Module names inside a model's first block (``model.layers.0.``, ``encoder.layer.0.``, ``h.0.``)."""
 CAUSAL = [pytest.param(name, id=name, marks=MARKS.get(name, [])) for name, case in CASES.items() if case.causal]
-CAUSAL[[p.id for p in CAUSAL].index("llama-eager")] = pytest.param("llama-eager", id="llama-eager")  # no head needed
 PER_LAYER = [p for p in ALL if p.id in ("bert", "gpt2", "llama", "vit", "swin")]  # one of each attention code path
 LLAMA_FAMILY = ("llama", "llama-eager", "qwen2", "mistral")
 SAME_WIDTHS = [pytest.param(name, id=name, marks=MARKS.get(name, [])) for name in LLAMA_FAMILY]
@@ -212,7 +208,8 @@ def test_export_exact_smaller_heads_removed(name: str) -> None:
 
 @pytest.mark.parametrize("name", SAME_WIDTHS)
 def test_save_pretrained_round_trip(tmp_path, name: str) -> None:
-    """Every layer keeps the same widths: the config says them, and from_pretrained rebuilds the model."""
+    """Every layer keeps the same widths: the config says them, and from_pretrained rebuilds the model
+    (so does load_pruned, giving the rebuilt model a config of its own)."""
     run = export_case(name)
     exported = run.result.model
     counts = set(run.result.plan.heads.values())
@@ -227,6 +224,13 @@ def test_save_pretrained_round_trip(tmp_path, name: str) -> None:
     reloaded = type(exported).from_pretrained(tmp_path).eval()
     assert count_params(reloaded) == count_params(exported)
     assert_exact(exported, reloaded, run.case.second())
+    original = run.case.build()
+    config_before = original.config.to_dict()
+    save_pruned(tmp_path / "pruned.ckpt", run.result)
+    rebuilt = load_pruned(tmp_path / "pruned.ckpt", type(original)(original.config)).eval()
+    assert rebuilt.config.num_attention_heads == count.query  # our checkpoint says the new sizes too
+    assert original.config.to_dict() == config_before  # ... without touching the config it was built from
+    assert_exact(exported, rebuilt, run.case.second())
 
 
 @pytest.mark.parametrize("name", PER_LAYER)

@@ -310,6 +310,7 @@ def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -
             )
         index = torch.cat([g * per_group + torch.arange(keep_per_group) for g in range(groups)])
         change.keep[(param, int(dim))] = (index, groups)
+        change.original_sizes[(param, int(dim))] = per_group
     if info["bias_added"]:
         change.bias_delta = torch.zeros(module.weight.shape[0])
     if info["norm"] is not None:

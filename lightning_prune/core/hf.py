@@ -23,6 +23,7 @@ the package does not depend on it. It registers:
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,22 +65,28 @@ def update_gpt2_attention(module: GPT2Attention, counts: HeadCounts) -> None:
 
 @register_model_updater
 def update_transformers(model: nn.Module, plan: Plan) -> None:
-    """Re-tie embeddings and update every ``PreTrainedModel`` config inside ``model`` (once per config)."""
-    seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        if not isinstance(module, PreTrainedModel) or id(module.config) in seen:
-            continue
-        seen.add(id(module.config))
+    """Re-tie embeddings and update the config of every ``PreTrainedModel`` inside ``model`` (the
+    outermost one holding each config)."""
+    outermost: dict[int, tuple[str, PreTrainedModel]] = {}
+    for prefix, module in model.named_modules():  # outer modules come first
+        if isinstance(module, PreTrainedModel):
+            outermost.setdefault(id(module.config), (prefix, module))
+    for prefix, module in outermost.values():
         _retie_embeddings(module)
-        note = _update_config(module, _heads_under(plan, prefix))
+        note = _update_config(module, _under(plan, prefix))
         if note is not None:
             count, action, reason, unit = note
             plan.notes.append(Note(prefix or type(module).__name__, count, action, reason, unit=unit))
 
 
-def _heads_under(plan: Plan, prefix: str) -> list[HeadCounts]:
+def _under(plan: Plan, prefix: str) -> Plan:
+    """The part of ``plan`` inside the submodule ``prefix``, with names relative to it."""
     start = f"{prefix}." if prefix else ""
-    return [counts for name, counts in plan.heads.items() if name.startswith(start)]
+
+    def inside(items: dict) -> dict:
+        return {name[len(start) :]: value for name, value in items.items() if name.startswith(start)}
+
+    return replace(plan, changes=inside(plan.changes), heads=inside(plan.heads), notes=[])
 
 
 @torch.no_grad()
@@ -95,22 +102,22 @@ def _retie_embeddings(model: PreTrainedModel) -> None:
         outputs.weight = weight
 
 
-def _update_config(model: PreTrainedModel, heads: list[HeadCounts]) -> tuple[int, str, str, str] | None:
-    """Set the config's sizes where one config describes the exported model. For the note:
-    ``(count, action, reason, unit)``; ``None`` where the config already describes it."""
-    config = model.config
-    shapes = _shapes(model)
-    before = _built_shapes(model, config)
-    if before is None or before == shapes:
+def _update_config(model: PreTrainedModel, plan: Plan) -> tuple[int, str, str, str] | None:
+    """Give ``model`` a config with its exported sizes where one config describes them. For the note:
+    ``(count, action, reason, unit)``; ``None`` where nothing changed."""
+    if not plan.changes and not plan.heads:
         return None
-    fields = _changed_fields(config, heads, before, shapes, model)
+    config = model.config
+    fields = _changed_fields(config, plan, model)
     candidate = copy.deepcopy(config)
     for name, value in fields.items():
         setattr(candidate, name, value)
-    built = _built_shapes(model, candidate) if fields else before
-    if built == shapes:
-        for name, value in fields.items():
-            setattr(config, name, value)
+    shapes = _shapes(model)
+    built = _built_shapes(model, candidate)
+    if fields and built == shapes:
+        for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
+            if getattr(module, "config", None) is config:
+                module.config = candidate
         said = ", ".join(f"{name}={value}" for name, value in fields.items())
         return len(fields), "updated in the config", f"{said}; save_pretrained / from_pretrained rebuild it", "size(s)"
     unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
@@ -122,26 +129,22 @@ def _update_config(model: PreTrainedModel, heads: list[HeadCounts]) -> tuple[int
     return unexplained, "not described by the config", why, "parameter shape(s)"
 
 
-def _changed_fields(
-    config: PretrainedConfig,
-    heads: list[HeadCounts],
-    before: dict[str, tuple[int, ...]],
-    after: dict[str, tuple[int, ...]],
-    model: PreTrainedModel,
-) -> dict[str, int]:
-    """The config values the exported shapes suggest: heads agreed by every layer, the MLP width every
-    resized axis of the old width agrees on, the embedding width. :func:`_update_config` checks them."""
+def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int]:
+    """The config values the plan suggests: heads every changed attention agrees on, the MLP width
+    every resized axis of that width agrees on, the embedding width. :func:`_update_config` checks them."""
     fields: dict[str, int] = {}
-    if heads and len({(c.query, c.key_value, c.head_dim) for c in heads}) == 1:
-        fields["num_attention_heads"] = heads[0].query
+    heads = {(c.query, c.key_value, c.head_dim) for c in plan.heads.values()}
+    if len(heads) == 1:
+        ((query, key_value, head_dim),) = heads
+        fields["num_attention_heads"] = query
         if getattr(config, "num_key_value_heads", None) is not None:
-            fields["num_key_value_heads"] = heads[0].key_value
-        fields["head_dim"] = heads[0].head_dim
-    resized: dict[int, set[int]] = {}
-    for key, shape in after.items():
-        for old, new in zip(before.get(key, shape), shape, strict=False):
-            if old != new:
-                resized.setdefault(old, set()).add(new)
+            fields["num_key_value_heads"] = key_value
+        fields["head_dim"] = head_dim
+    resized: dict[int, set[int]] = {}  # size before -> sizes after, over every sliced axis
+    for change in plan.changes.values():
+        for key, (index, groups) in change.keep.items():
+            if groups == 1 and key in change.original_sizes:
+                resized.setdefault(change.original_sizes[key], set()).add(int(index.numel()))
     for name in MLP_WIDTHS:
         width = getattr(config, name, None)
         if isinstance(width, int) and len(resized.get(width, ())) == 1:
@@ -149,7 +152,7 @@ def _changed_fields(
             break
     embeddings = model.get_input_embeddings()
     hidden = getattr(config, "hidden_size", None)
-    if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.embedding_dim != hidden:
+    if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.weight.shape[1] != hidden:
         fields["hidden_size"] = embeddings.weight.shape[1]
     return fields
 
