@@ -24,7 +24,15 @@ import torch
 from helpers import RTOL, randomize, zero_norm_affine
 from torch import nn
 
-from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
+from lightning_prune import (
+    ChannelGraph,
+    apply_masks,
+    export,
+    group_masks,
+    load_pruned,
+    save_pruned,
+    verify_equivalence,
+)
 from lightning_prune.core.attention import KEY_VALUE_HEADS, QUERY_HEADS
 from lightning_prune.core.report import count_params
 
@@ -269,3 +277,48 @@ def test_package_imports_without_transformers() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def conv1d_after(activation: nn.Module) -> nn.Sequential:
+    """A Linear feeding transformers' Conv1D (weight stored (in, out), bias randomised)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), activation, transformers.pytorch_utils.Conv1D(4, 16)).eval()
+    with torch.no_grad():
+        model[2].bias.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("activation", "zero_stays_zero"),
+    [pytest.param(nn.ReLU(), True, id="relu"), pytest.param(nn.Sigmoid(), False, id="sigmoid")],
+)
+def test_conv1d_reads_pruned_channels(activation: nn.Module, zero_stays_zero: bool) -> None:
+    """addmm with an (in, out) parameter: the Conv1D's rows follow the channels it reads, exactly; a
+    pruned channel that carries a constant (sigmoid(0) = 0.5) is never dropped silently."""
+    model = conv1d_after(activation)
+    masks = {"0": torch.arange(16) % 2 == 0}
+    result = export(model, masks, torch.randn(3, 5, 8))
+    conv = result.model[2]
+    assert_exact(apply_masks(model, masks), result.model, torch.randn(2, 7, 8))
+    assert conv.weight.shape == (conv.nx, conv.nf) and conv.nf == 4
+    if zero_stays_zero:
+        assert conv.nx == 8 and not result.notes
+    else:
+        assert [note.layer for note in result.notes] == ["0"] and "'2'" in result.notes[0].reason
+
+
+def test_addmm_of_two_activations_keeps_channels() -> None:
+    """An addmm whose matrix is data, not a parameter, cannot be sliced: the channels reaching it stay."""
+
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(torch.zeros(6), self.a(x), self.b(x).t() @ self.b(x))
+
+    model = Bilinear().eval()
+    result = export(model, {"a": torch.arange(6) < 3}, torch.randn(6, 6))
+    assert result.model.a.out_features == 6
+    assert any("op 'addmm'" in note.reason for note in result.notes)
