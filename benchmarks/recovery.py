@@ -4,7 +4,8 @@ The task: scikit-learn's shipped 8x8 digits (nothing downloaded), made harder so
 saturate near 99%: fixed Gaussian noise (std 0.8 on pixels in [-1, 1]) and only 600 training images,
 the other 1,197 held out. Every seed trains the same dense
 student for ``--dense-epochs`` epochs once; each recipe then starts from that checkpoint and gets
-the same ``--epochs`` of training (pruning happens inside that budget):
+the same ``--epochs`` of training (pruning happens inside that budget), SGD with momentum and a
+cosine learning rate over those epochs:
 
   one-shot FPGM, masked     ``pruner="fpgm"`` at the start, then masked fine-tuning (the 0.1 recipe)
   gradual                   ``pruner="fpgm"``, ``schedule`` of 3 steps over the first half, cubic ramp
@@ -69,9 +70,9 @@ def student() -> nn.Sequential:
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, epochs: int = 8) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr, self.epochs = lr, epochs
         self.model = student()
 
     def forward(self, x):
@@ -82,7 +83,8 @@ class Classifier(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs)]  # per epoch
 
 
 class StepTimer(L.Callback):
@@ -150,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for seed in range(args.seeds):
             L.seed_everything(seed, verbose=False)
-            dense = Classifier()
+            dense = Classifier(epochs=args.dense_epochs)
             trainer(args.dense_epochs, [], root).fit(dense, loader())
             dense_accuracy.append(accuracy(dense.model, held_out))
             print(f"seed {seed} dense: acc {dense_accuracy[-1]:.3f}", flush=True)
@@ -158,7 +160,7 @@ def main() -> None:
             for budget, sparsity in SPARSITY.items():
                 for name, options in recipes(sparsity, args.epochs).items():
                     L.seed_everything(100 + seed, verbose=False)
-                    module = Classifier()
+                    module = Classifier(epochs=args.epochs)
                     module.load_state_dict(dense.state_dict())
                     callback = PruneExportCallback(
                         sparsity=sparsity, export_dir=f"{root}/out", verify_batches=1, **options
