@@ -43,11 +43,14 @@ TEXT = {"vocab_size": VOCAB, "hidden_size": 64, "num_attention_heads": 4, "inter
 GQA = {**TEXT, "num_key_value_heads": 2, "num_hidden_layers": 2}
 
 
-def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Token ids and an all-ones attention mask."""
+def tokens(batch: int, length: int, seed: int, padded: bool = True) -> dict[str, torch.Tensor]:
+    """Token ids and their attention mask (``padded``: the last row's final two tokens are padding)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[-1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def pixels(batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -262,7 +265,7 @@ def test_load_pruned_rebuilds_per_layer_widths(tmp_path, name: str) -> None:
 def test_generate_with_cache(name: str) -> None:
     """The exported language model generates what the masked one does, through its key/value cache."""
     run = export_case(name)
-    prompt = tokens(3, 5, 2)
+    prompt = tokens(3, 5, 2, padded=False)
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     expected = run.reference.generate(**prompt, **settings)
     assert torch.equal(run.result.model.generate(**prompt, **settings), expected)
