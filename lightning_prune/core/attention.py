@@ -64,8 +64,8 @@ QUERY_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 """Attributes that hold the number of query heads."""
 KEY_VALUE_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 """Attributes that hold the number of key/value heads (grouped-query attention)."""
-WIDTHS = ("all_head_size", "attn_dim", "inner_dim")
-"""Attributes that hold query heads times ``head_dim``."""
+WIDTHS = ("all_head_size", "attn_dim", "inner_dim", "val_attn_dim")
+"""Attributes that hold query heads times a per-head width (``head_dim``, LeViT's ``val_dim``)."""
 
 
 def register_attention(*types: type[nn.Module]) -> Callable[[HeadUpdater], HeadUpdater]:
@@ -93,7 +93,10 @@ def update_head_attributes(module: nn.Module, counts: HeadCounts) -> None:
     module has, where they hold the count before export (an attribute of another meaning is left)."""
     targets = [(name, counts.query_before, counts.query) for name in QUERY_HEADS]
     targets += [(name, counts.key_value_before, counts.key_value) for name in KEY_VALUE_HEADS]
-    targets += [(name, counts.query_before * counts.head_dim, counts.query * counts.head_dim) for name in WIDTHS]
+    for name in WIDTHS:  # scaled with the query heads
+        width = getattr(module, name, None)
+        if isinstance(width, int) and not isinstance(width, bool) and width % counts.query_before == 0:
+            targets.append((name, width, width // counts.query_before * counts.query))
     for name, before, after in targets:
         if getattr(module, name, None) == before and not isinstance(getattr(module, name), bool):
             setattr(module, name, after)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.attention import load_integrations, update_heads, update_model
+from lightning_prune.core.errors import VerificationError
 from lightning_prune.core.graph import ChannelGraph, Override
 from lightning_prune.core.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
 from lightning_prune.core.masks import (
@@ -94,12 +95,20 @@ def export(
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
     decided = plan(graph, keep, masked, round_to=round_to)
-    work = shrink_model(_structural_copy(masked) if graph.trace.reshaped else masked, decided)
-    if graph.trace.reshaped and not _reproduces(work, example_input, graph.trace.output):
-        # a guessed size (a multi-dim view's factor, a written tensor's) was wrong: keep those channels
-        graph = graph.with_blocked(_reshaped(graph))
+    work = shrink_model(_structural_copy(masked), decided)
+    tries: dict[str, int] = {}
+    while (failure := _failure(work, example_input, graph.trace.output)) is not None:
+        # the model's code fixes a size export changed (a view's factor, a width read from another
+        # tensor's shape): keep the channels of the module that failed, then of every guess
+        overrides = _retry_overrides(graph, failure, tries)
+        if not overrides:
+            raise VerificationError(
+                f"The exported model does not reproduce the masked one ({failure[1]}), even with every channel "
+                "whose size was a guess kept. Please report this model: its forward fixes a size the tracer did not see."
+            )
+        graph = graph.with_blocked(overrides)
         decided = plan(graph, keep, masked, round_to=round_to)  # its notes say which channels this kept
-        work = shrink_model(masked, decided)
+        work = shrink_model(_structural_copy(masked), decided)
     unshare_tensors(work, model)
     copy_training_modes(model, work)
     return ExportResult(work, keep, decided, graph, function_change)
@@ -111,7 +120,9 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
     for name, change in plan.changes.items():
         module = model.get_submodule(name)
         replacement = shrinker_for(module)(module, change)
-        if replacement is not module:
+        if replacement is not module and not name:  # the model itself (a bare nn.MultiheadAttention)
+            model = replacement
+        elif replacement is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
     for name, counts in plan.heads.items():
@@ -120,10 +131,27 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-def _reshaped(graph: ChannelGraph) -> list[Override]:
-    """Keep every channel whose exported size was a guess (a view spread over several dims, a write
-    into a tensor the model's code sizes): the fallback when the guess was wrong."""
-    return [(labels, _RESHAPED_WRONG) for labels in graph.trace.reshaped]
+def _retry_overrides(graph: ChannelGraph, failure: tuple[str | None, str], tries: dict[str, int]) -> list[Override]:
+    """What to keep after the exported model failed: the size guesses made inside the module that
+    raised, then all its channels; where nothing localises the failure, every size guess."""
+    module, what = failure
+    if module is not None and tries.get(module, 0) < 2:
+        tries[module] = tries.get(module, 0) + 1
+        inside = [labels for labels, owner in graph.trace.reshaped if _within(owner, module)]
+        if inside and tries[module] == 1:
+            return [(labels, f"{_RESHAPED_WRONG}: '{module}' raised {what}") for labels in inside]
+        labels = [graph.trace.module_inputs.get(module, torch.empty(0, dtype=torch.long))]
+        labels += [out for name, out in graph.producers.items() if _within(name, module)]
+        why = f"'{module}' fixes their size in its code (with them pruned it raised {what}), so they are kept"
+        return [(torch.cat([x.flatten() for x in labels]), why)]
+    if "*" not in tries:
+        tries["*"] = 1
+        return [(labels, _RESHAPED_WRONG) for labels, _ in graph.trace.reshaped]
+    return []
+
+
+def _within(name: str, module: str) -> bool:
+    return module == "" or name == module or name.startswith(module + ".")
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -136,12 +164,33 @@ def _output(model: nn.Module, example_input: Any) -> Any:
         return call_model(model, example_input)
 
 
-def _reproduces(model: nn.Module, example_input: Any, expected: Any) -> bool:
+def _failure(model: nn.Module, example_input: Any, expected: Any) -> tuple[str | None, str] | None:
+    """``None`` if ``model`` reproduces ``expected`` on ``example_input``; else the innermost of the
+    model's modules that raised (``None`` for a numerical difference) and what went wrong."""
+    names = {id(module): name for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        if id(module) in names:
+            running.append(names[id(module)])
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
+        if id(module) in names and running:
+            running.pop()
+
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(enter),
+        nn.modules.module.register_module_forward_hook(leave),
+    ]
     try:
-        with torch.no_grad():
-            return compare_outputs(expected, call_model(model.eval(), example_input), rtol=1e-4).passed
-    except Exception:  # a view the exported sizes no longer fit
-        return False
+        with torch.no_grad(), evaluating(model):
+            report = compare_outputs(expected, call_model(model, example_input), rtol=1e-4)
+    except Exception as err:  # a view the exported sizes no longer fit
+        return (running[-1] if running else ""), f"{type(err).__name__}: {err}"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None if report.passed else (None, f"relative error {report.max_relative_error:.2e}")
 
 
 def export_pruned_model(

@@ -37,12 +37,13 @@ class Note:
     """One line of the export report: a layer, how many channels, what was done, and why."""
 
     layer: str
-    channels: int
+    channels: int  # how many of ``unit``
     action: str
     reason: str
+    unit: str = "channel(s)"
 
     def __str__(self) -> str:
-        return f"{self.layer}: {self.channels} channel(s) {self.action} ({self.reason})"
+        return f"{self.layer}: {self.channels} {self.unit} {self.action} ({self.reason})"
 
 
 @dataclass
@@ -113,13 +114,15 @@ def _heads(graph: ChannelGraph, keep: np.ndarray, notes: list[Note]) -> dict[str
     """Per attention module whose heads shrink, its counts before and after (a note each)."""
     result = {}
     for module, heads in graph.trace.heads.items():
-        query, key_value = (int(graph.kept(keep, labels).sum()) for labels in (heads.query, heads.key_value))
-        before = (heads.query.numel(), heads.key_value.numel())
+        # unique labels: key/value heads repeated for their query heads (repeat_kv) count once
+        query, key_value = (heads.query.unique(), heads.key_value.unique())
+        before = (query.numel(), key_value.numel())
+        query, key_value = (int(graph.kept(keep, labels).sum()) for labels in (query, key_value))
         if (query, key_value) == before:
             continue
         result[module] = HeadCounts(query, key_value, heads.head_dim, *before)
         why = f"{query} of {before[0]} query heads and {key_value} of {before[1]} key/value heads kept"
-        notes.append(Note(module, before[0] - query, "heads removed", why))
+        notes.append(Note(module, before[0] - query, "removed", why, unit="head(s)"))
     return result
 
 

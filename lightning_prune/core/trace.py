@@ -106,8 +106,10 @@ class Deferred:
     attention ops have said which labels form heads: see :meth:`Tracer.resolve_deferred`.
     ``kind`` is ``"split"`` (``labels``: the split labels, coupled as :func:`movement` guesses unless
     they all form heads), ``"within"`` (``labels`` blocked unless, along each of ``axes``, they stay
-    inside one head) or ``"fixed_part"`` (``labels`` blocked unless each of their heads keeps a
-    label in ``survivors``, so that what the op drops is a fixed part of every head).
+    inside one head), ``"in_heads"`` (blocked unless they all belong to heads: a head's output is
+    checked where it is projected, so what is added to its scores does not matter) or
+    ``"fixed_part"`` (``labels`` blocked unless each of their heads keeps a label in ``survivors``,
+    so that what the op drops is a fixed part of every head).
     """
 
     kind: str
@@ -135,7 +137,10 @@ class ChannelTrace:
     followers: set[str] = field(default_factory=set)  # depthwise layers: their channels are their input's
     warnings: list[str] = field(default_factory=list)
     input_labels: list[Tensor] = field(default_factory=list)
-    reshaped: list[Tensor] = field(default_factory=list)  # labels whose exported size is a guess to verify
+    reshaped: list[tuple[Tensor, str]] = field(
+        default_factory=list
+    )  # (labels, module): exported size a guess to verify
+    module_inputs: dict[str, Tensor] = field(default_factory=dict)  # module -> labels of its first call's inputs
     head_units: list[Tensor] = field(default_factory=list)  # (heads, channels per head) labels attention found
     deferred: list[Deferred] = field(default_factory=list)
     reshaped_inputs: set[str] = field(default_factory=set)  # layers that read a tensor a view gave another rank
@@ -251,7 +256,11 @@ class Tracer:
     def _enter(self, names: dict[int, str]) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if id(module) in names:
-                self.module_stack.append(names[id(module)])
+                name = names[id(module)]
+                self.module_stack.append(name)
+                if name not in self.trace.module_inputs:
+                    labels = [rep.labels.flatten() for x in tree_leaves(args) if (rep := self.rep(x)) is not None]
+                    self.trace.module_inputs[name] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
 
         return hook
 
@@ -287,6 +296,8 @@ class Tracer:
             labels = item.labels
             if item.kind == "within":
                 fine = all_in_heads(labels) and all(_constant_along(root, labels, axis) for axis in item.axes)
+            elif item.kind == "in_heads":
+                fine = all_in_heads(labels)
             elif item.kind == "fixed_part":
                 live = labels[labels >= 0]
                 fine = all_in_heads(live) and bool(torch.isin(root[live], root[item.survivors]).all())
@@ -426,8 +437,9 @@ class Tracer:
             if isinstance(tensor, Tensor):
                 self.set_rep(tensor, None)
 
-    def full_labels(self, tensor: Tensor) -> Tensor:
-        """A label per element of ``tensor`` (``-1`` where it carries no channel)."""
+    def full_labels(self, tensor: Tensor, materialize: bool = True) -> Tensor:
+        """A label per element of ``tensor`` (``-1`` where it carries no channel); with
+        ``materialize=False`` an expanded view (stride 0 along the dims without channels)."""
         rep = self.rep(tensor)
         if rep is None:
             return torch.full(tuple(tensor.shape), -1, dtype=torch.long)
@@ -436,7 +448,8 @@ class Tracer:
             view[d] = size
         order = sorted(range(len(rep.dims)), key=lambda i: rep.dims[i])
         labels = rep.labels.permute(order) if len(order) > 1 else rep.labels
-        return labels.reshape(view).expand(tuple(tensor.shape)).contiguous()
+        expanded = labels.reshape(view).expand(tuple(tensor.shape))
+        return expanded.contiguous() if materialize else expanded
 
     def parameter_origin(self, tensor: Any) -> tuple[Tensor, Tensor] | None:
         """``(parameter, flat index per element)`` if ``tensor`` is a parameter or buffer of the model, or
@@ -487,6 +500,10 @@ class Tracer:
                 per_index[position] = labels
                 return self.add_axis(parameter, p, per_index)
         return False
+
+    def size_guess(self, labels: Tensor) -> None:
+        """The exported size of ``labels``' tensor is a guess (the model's code may fix it): export checks it."""
+        self.trace.reshaped.append((labels.flatten(), self.module_stack[-1] if self.module_stack else ""))
 
     def is_fresh(self, tensor: Tensor) -> bool:
         """Whether every element of ``tensor`` still holds what a sized factory put there."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_prune.core.op_rules.addmm import addmm
-from lightning_prune.core.op_rules.attention import matmul, scaled_dot_product_attention
+from lightning_prune.core.op_rules.attention import einsum, matmul, scaled_dot_product_attention
 from lightning_prune.core.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
 from lightning_prune.core.op_rules.layers import (
     batch_norm,
@@ -104,6 +104,7 @@ RULES: dict[str, Rule] = {
         layer_norm,
         prelu,
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
+        einsum,
         scaled_dot_product_attention,
         multi_head_attention_forward,  # nn.MultiheadAttention, seen whole: whole heads and out_proj
         addmm,  # bias + x @ W with W stored (in, out): Hugging Face's Conv1D
@@ -149,7 +150,7 @@ adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_p
 interpolate upsample upsample_nearest upsample_bilinear pad
 """
 _REDUCE = "mean sum amax amin max min std var logsumexp prod nansum nanmean median norm all any"
-_SOFTMAX = "softmax log_softmax softmin"
+_SOFTMAX = "softmax log_softmax softmin normalize"
 _IGNORE = "size dim numel stride is_contiguous data_ptr element_size get_device item tolist"
 _FACTORY = """
 new_empty new_zeros new_ones new_full empty_like zeros_like ones_like full_like rand_like randn_like
@@ -190,6 +191,7 @@ TABLE.update(
         "prelu": prelu,
         "matmul": matmul,
         "bmm": matmul,
+        "einsum": einsum,
         "scaled_dot_product_attention": scaled_dot_product_attention,
         "multi_head_attention_forward": multi_head_attention_forward,
         "addmm": addmm,

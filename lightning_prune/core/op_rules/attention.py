@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from lightning_prune.core.trace import AttentionHeads, Rep
@@ -25,62 +26,98 @@ if TYPE_CHECKING:
 
 
 def matmul(t: Tracer, call: OpCall) -> None:
-    """``a @ b`` (``matmul``, ``bmm``): scores from queries and keys, or weights applied to values.
-
-    ``q @ k.transpose(-2, -1)`` contracts the head channels of both: each query channel is
-    coupled with its key channel and every channel of a head with the others; the scores carry one
-    label per head. ``attn @ v`` couples the scores' heads with the value heads and gives the
-    output the value channels. An operand whose channels lie only along dims the product keeps
-    (rows of ``a``, columns of ``b``, batch dims) passes them on.
-    """
+    """``a @ b`` (``matmul``, ``bmm``) as the contraction ``...nk,...km->...nm``: see :func:`contract`."""
     if call.name == "__rmatmul__":
         a, b = call.args[1], call.args[0]
     else:
         a = call.args[0] if call.args else call.kwargs.get("input")
         b = call.arg(1, "other", call.kwargs.get("mat2"))
-    out = call.out
     if not all(isinstance(x, Tensor) and x.ndim >= 2 for x in (a, b)):
         return t.give_up(call, "multiplies them as vectors")
-    rank = out.ndim
-    rows, cols = rank - 2, rank - 1
-    dims_a, labels_a = _placed(t, a, rank, contracted=a.ndim - 1)
-    dims_b, labels_b = _placed(t, b, rank, contracted=b.ndim - 2)
-    batch = set(range(rows))
-    if "k" in dims_a and "k" in dims_b:  # queries and keys
-        heads = [d for d in dims_a if d != "k"]
-        if not heads or heads != [d for d in dims_b if d != "k"] or not batch.issuperset(heads):
-            return t.give_up(call, "contracts them without a heads dim to prune by")
-        query, key = _units(labels_a, dims_a), _units(labels_b, dims_b)
-        if query.shape != key.shape:
-            return t.give_up(call, "contracts query and key heads of different sizes")
-        t.couple(query, key)  # a query channel meets its key channel
-        _whole_heads(t, query)
-        t.trace.head_units.append(key)
-        _record_heads(t, query[:, 0], key[:, 0], query.shape[1])
-        t.set_rep(out, Rep(tuple(heads), query[:, 0].reshape(labels_a.shape[:-1])))
-        return
-    if "k" in dims_a or "k" in dims_b:
-        return t.give_up(call, "contracts them with values that belong to no channel")
-    if dims_b and cols in dims_b and batch.issuperset(d for d in dims_b if d != cols):  # weights @ values
-        heads = [d for d in dims_b if d != cols]
-        if dims_a and (dims_a != heads or labels_a.shape != labels_b.shape[:-1]):
-            return t.give_up(call, "weights values with scores of other heads")
-        value = _units(labels_b, dims_b, last=cols)
-        if heads:
-            _whole_heads(t, value)
-            if dims_a:
-                t.couple(labels_a.flatten(), value[:, 0])
-            module = t.module_stack[-1] if t.module_stack else ""
-            if module not in t.trace.heads:
-                _record_heads(t, value[:, 0], value[:, 0], value.shape[1])
-        _taint_unless_constant(t, a, labels_b)
-        t.set_rep(out, Rep(tuple(dims_b), labels_b))
-        return
-    if dims_a and dims_b:
-        return t.give_up(call, "multiplies channels of both operands along dims it keeps")
-    dims, labels, other = (dims_a, labels_a, b) if dims_a else (dims_b, labels_b, a)
-    _taint_unless_constant(t, other, labels)
-    t.set_rep(out, Rep(tuple(dims), labels))
+    batch = _LETTERS[: call.out.ndim - 2]
+    spec_a = batch[len(batch) - (a.ndim - 2) :] + "nk"
+    spec_b = batch[len(batch) - (b.ndim - 2) :] + "km"
+    contract(t, call, [(a, spec_a), (b, spec_b)], batch + "nm")
+
+
+def einsum(t: Tracer, call: OpCall) -> None:
+    """``torch.einsum(equation, *operands)``: see :func:`contract` (``...`` and spaces allowed)."""
+    equation = call.arg(0, "equation")
+    operands = call.args[1:] if len(call.args) > 1 else call.kwargs.get("operands", ())
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    if not isinstance(equation, str) or not all(isinstance(x, Tensor) for x in operands):
+        return t.give_up(call, "is an einsum the tracer cannot read")
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    specs = inputs.split(",")
+    if len(specs) != len(operands):
+        return t.give_up(call, "is an einsum the tracer cannot read")
+    spare = "".join(c for c in _LETTERS if c not in equation)
+    widths = [x.ndim - len(spec.replace("...", "")) for x, spec in zip(operands, specs, strict=True)]
+    ellipsis = spare[: max(widths, default=0)]
+    specs = [
+        spec.replace("...", ellipsis[len(ellipsis) - width :] if width else "")
+        for spec, width in zip(specs, widths, strict=True)
+    ]
+    if not arrow:  # implicit output: the letters used once, in order, after the ellipsis
+        output = "..." + "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    contract(t, call, list(zip(operands, specs, strict=True)), output.replace("...", ellipsis))
+
+
+def contract(t: Tracer, call: OpCall, operands: list[tuple[Tensor, str]], output: str) -> None:
+    """A product of tensors written as an einsum: ``operands`` are ``(tensor, one letter per dim)``.
+
+    Without heads (no channel letter that every operand and the output keep), one operand may
+    carry channels along letters the output keeps (``x @ W``): they pass on. With heads, all the
+    channels of a head, in every operand, are one unit: ``q @ k.T`` couples a head's queries and
+    keys, ``attn @ v`` its scores and values, ``k.T @ v`` (XCiT, CoaT) its keys and values. The
+    output carries the channels of the one operand whose channels all survive in it (``attn @ v``:
+    the values), else one label per head.
+    """
+    labelled = []
+    for tensor, spec in operands:
+        rep = t.rep(tensor)
+        if rep is not None:
+            labelled.append(([spec[d] for d in rep.dims], rep.labels))
+    shared = set(output).intersection(*(spec for _, spec in operands))
+    heads = [c for c in labelled[0][0] if c in shared]
+    if not all(set(heads) <= set(letters) for letters, _ in labelled):
+        return t.give_up(call, "mixes channels of different heads")
+    data = [x for x, _ in operands if t.rep(x) is None and t.parameter_origin(x) is None and not t.is_fresh(x)]
+    if not heads:
+        if len(labelled) > 1:
+            return t.give_up(call, "multiplies channels of both operands together")
+        letters, labels = labelled[0]
+        if not set(letters) <= set(output):
+            return t.give_up(call, "contracts them with values that belong to no channel")
+        if data:  # a pruned channel stays zero, but its constant no longer folds
+            t.trace.tainted.append(labels.flatten())
+        return _output(t, call, output, letters, labels)
+    units = []
+    for letters, labels in labelled:
+        order = [letters.index(c) for c in heads] + [i for i, c in enumerate(letters) if c not in heads]
+        units.append(labels.permute(order))
+        if units[-1].shape[: len(heads)] != units[0].shape[: len(heads)]:
+            return t.give_up(call, "mixes channels of different heads")
+    head_shape = units[0].shape[: len(heads)]
+    flat = [unit.reshape(head_shape.numel(), -1) for unit in units]
+    whole_heads(t, torch.cat(flat, 1))  # one unit per head, across the operands
+    representative = flat[0][:, 0]
+    module = t.module_stack[-1] if t.module_stack else ""
+    if len(flat) > 1 or module not in t.trace.heads:
+        record_heads(t, representative, flat[-1][:, 0], flat[0].shape[1])
+    if data or len(labelled) > 1:  # mixed by data-dependent weights: constants no longer fold
+        t.trace.tainted.append(representative)
+    surviving = [(ls, labels) for ls, labels in labelled if set(ls) <= set(output) and set(ls) - set(heads)]
+    if len(surviving) == 1:
+        return _output(t, call, output, *surviving[0])
+    _output(t, call, output, heads, representative.reshape(head_shape))
+
+
+def _output(t: Tracer, call: OpCall, output: str, letters: list[str], labels: Tensor) -> None:
+    """Label the result with ``labels``, whose axes are the output letters ``letters``."""
+    order = sorted(range(len(letters)), key=lambda i: output.index(letters[i]))
+    t.set_rep(call.out, Rep(tuple(output.index(letters[i]) for i in order), labels.permute(order)))
 
 
 def scaled_dot_product_attention(t: Tracer, call: OpCall) -> None:
@@ -98,9 +135,12 @@ def scaled_dot_product_attention(t: Tracer, call: OpCall) -> None:
     reps = [t.rep(x) for x in (query, key, value)]
     if query.ndim < 3 or any(rep is None or rep.dims != expected for rep in reps):
         return t.give_up(call, "reaches attention other than along (heads, head_dim)")
-    if isinstance(mask, Tensor) and (t.rep(mask) is not None or _spans(mask, query, head_dim)):
-        return t.give_up(call, "meets an attention mask that differs per head")
     q_labels, k_labels, v_labels = (rep.labels for rep in reps)
+    if isinstance(mask, Tensor) and (t.rep(mask) is not None or _spans(mask, query, head_dim)):
+        # a per-head bias gathered from a table (MaxViT's relative positions) is sliced with the heads
+        per_head = head_dim - (query.ndim - mask.ndim)
+        if t.rep(mask) is not None or not t.slice_parameter(mask, per_head, q_labels[:, 0]):
+            return t.give_up(call, "meets an attention mask that differs per head")
     groups, rest = divmod(q_labels.shape[0], k_labels.shape[0])
     if rest:
         return t.give_up(call, "has query heads that no key/value head divides")
@@ -110,31 +150,17 @@ def scaled_dot_product_attention(t: Tracer, call: OpCall) -> None:
     per_query = representative.repeat_interleave(groups, 0)
     t.couple(q_labels, per_query.expand_as(q_labels))
     t.trace.head_units += [q_labels, k_labels, v_labels]
-    _record_heads(t, q_labels[:, 0], k_labels[:, 0], q_labels.shape[1])
+    record_heads(t, q_labels[:, 0], k_labels[:, 0], q_labels.shape[1])
     t.set_rep(call.out, Rep(expected, v_labels.repeat_interleave(groups, 0)))
 
 
-def _placed(t: Tracer, x: Tensor, rank: int, contracted: int) -> tuple[list, Tensor | None]:
-    """``x``'s labelled dims in the product's coordinates (``"k"`` for the contracted one), and its labels."""
-    rep = t.rep(x)
-    if rep is None:
-        return [], None
-    shift = rank - x.ndim
-    return ["k" if d == contracted else d + shift for d in rep.dims], rep.labels
-
-
-def _units(labels: Tensor, dims: list, last: object = "k") -> Tensor:
-    """``labels`` as ``(heads, channels per head)``: the ``last`` dim's axis moved to the end."""
-    axis = dims.index(last)
-    return labels.movedim(axis, -1).reshape(-1, labels.shape[axis])
-
-
-def _whole_heads(t: Tracer, units: Tensor) -> None:
+def whole_heads(t: Tracer, units: Tensor) -> None:
+    """Each row of ``units`` (heads, channels per head) is one head: its channels share one keep decision."""
     t.couple(units, units[:, :1].expand_as(units))
     t.trace.head_units.append(units)
 
 
-def _record_heads(t: Tracer, query: Tensor, key_value: Tensor, head_dim: int) -> None:
+def record_heads(t: Tracer, query: Tensor, key_value: Tensor, head_dim: int) -> None:
     """Tell the module running the op (the attention module, whose head counts export updates)."""
     module = t.module_stack[-1] if t.module_stack else ""
     t.trace.heads.setdefault(module, AttentionHeads(query.flatten(), key_value.flatten(), head_dim))
@@ -145,10 +171,6 @@ def _spans(mask: Tensor, query: Tensor, dim: int) -> bool:
     return dim >= shift and mask.shape[dim - shift] > 1
 
 
-def _taint_unless_constant(t: Tracer, other: Tensor, labels: Tensor) -> None:
-    """A pruned channel stays zero when multiplied by data, but its constant no longer folds."""
-    if t.param_name(other) is None and not t.is_fresh(other):
-        t.trace.tainted.append(labels.flatten())
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-
-__all__ = ["matmul", "scaled_dot_product_attention"]
+__all__ = ["contract", "einsum", "matmul", "record_heads", "scaled_dot_product_attention", "whole_heads"]

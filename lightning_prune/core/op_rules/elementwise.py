@@ -53,11 +53,21 @@ def elementwise(t: Tracer, call: OpCall) -> None:
         if any(tensor.shape[d] != shape[d + shift] for d in rep.dims):
             return t.give_up(call, "broadcasts them across a dim of another operand")
         aligned.append((tuple(d + shift for d in rep.dims), rep.labels))
-    dims, result = aligned[-1]  # the last labelled operand names the result (seed: `out += residual`)
-    for other_dims, labels in aligned[:-1]:
-        if other_dims != dims or labels.shape != result.shape:
+    # the last labelled operand with the most channel dims names the result (seed: `out += residual`)
+    dims, result = max(reversed(aligned), key=lambda entry: len(entry[0]))
+    for other_dims, labels in aligned:
+        if labels is result:
+            continue
+        if not set(other_dims) <= set(dims):
             return t.give_up(call, "combines operands whose channels lie along different dims")
-        t.couple(labels, result)
+        # broadcast along the result's other channel dims (a per-head factor times its head's channels)
+        view = [labels.shape[other_dims.index(d)] if d in other_dims else 1 for d in dims]
+        order = sorted(range(len(other_dims)), key=lambda i: dims.index(other_dims[i]))
+        try:
+            spread = labels.permute(order).reshape(view).expand(result.shape)
+        except RuntimeError:
+            return t.give_up(call, "combines operands whose channels lie along different dims")
+        t.couple(spread, result)
     for tensor in plain:
         shift = len(shape) - tensor.ndim
         spans = [d for d in dims if d >= shift and tensor.shape[d - shift] > 1]
@@ -69,15 +79,18 @@ def elementwise(t: Tracer, call: OpCall) -> None:
             # (times anything) but its constant may not be input-independent any more
             if op in MULTIPLICATIVE and not (op.endswith("div") and tensor is args[0]):
                 t.trace.tainted.append(result.flatten())
-            else:
-                t.block(result, f"op '{op}' adds input-dependent values that belong to no channel across them")
-        elif is_param and len(spans) == 1 and _slice_along(t, tensor, spans[0], shift, dims, result):
-            continue
+            else:  # harmless to whole heads (a causal mask added to the scores): decided at the end
+                why = f"op '{op}' adds input-dependent values that belong to no channel across them"
+                t.trace.deferred.append(Deferred("in_heads", result, why))
+        elif is_param and len(dims) == 1 and spans == list(dims) and t.slice_parameter(tensor, dims[0] - shift, result):
+            continue  # a per-channel parameter (or a view of one: a table gathered per head) is sliced with them
         elif t.is_fresh(tensor):  # a constant sized by the model's code (torch.zeros(x.shape)): checked at export
-            t.trace.reshaped.append(result.flatten())
+            t.size_guess(result.flatten())
         else:
             why = f"op '{op}' combines them position by position with a tensor that belongs to no prunable channel"
-            if len(dims) > 1:  # fine if it only varies inside heads (rotary embeddings): decided at the end
+            if (
+                len(dims) > 1
+            ):  # fine if it only varies inside heads (rotary embeddings, a norm's weight): decided at the end
                 t.trace.deferred.append(Deferred("within", result, why, axes=tuple(dims.index(d) for d in spans)))
             else:
                 t.block(result, why)
@@ -85,28 +98,16 @@ def elementwise(t: Tracer, call: OpCall) -> None:
         t.set_rep(tensor, Rep(dims, result) if tensor.shape == shape else None)
 
 
-def _slice_along(t: Tracer, tensor: Tensor, dim: int, shift: int, dims: tuple[int, ...], labels: Tensor) -> bool:
-    """A parameter (or a view of one) that varies along one channel dim ``dim`` of the result: slice it
-    with the labels there. With channels along other dims too, they must lie inside whole heads
-    (the parameter is the same along them), which is decided at the end of the pass."""
-    axis = dims.index(dim)
-    along = labels.movedim(axis, 0).reshape(labels.shape[axis], -1)[:, 0]
-    if not t.slice_parameter(tensor, dim - shift, along):
-        return False
-    if len(dims) > 1:
-        others = tuple(a for a in range(len(dims)) if a != axis)
-        why = f"op '{t.op}' scales them by a parameter they share with other channels of their row"
-        t.trace.deferred.append(Deferred("within", labels, why, axes=others))
-    return True
-
-
 def spatial(t: Tracer, call: OpCall) -> None:
     """Acts on trailing spatial dims only (pooling, interpolation, padding): channels pass unless they lie there."""
     op, args, data = call.op, call.args, call.args[0]
     rep = t.rep(data)
-    if op == "pad":
-        pad = call.kwargs.get("pad", args[1] if len(args) > 1 else ())
-        trailing = len(pad) // 2
+    if op == "pad":  # (left, right) pairs from the last dim backwards; a (0, 0) pair leaves its dim alone
+        pad = list(call.kwargs.get("pad", args[1] if len(args) > 1 else ()))
+        padded = {data.ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+        if padded & set(rep.dims):
+            return t.give_up(call, "pools, pads or resizes along their dim")
+        trailing = 0
     elif op in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"):
         trailing = data.ndim - 2
     else:
@@ -132,19 +133,34 @@ def reduce(t: Tracer, call: OpCall) -> None:
     if not isinstance(dim, (tuple, list)) or not all(isinstance(d, int) for d in dim):
         return t.give_up(call, "reduces over every dim, theirs included")
     reduced = {d % data.ndim for d in dim}
+    labels, kept_dims = rep.labels, rep.dims
     if reduced & set(rep.dims):
-        return t.give_up(call, "reduces over their dim")
-    dims = rep.dims if keepdim else tuple(d - sum(q < d for q in reduced) for d in rep.dims)
+        if reduced >= set(rep.dims):
+            return t.give_up(call, "reduces over their dim")
+        # over head_dim (an RMSNorm of queries): exact where whole heads go, decided at the end
+        axes = tuple(i for i, d in enumerate(rep.dims) if d in reduced)
+        why = f"op '{call.op}' reduces over them together with channels it cannot prune with them"
+        t.trace.deferred.append(Deferred("within", rep.labels, why, axes=axes))
+        labels = rep.labels[tuple(0 if i in axes else slice(None) for i in range(len(rep.dims)))]
+        kept_dims = tuple(d for d in rep.dims if d not in reduced)
+    dims = kept_dims if keepdim else tuple(d - sum(q < d for q in reduced) for d in kept_dims)
     for tensor in tree_leaves(call.out):
         if isinstance(tensor, Tensor):
-            t.set_rep(tensor, Rep(dims, rep.labels))
+            t.set_rep(tensor, Rep(dims, labels))
 
 
 def softmax(t: Tracer, call: OpCall) -> None:
-    """Normalises along one dim: channels pass unless it is theirs."""
-    args = call.args
-    rep = t.rep(args[0])
-    dim = call.kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if dim is None or dim % args[0].ndim in rep.dims:
+    """Normalises along one dim (``softmax(x, dim)``, ``normalize(x, p, dim)``): channels pass unless
+    it is theirs; inside whole heads (a norm over ``head_dim``) that is decided at the end of the pass."""
+    data = call.args[0]
+    rep = t.rep(data)
+    dim = call.arg(2, "dim", 1) if call.op == "normalize" else call.arg(1, "dim")
+    if dim is None:
         return t.give_up(call, "normalises along their dim")
+    dim %= data.ndim
+    if dim in rep.dims:
+        if len(rep.dims) == 1:
+            return t.give_up(call, "normalises along their dim")
+        why = f"op '{call.op}' normalises them together with channels it cannot prune with them"
+        t.trace.deferred.append(Deferred("within", rep.labels, why, axes=(rep.dims.index(dim),)))
     t.set_rep(call.out, rep)

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_prune.core.trace import Consumer, Rep
+from lightning_prune.core.trace import Consumer, Deferred, Rep
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall
     from lightning_prune.core.trace import Tracer
 
 COMPUTED_WEIGHT = "uses a computed weight, which export cannot slice"
+COMPUTED_BIAS = "their layer adds a computed bias, which export cannot slice"
 
 
 def register_producer(t: Tracer, call: OpCall, channel_dim: int, count: int) -> tuple[str, Tensor, Tensor] | None:
@@ -39,6 +40,9 @@ def register_producer(t: Tracer, call: OpCall, channel_dim: int, count: int) -> 
     if out_labels is None:
         out_labels = t.trace.new_labels(module, count)
         t.trace.producers[module] = out_labels
+    bias = call.arg(2, "bias")
+    if isinstance(bias, Tensor) and t.param_name(bias) is None:  # BEiT's cat of query, zero key and value biases
+        t.block(out_labels, COMPUTED_BIAS)
     return module, in_labels, out_labels
 
 
@@ -145,6 +149,12 @@ def layer_norm(t: Tracer, call: OpCall) -> None:
         t.set_rep(call.out, rep)
         return
     owner = t.param_name(weight)
+    if len(shape) == 1 and len(rep.dims) > 1 and rep.dims[-1] == data.ndim - 1:
+        # over head_dim (a query/key norm): its weight is shared by all heads, exact where whole heads go
+        why = f"op '{call.op}' normalises them together with channels it cannot prune with them"
+        t.trace.deferred.append(Deferred("within", rep.labels, why, axes=(len(rep.dims) - 1,)))
+        t.set_rep(call.out, rep)
+        return
     if len(shape) != 1 or rep.dims != (data.ndim - 1,) or owner is None:
         return t.give_up(call, "normalises them together with other dims, or without the model's parameters")
     labels = _per_channel(t, call, [weight, bias], dim=-1)

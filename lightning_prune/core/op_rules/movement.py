@@ -35,11 +35,12 @@ def movement(t: Tracer, call: OpCall) -> None:
         substituted = type(data)(t.full_labels(x) if isinstance(x, Tensor) else x for x in data)
     else:
         sources = [data]
+        substituted = t.full_labels(data, materialize=False)  # a view of the labels, most ops keep it one
+    try:
+        result = call.func(substituted, *args[1:], **kwargs) if args else call.func(**{**kwargs, name: substituted})
+    except RuntimeError:  # a view the expanded labels' strides do not allow
         substituted = t.full_labels(data)
-    if args:
-        result = call.func(substituted, *args[1:], **kwargs)
-    else:
-        result = call.func(**{**kwargs, name: substituted})
+        result = call.func(substituted, *args[1:], **kwargs) if args else call.func(**{**kwargs, name: substituted})
     outs, _ = tree_flatten(call.out)
     results, _ = tree_flatten(result)
     seen = []
@@ -73,15 +74,20 @@ def _compress(t: Tracer, full: Tensor, split: bool) -> Rep | None:
     made heads (``view(b, n, heads, head_dim)``): then whole heads go. Export checks the guess
     and keeps these channels if the exported model disagrees.
     """
-    if full.numel() == 0 or int(full.max()) < 0:
+    if full.numel() == 0:
         return None
-    varying = [d for d in range(full.ndim) if full.shape[d] > 1 and not bool((full == full.narrow(d, 0, 1)).all())]
+    if 0 in full.stride():  # still a view of the expanded labels: labels vary exactly where strides do not vanish
+        varying = [d for d in range(full.ndim) if full.shape[d] > 1 and full.stride(d) != 0]
+    else:
+        varying = [d for d in range(full.ndim) if full.shape[d] > 1 and not bool((full == full.narrow(d, 0, 1)).all())]
     index = tuple(slice(None) if d in varying else 0 for d in range(full.ndim))
     labels = full[index]
+    if int(labels.max()) < 0:
+        return None
     if split and labels.ndim > 1:  # coupled when the pass ends, unless attention finds heads here
         reason = f"op '{t.op}' spreads them over several dims, one of them fixed"
         t.trace.deferred.append(Deferred("split", labels, reason))
-        t.trace.reshaped.append(labels.flatten())
+        t.size_guess(labels.flatten())
     return Rep(tuple(varying), labels)
 
 
@@ -159,6 +165,15 @@ def split(t: Tracer, call: OpCall) -> None:
             t.set_rep(tensor, Rep(dims, labels))
         return
     sizes = {tensor.shape[dim] for tensor in outs}
+    if len(rep.dims) > 1 and (op != "chunk" or len(sizes) != 1):
+        # pieces of fixed sizes along head_dim (LeViT's q, k, v): exact where whole heads go
+        reason = f"op '{op}' splits them into pieces of fixed sizes"
+        t.trace.deferred.append(Deferred("within", rep.labels, reason, axes=(axis,)))
+        start = 0
+        for tensor in outs:
+            t.set_rep(tensor, Rep(rep.dims, rep.labels.narrow(axis, start, tensor.shape[dim])))
+            start += tensor.shape[dim]
+        return
     if op not in ("chunk", "split") or len(sizes) != 1:
         return t.give_up(call, "splits them into pieces of fixed sizes")
     pieces = rep.labels.split(sizes.pop(), axis)
@@ -166,4 +181,4 @@ def split(t: Tracer, call: OpCall) -> None:
         t.couple(labels, pieces[0])  # equal pieces must lose the same channels
         t.set_rep(tensor, Rep(rep.dims, labels))
     if op == "split":  # the code gave the piece size: export checks it still fits
-        t.trace.reshaped.append(rep.labels.flatten())
+        t.size_guess(rep.labels.flatten())

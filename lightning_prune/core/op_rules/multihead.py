@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.core.op_rules.attention import _record_heads, _whole_heads
+from lightning_prune.core.op_rules.attention import record_heads, whole_heads
 from lightning_prune.core.op_rules.layers import COMPUTED_WEIGHT, _channel_labels, _constants, linear, register_producer
 from lightning_prune.core.trace import Consumer, Rep
 
@@ -83,8 +83,8 @@ def multi_head_attention_forward(t: Tracer, call: OpCall) -> None:
         if not any(data is other for other in seen):  # the fused weight cannot fold: the plan keeps what is live
             seen.append(data)
             t.trace.consumers.append(Consumer(module, "linear", inputs, _constants(data, data.ndim - 1), False))
-    _whole_heads(t, parts.permute(1, 0, 2).reshape(heads, -1))  # a head's query, key and value channels: one unit
-    _record_heads(t, parts[0][:, 0], parts[1][:, 0], parts.shape[2])
+    whole_heads(t, parts.permute(1, 0, 2).reshape(heads, -1))  # a head's query, key and value channels: one unit
+    record_heads(t, parts[0][:, 0], parts[1][:, 0], parts.shape[2])
     values = _values(args, weights[-1] if separate else weights[0][2 * width :], width)
     projected = _constants(values[: values.shape[0] - _extra_keys(args)], 1)
     differ = ~projected.isnan() & (_constants(values, 1).isnan())  # constant until bias_v or the zero key

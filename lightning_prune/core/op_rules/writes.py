@@ -179,7 +179,7 @@ def write_into(t: Tracer, dst: Any, index: Any, src: Any, op: str, put: bool) ->
         t.set_rep(tensor, new_rep)
         if new_rep is not None and tensor is dst and (src_rep is not None or index is not None):
             # the code must size the tensor so, and its index must mean the same positions
-            t.trace.reshaped.append(new_rep.labels.flatten())
+            t.size_guess(new_rep.labels.flatten())
     if bool(fresh.any()):
         t.fresh[key] = (entry[0] if entry is not None else dst, fresh)
     else:
