@@ -325,3 +325,17 @@ def test_addmm_of_two_activations_keeps_channels() -> None:
     result = export(model, {"a": torch.arange(6) < 3}, torch.randn(6, 6))
     assert result.model.a.out_features == 6
     assert any("op 'addmm'" in note.reason for note in result.notes)
+
+
+def test_conv1d_shrinker_adds_a_folded_bias_then_slices() -> None:
+    """The Conv1D shrink function: rows kept along the (in, out) weight, a folded bias change added."""
+    from lightning_prune.core.plan import LayerChange
+    from lightning_prune.core.shrink import shrinker_for
+
+    conv = transformers.pytorch_utils.Conv1D(4, 6)
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    delta = torch.arange(4.0)
+    change = LayerChange(keep={("weight", 0): (torch.tensor([0, 2, 5]), 1)}, bias_delta=delta)
+    small = shrinker_for(conv)(conv, change)
+    assert (small.nx, small.nf) == (3, 4)
+    assert torch.equal(small.weight, weight[[0, 2, 5]]) and torch.equal(small.bias, bias + delta)

@@ -50,7 +50,11 @@ MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_
 
 @register_shrinker(Conv1D)
 def shrink_conv1d(module: Conv1D, change: LayerChange) -> nn.Module:
-    """Slice the ``(nx, nf)`` weight and the bias, then set ``nx``/``nf`` (``forward`` views by ``nf``)."""
+    """Slice the ``(nx, nf)`` weight and the bias, then set ``nx``/``nf`` (``forward`` views by ``nf``).
+    A bias change the plan folded in (constants of pruned inputs) is added first."""
+    if change.bias_delta is not None:
+        with torch.no_grad():
+            module.bias = nn.Parameter(module.bias + change.bias_delta.to(module.bias))
     shrink_parameters(module, change)
     module.nx, module.nf = module.weight.shape
     return module
