@@ -329,10 +329,12 @@ def test_addmm_of_two_activations_keeps_channels() -> None:
 
 def test_conv1d_shrinker_adds_a_folded_bias_then_slices() -> None:
     """The Conv1D shrink function: rows kept along the (in, out) weight, a folded bias change added."""
+    from lightning_prune.core.hf import shrink_conv1d
     from lightning_prune.core.plan import LayerChange
     from lightning_prune.core.shrink import shrinker_for
 
     conv = transformers.pytorch_utils.Conv1D(4, 6)
+    assert shrinker_for(conv) is shrink_conv1d
     weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
     delta = torch.arange(4.0)
     change = LayerChange(keep={("weight", 0): (torch.tensor([0, 2, 5]), 1)}, bias_delta=delta)
