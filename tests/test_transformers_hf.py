@@ -2,8 +2,9 @@
 
 Each model is exported at 50% group masks (whole attention heads and key/value groups as units,
 MLP width) and checked against the masked model on the example input and on a second input of
-another batch size (and sequence length, for language models): exact, strictly smaller, with the
-heads the masks prune gone and the attention modules' head counts saying so. The Hugging Face
+another batch size and sequence length (language models) or image size (vision models): exact,
+strictly smaller, with the heads the masks prune gone and the attention modules' head counts
+saying so. The Hugging Face
 round trip: where one config describes the exported widths, ``save_pretrained`` and
 ``from_pretrained`` rebuild it; where widths differ per layer, ``load_pruned`` rebuilds it from the
 original config.
@@ -53,9 +54,9 @@ def tokens(batch: int, length: int, seed: int, padded: bool = True) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def pixels(batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """32x32 images."""
-    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+def pixels(batch: int, seed: int, size: int = 32, **options: Any) -> dict[str, Any]:
+    """``size`` x ``size`` images, with the model's keyword ``options``."""
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)), **options}
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ def text_case(build: Callable[[], nn.Module], causal: bool = False) -> Case:
     return Case(build, lambda: tokens(2, 7, 0), lambda: tokens(3, 11, 1), causal)
 
 
-def image_case(build: Callable[[], nn.Module]) -> Case:
-    return Case(build, lambda: pixels(2, 0), lambda: pixels(3, 1))
+def image_case(build: Callable[[], nn.Module], **options: Any) -> Case:
+    """The second input is 48x48 (``options``: what the model needs for another size)."""
+    return Case(build, lambda: pixels(2, 0), lambda: pixels(3, 1, 48, **options))
 
 
 T = transformers
@@ -116,7 +118,8 @@ CASES = {
                 patch_size=8,
                 num_labels=3,
             )
-        )
+        ),
+        interpolate_pos_encoding=True,
     ),
     "swin": image_case(
         lambda: T.SwinForImageClassification(
