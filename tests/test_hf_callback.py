@@ -70,11 +70,15 @@ class CausalLM(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def test_causal_lm_through_the_callback(tmp_path) -> None:
-    """prune -> masked fine-tune -> export -> verify -> save on a Hugging Face model, with no hand edits."""
+@pytest.mark.parametrize("pruner", [pytest.param("auto", id="ours"), pytest.param("nni-l1", id="nni-l1")])
+def test_causal_lm_through_the_callback(tmp_path, pruner: str) -> None:
+    """prune -> masked fine-tune -> export -> verify -> save on a Hugging Face model, with no hand edits;
+    NNI's per-row masks on the Linear layers go through the same head-aware group ranking."""
+    if pruner.startswith("nni-"):
+        pytest.importorskip("nni")
     L.seed_everything(0, verbose=False)
     module = CausalLM()
-    callback = PruneExportCallback(op_types=["Linear"], export_dir=str(tmp_path / "out"))
+    callback = PruneExportCallback(pruner=pruner, op_types=["Linear"], export_dir=str(tmp_path / "out"))
     trainer = L.Trainer(
         max_steps=4,
         limit_val_batches=2,
