@@ -5,8 +5,8 @@ the package does not depend on it. It registers:
 
 - a shrink function for ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, whose weight
   is ``(in, out)`` and whose ``forward`` sizes its output from ``nf``);
-- a head updater for ``GPT2Attention``, whose ``forward`` splits the fused query/key/value
-  projection by ``split_size``. The other Hugging Face attention classes in this release size their
+- a head updater for ``GPT2Attention`` (and its copies in Decision Transformer and ImageGPT),
+  whose ``forward`` splits the fused query/key/value projection by ``split_size``. The other Hugging Face attention classes in this release size their
   views as ``(..., -1, head_dim)``; the attributes they keep (``num_attention_heads``,
   ``all_head_size``, ``n_heads``, ``num_key_value_heads``) are set by
   :func:`~lightning_prune.core.attention.update_head_attributes`, and LLaMA-style
@@ -23,13 +23,13 @@ the package does not depend on it. It registers:
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.core.attention import (
@@ -60,11 +60,33 @@ def shrink_conv1d(module: Conv1D, change: LayerChange) -> nn.Module:
     return module
 
 
-@register_attention(GPT2Attention)
-def update_gpt2_attention(module: GPT2Attention, counts: HeadCounts) -> None:
+SPLIT_ATTENTIONS = (
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
+    ("transformers.models.decision_transformer.modeling_decision_transformer", "DecisionTransformerGPT2Attention"),
+    ("transformers.models.imagegpt.modeling_imagegpt", "ImageGPTAttention"),
+)
+"""GPT-2-style attentions: ``c_attn`` (a Conv1D) gives query, key and value, split by ``split_size``."""
+
+
+def _classes(names: tuple[tuple[str, str], ...]) -> list[type[nn.Module]]:
+    """The classes of ``(module, class name)`` pairs this transformers release has."""
+    found = []
+    for module, name in names:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def update_split_attention(module: nn.Module, counts: HeadCounts) -> None:
     """``num_heads``, and ``split_size``: the width of each of the query, key and value thirds."""
     update_head_attributes(module, counts)
-    module.split_size = counts.query * counts.head_dim
+    if module.split_size == counts.query_before * counts.head_dim:
+        module.split_size = counts.query * counts.head_dim
+
+
+register_attention(*_classes(SPLIT_ATTENTIONS))(update_split_attention)
 
 
 @register_model_updater
@@ -80,7 +102,9 @@ def update_transformers(model: nn.Module, plan: Plan) -> None:
         note = _update_config(module, _under(plan, prefix))
         if note is not None:
             count, action, reason, unit = note
-            plan.notes.append(Note(prefix or type(module).__name__, count, action, reason, unit=unit))
+            line = Note(prefix or type(module).__name__, count, action, reason, unit=unit)
+            if line not in plan.notes:  # the same plan applied again (load_pruned into an exported model)
+                plan.notes.append(line)
 
 
 def _under(plan: Plan, prefix: str) -> Plan:
@@ -174,4 +198,4 @@ def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str,
         return None
 
 
-__all__ = ["MLP_WIDTHS", "shrink_conv1d", "update_gpt2_attention", "update_transformers"]
+__all__ = ["MLP_WIDTHS", "SPLIT_ATTENTIONS", "shrink_conv1d", "update_split_attention", "update_transformers"]
