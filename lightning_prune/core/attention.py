@@ -57,7 +57,7 @@ HeadUpdater = Callable[[nn.Module, HeadCounts], None]
 _UPDATERS: dict[type, HeadUpdater] = {}
 ModelUpdater = Callable[[nn.Module, "Plan"], None]
 _MODEL_UPDATERS: list[ModelUpdater] = []
-INTEGRATIONS = {"transformers": "lightning_prune.core.hf"}
+INTEGRATIONS = {"transformers": "lightning_prune.core.hf", "torchvision": "lightning_prune.core.torchvision_models"}
 """Library -> our module that registers shrinkers and updaters for it, imported once the library is."""
 
 QUERY_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")

@@ -470,7 +470,12 @@ class Tracer:
         if origin is None:
             return
         parameter, index = origin
-        if self.rules.rule_for(call.op) is self.rules.RULES["identity"]:
+        rule = self.rules.rule_for(call.op)
+        if rule is self.rules.RULES["elementwise"]:  # exp(scale), clamp(scale, max=...): element by element
+            others = [x for x in tree_leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
+            if any(x.numel() != 1 for x in others):
+                return
+        if rule is not self.rules.RULES["movement"]:
             results = [index if tensor.shape == source.shape else None for tensor in tree_leaves(call.out)]
         else:
             try:

@@ -115,8 +115,9 @@ RULES: dict[str, Rule] = {
 TRACKS_MEMORY: frozenset[Rule] = frozenset({factory, fill, write})
 """Rules the tracer runs on every call, labelled or not: they follow fresh and written memory."""
 
-FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity})
-"""Rules the tracer also runs on a parameter's views: they may later be sliced with channels they meet."""
+FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity, elementwise})
+"""Ops the tracer follows on a parameter (views, indexing, per-element math): what they make may later
+be sliced with the channels it meets (a class token, a per-head table, Swin V2's logit scale)."""
 
 PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward, addmm})
 """Rules the tracer runs on unlabelled input too: their layers give out new channels."""

@@ -41,8 +41,8 @@ def register_producer(t: Tracer, call: OpCall, channel_dim: int, count: int) -> 
         out_labels = t.trace.new_labels(module, count)
         t.trace.producers[module] = out_labels
     bias = call.arg(2, "bias")
-    if isinstance(bias, Tensor) and t.param_name(bias) is None:  # BEiT's cat of query, zero key and value biases
-        t.block(out_labels, COMPUTED_BIAS)
+    if isinstance(bias, Tensor) and t.param_name(bias) is None and not t.slice_parameter(bias, 0, out_labels):
+        t.block(out_labels, COMPUTED_BIAS)  # BEiT's cat of three biases; a clone of one (Swin V2) is sliced
     return module, in_labels, out_labels
 
 
