@@ -6,11 +6,12 @@ the package does not depend on it. It registers:
 - a shrink function for ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, whose weight
   is ``(in, out)`` and whose ``forward`` sizes its output from ``nf``);
 - a head updater for ``GPT2Attention`` (and its copies in Decision Transformer and ImageGPT),
-  whose ``forward`` splits the fused query/key/value projection by ``split_size``. The other Hugging Face attention classes in this release size their
-  views as ``(..., -1, head_dim)``; the attributes they keep (``num_attention_heads``,
-  ``all_head_size``, ``n_heads``, ``num_key_value_heads``) are set by
-  :func:`~lightning_prune.core.attention.update_head_attributes`, and LLaMA-style
-  ``num_key_value_groups`` stays valid because whole key/value groups go with their query heads;
+  whose ``forward`` splits the fused query/key/value projection by ``split_size``. The other
+  Hugging Face attention classes in this release size their views as ``(..., -1, head_dim)``; the
+  attributes they keep (``num_attention_heads``, ``all_head_size``, ``n_heads``,
+  ``num_key_value_heads``) are set by :func:`~lightning_prune.core.attention.update_head_attributes`,
+  and LLaMA-style ``num_key_value_groups`` stays valid because whole key/value groups go with their
+  query heads;
 - a model updater that re-ties input and output embeddings the export untied, and makes each
   ``PreTrainedModel``'s ``config`` say the exported sizes where one config can: the same heads,
   key/value heads, ``head_dim`` and MLP width in every layer, in a model that reads ``head_dim``
