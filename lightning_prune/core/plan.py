@@ -295,6 +295,7 @@ def _changes(graph: ChannelGraph, keep: np.ndarray, model: nn.Module, notes: lis
             notes.append(Note(consumer.module, int(pruned.sum()), "counted in the norm", why_counted))
         else:
             weight = model.get_submodule(consumer.module).weight.detach()
+            weight = weight.t() if consumer.kind == "addmm" else weight  # Conv1D stores it (in, out)
             changes[consumer.module].bias_delta = _fold(consumer, weight, constants)
             why_folded = "pruned channels carry a constant (BN shift, bias or f(0) != 0)"
             notes.append(Note(consumer.module, int(live.sum()), "folded into bias", why_folded))

@@ -47,8 +47,7 @@ def addmm(t: Tracer, call: OpCall) -> None:
     t.add_axis(weight, 1, out_labels)
     if per_column:
         t.add_axis(bias, 0, out_labels)
-    # the plan folds constants into a bias by an (out, in) weight: this (in, out) one keeps them instead
-    t.trace.consumers.append(Consumer(module, KIND, in_labels, _constants(data, 1), foldable=False))
+    t.trace.consumers.append(Consumer(module, KIND, in_labels, _constants(data, 1), foldable=True))
     t.set_rep(out, Rep((1,), out_labels))
     return None
 
