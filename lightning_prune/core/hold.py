@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.graph import ChannelGraph
-from lightning_prune.core.masks import Masks, out_channel_dim
+from lightning_prune.core.masks import Masks, pruned_slices
 
 
 @dataclass
@@ -48,10 +48,8 @@ class MaskHold:
         held = []
         for name, keep in masks.items():
             module = model.get_submodule(name)
-            pruned = (~keep).nonzero().flatten().to(module.weight.device)
-            held.append(_Held(module.weight, out_channel_dim(module), pruned))
-            if getattr(module, "bias", None) is not None:
-                held.append(_Held(module.bias, 0, pruned))
+            for item, pruned in pruned_slices(module, keep):  # filters and biases (an attention's q, k, v)
+                held.append(_Held(getattr(module, item.name), item.dim, pruned))
         if graph is None and example_input is not None:
             graph = ChannelGraph.from_model(model, example_input)
         if graph is not None:

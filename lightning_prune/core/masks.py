@@ -308,17 +308,24 @@ def _is_wrapped(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def pruned_slices(module: nn.Module, keep: torch.Tensor) -> list[tuple[ChannelTensor, torch.Tensor]]:
+    """Per tensor of :func:`channel_tensors`, the indices along its ``dim`` of the channels ``keep`` prunes."""
+    pruned = (~keep.bool()).nonzero().flatten()
+    slices = []
+    for item in channel_tensors(module):
+        local = pruned - item.first
+        if item.count is not None:  # it holds a part of the channels (a key or value projection)
+            local = local[(local >= 0) & (local < item.count)]
+        slices.append((item, local.to(getattr(module, item.name).device)))
+    return slices
+
+
 def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
     """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched)."""
     for name, keep in masks.items():
         module = model.get_submodule(name)
-        pruned = (~keep.bool()).nonzero().flatten()
-        for item in channel_tensors(module):
-            tensor = getattr(module, item.name)
-            local = pruned - item.first
-            if item.count is not None:  # it holds a part of the channels (a key or value projection)
-                local = local[(local >= 0) & (local < item.count)]
-            replace_tensor(module, item.name, tensor.index_fill(item.dim, local.to(tensor.device), 0.0))
+        for item, local in pruned_slices(module, keep):
+            replace_tensor(module, item.name, getattr(module, item.name).index_fill(item.dim, local, 0.0))
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,9 +90,9 @@ def layers_to_prune(model: nn.Module, config_list: list[dict[str, Any]], argumen
             name
             for name, module in modules.items()
             if name
-            and (types is None or type(module).__name__ in types)
+            and (types is None or _is_a(module, types))
             and (names is None or name in names)
-            and type(module).__name__ not in excluded_types
+            and not _is_a(module, excluded_types)
             and name not in excluded
         ]
         if entry.get("exclude"):
@@ -109,6 +109,13 @@ def layers_to_prune(model: nn.Module, config_list: list[dict[str, Any]], argumen
             f"layer types are {kinds or 'none'}. HINT: set `op_types` (e.g. {kinds[:1] or ['Conv2d']}) or `op_names`."
         )
     return list(selected)
+
+
+def _is_a(module: nn.Module, type_names: Iterable[str]) -> bool:
+    """Whether ``module``'s class or a base class is named in ``type_names`` (``"Linear"`` matches
+    ``nn.MultiheadAttention``'s ``out_proj``, a ``NonDynamicallyQuantizableLinear``)."""
+    names = set(type_names)
+    return any(cls.__name__ in names for cls in type(module).__mro__)
 
 
 def _is_fraction(value: Any) -> bool:
