@@ -1,5 +1,8 @@
 """Every torchvision classification builder (bar >150M params, and transformers but vit_b_16) and three
-segmentation heads: random 50% masks, randomised norms, exported == masked, fewer parameters."""
+segmentation heads: random 50% masks, randomised norms, exported == masked, fewer parameters.
+
+Random per-layer masks never prune a whole head; torchvision's transformers (vit_b_16, swin_t,
+swin_v2_t, maxvit_t) are tested with group masks, heads removed, in test_transformers_torchvision.py."""
 
 from __future__ import annotations
 
