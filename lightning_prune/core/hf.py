@@ -39,6 +39,7 @@ from lightning_prune.core.attention import (
     register_model_updater,
     update_head_attributes,
 )
+from lightning_prune.core.masks import register_prunable
 from lightning_prune.core.plan import LayerChange, Note
 from lightning_prune.core.shrink import register_shrinker, shrink_parameters
 
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 
 MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
 """Config fields that hold the MLP width (the first fitting one with an int value is updated)."""
+
+
+register_prunable(Conv1D, out_channel_dim=1)
 
 
 @register_shrinker(Conv1D)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from lightning_prune.core.attention import load_integrations
 from lightning_prune.core.errors import MaskError
 from lightning_prune.core.modules import replace_tensor, set_submodule
 
@@ -29,16 +30,29 @@ Masks = dict[str, torch.Tensor]
 MaskSource = Mapping | str | os.PathLike | nn.Module
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+OUT_CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.modules.conv._ConvTransposeNd: 1}
+"""Prunable layer types whose ``weight`` holds the output channels along another dim than 0."""
+
+
+def register_prunable(cls: type[nn.Module], out_channel_dim: int = 0) -> None:
+    """Let masks prune the output channels of ``cls``, a layer with a ``weight`` that holds them along
+    ``out_channel_dim`` (Hugging Face's ``Conv1D``: 1) and an optional ``bias``."""
+    global PRUNABLE_TYPES
+    if cls not in PRUNABLE_TYPES:
+        PRUNABLE_TYPES = (*PRUNABLE_TYPES, cls)
+    if out_channel_dim:
+        OUT_CHANNEL_DIMS[cls] = out_channel_dim
 
 
 def is_prunable(module: nn.Module) -> bool:
     """Whether ``module`` has output channels a mask can prune (conv, transposed conv, linear)."""
+    load_integrations()  # layers of libraries the model uses (transformers' Conv1D)
     return isinstance(module, PRUNABLE_TYPES)
 
 
 def out_channel_dim(module: nn.Module) -> int:
     """The weight dimension that indexes output channels (1 for transposed convs, else 0)."""
-    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    return next((dim for cls, dim in OUT_CHANNEL_DIMS.items() if isinstance(module, cls)), 0)
 
 
 def out_channels(module: nn.Module) -> int:
@@ -48,7 +62,7 @@ def out_channels(module: nn.Module) -> int:
         return 3 * module.embed_dim
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return module.weight.shape[1] * module.groups
-    return module.weight.shape[0]
+    return module.weight.shape[out_channel_dim(module)]
 
 
 class ChannelTensor(NamedTuple):
@@ -342,12 +356,16 @@ def zero_pruned_parameters(model: nn.Module, channel_keep: dict[tuple[str, str, 
 def unshare_tensors(copy_: nn.Module, original: nn.Module) -> None:
     """Clone every parameter or buffer ``copy_`` still shares with ``original``."""
     shared = {id(t) for t in list(original.parameters()) + list(original.buffers())}
+    clones: dict[int, torch.Tensor] = {}  # a tensor shared inside the copy (tied embeddings) stays shared
     with torch.no_grad():
         for module in copy_.modules():
             for kind in ("_parameters", "_buffers"):
-                for name, tensor in getattr(module, kind).items():
+                tensors = getattr(module, kind)
+                for name, tensor in tensors.items():
                     if tensor is not None and id(tensor) in shared:
-                        replace_tensor(module, name, tensor.detach().clone())
+                        if id(tensor) not in clones:
+                            replace_tensor(module, name, tensor.detach().clone())
+                        tensors[name] = clones.setdefault(id(tensor), tensors[name])
 
 
 def apply_masks(model: nn.Module, masks: MaskSource | Masks) -> nn.Module:
