@@ -8,6 +8,8 @@ DEVICES is 2), exports and verifies. Flags:
   before the masked checkpoint is written;
 - `gather`: export through the gathered full state (the sharded strategies' path);
 - `spawn`: `ddp_spawn`; the launching process then records what its own callback holds.
+- `recovery`: Taylor importance on a gradual schedule (two steps, epochs 1 and 2) with
+  distillation; each rank records whether it holds the teacher.
 
 On a PruneExportError each rank records it in OUT/error-rank<N>.txt and exits non-zero.
 """
@@ -59,8 +61,10 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     if fail:  # only export calls shrink functions: rank zero fails after fine-tuning
         register_shrinker(torch.nn.Linear)(broken_shrink)
     pl.seed_everything(0, verbose=False)
+    recovery = "recovery" in flags
+    gradual = {"pruner": "taylor", "schedule": {"start_epoch": 1, "end_epoch": 2, "steps": 2}, "distill": True}
     callback = PruneExportCallback(
-        pruner="fpgm",
+        **(gradual if recovery else {"pruner": "fpgm"}),
         export_dir=os.path.join(out, "export"),
         gather_full_state=gather,
     )
@@ -68,7 +72,7 @@ def main(out: str, devices: int, flags: list[str]) -> None:
         accelerator="cpu",
         devices=devices,
         strategy=("ddp_spawn" if spawn else "ddp") if devices > 1 else "auto",
-        max_steps=4,
+        **({"max_epochs": 3, "limit_train_batches": 2} if recovery else {"max_steps": 4}),
         limit_val_batches=1,
         use_distributed_sampler=False,
         logger=False,
@@ -87,6 +91,9 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     name = "main" if spawn else f"rank{trainer.global_rank}"  # under ddp_spawn this is the launching process
     with open(os.path.join(out, f"report-{name}.txt"), "w") as handle:
         handle.write(f"{callback.report['params_exported']} {callback.report['path']}")
+    if recovery:
+        with open(os.path.join(out, f"teacher-{name}.txt"), "w") as handle:
+            handle.write(str(callback._distiller.teacher is not None))
     if spawn:
         torch.save(callback.exported_network.state_dict(), os.path.join(out, "exported-network-main.pt"))
 

@@ -114,3 +114,20 @@ def test_gathered_full_state_path_exports_the_same(tmp_path, two_and_one) -> Non
     a = torch.load(tmp_path / "export" / "pruned.ckpt", weights_only=True)["state_dict"]
     b = torch.load(two_and_one[0] / "export" / "pruned.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_gradual_taylor_with_distillation_under_ddp(tmp_path) -> None:
+    """Taylor scores gathered on each rank, a two-step schedule and a teacher on every rank: both
+    ranks end with the same exported model, which equals the masked one."""
+    result = run(tmp_path, 2, "recovery")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [(tmp_path / f"report-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1]
+    assert [(tmp_path / f"teacher-rank{rank}.txt").read_text() for rank in (0, 1)] == ["True", "True"]
+    data = DigitsDataModule()
+    data.setup()
+    images = next(iter(data.val_dataloader()))[0]
+    small = load_pruned(tmp_path / "export" / "pruned.ckpt", DigitsCNN(width=8, batch_norm=False))
+    dense = DigitsCNN(width=8, batch_norm=False)
+    assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in dense.parameters())
+    assert verify_equivalence(masked_module(tmp_path / "export" / "masked.ckpt"), small, images).passed
