@@ -146,7 +146,7 @@ def _retry_overrides(graph: ChannelGraph, failure: tuple[str | None, str], tries
         return [(torch.cat([x.flatten() for x in labels]), why)]
     if "*" not in tries:
         tries["*"] = 1
-        return [(labels, _RESHAPED_WRONG) for labels, _ in graph.trace.reshaped]
+        return [(labels, f"{_RESHAPED_WRONG}, in '{owner}'") for labels, owner in graph.trace.reshaped]
     return []
 
 

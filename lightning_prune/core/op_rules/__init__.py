@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_prune.core.op_rules.addmm import addmm
-from lightning_prune.core.op_rules.attention import einsum, matmul, scaled_dot_product_attention
+from lightning_prune.core.op_rules.attention import baddbmm, einsum, matmul, scaled_dot_product_attention
 from lightning_prune.core.op_rules.elementwise import elementwise, identity, ignore, reduce, softmax, spatial
 from lightning_prune.core.op_rules.layers import (
     batch_norm,
@@ -105,6 +105,7 @@ RULES: dict[str, Rule] = {
         prelu,
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
         einsum,
+        baddbmm,
         scaled_dot_product_attention,
         multi_head_attention_forward,  # nn.MultiheadAttention, seen whole: whole heads and out_proj
         addmm,  # bias + x @ W with W stored (in, out): Hugging Face's Conv1D
@@ -193,6 +194,7 @@ TABLE.update(
         "matmul": matmul,
         "bmm": matmul,
         "einsum": einsum,
+        "baddbmm": baddbmm,
         "scaled_dot_product_attention": scaled_dot_product_attention,
         "multi_head_attention_forward": multi_head_attention_forward,
         "addmm": addmm,

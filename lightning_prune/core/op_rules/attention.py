@@ -1,4 +1,4 @@
-"""Rules for attention: ``matmul``/``@``/``bmm`` and ``scaled_dot_product_attention``.
+"""Rules for attention: ``matmul``/``@``/``bmm``/``baddbmm``/``einsum`` and ``scaled_dot_product_attention``.
 
 Attention contracts a head's query and key channels together and mixes its value channels by
 data-dependent weights, so a head is the unit that can go exactly: all its query, key and value
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_prune.core.trace import AttentionHeads, Rep
+from lightning_prune.core.trace import AttentionHeads, Deferred, Rep
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall
@@ -38,6 +38,19 @@ def matmul(t: Tracer, call: OpCall) -> None:
     spec_a = batch[len(batch) - (a.ndim - 2) :] + "nk"
     spec_b = batch[len(batch) - (b.ndim - 2) :] + "km"
     contract(t, call, [(a, spec_a), (b, spec_b)], batch + "nm")
+
+
+def baddbmm(t: Tracer, call: OpCall) -> None:
+    """``baddbmm(scores_bias, q, k.T)``: the contraction of :func:`matmul` plus a tensor added to the
+    result (a mask or position bias added to the scores: harmless to whole heads, decided at the end)."""
+    base, first, second = call.arg(0, "input"), call.arg(1, "batch1"), call.arg(2, "batch2")
+    if t.rep(base) is not None or not all(isinstance(x, Tensor) and x.ndim == 3 for x in (first, second)):
+        return t.give_up(call, "adds channels to a batched product")
+    contract(t, call, [(first, "bnk"), (second, "bkm")], "bnm")
+    rep = t.rep(call.out)
+    if rep is not None and isinstance(base, Tensor) and base.numel() > 1 and t.parameter_origin(base) is None:
+        why = "op 'baddbmm' adds input-dependent values that belong to no channel across them"
+        t.trace.deferred.append(Deferred("in_heads", rep.labels, why))
 
 
 def einsum(t: Tracer, call: OpCall) -> None:
@@ -173,4 +186,4 @@ def _spans(mask: Tensor, query: Tensor, dim: int) -> bool:
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-__all__ = ["contract", "einsum", "matmul", "record_heads", "scaled_dot_product_attention", "whole_heads"]
+__all__ = ["baddbmm", "contract", "einsum", "matmul", "record_heads", "scaled_dot_product_attention", "whole_heads"]
