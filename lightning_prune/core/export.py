@@ -33,7 +33,7 @@ from lightning_prune.core.masks import (
     zero_pruned_channels,
     zero_pruned_parameters,
 )
-from lightning_prune.core.modules import copy_training_modes, evaluating
+from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules
 from lightning_prune.core.plan import Note, Plan, plan
 from lightning_prune.core.shrink import shrinker_for
 from lightning_prune.core.trace import call_model
@@ -167,29 +167,11 @@ def _output(model: nn.Module, example_input: Any) -> Any:
 def _failure(model: nn.Module, example_input: Any, expected: Any) -> tuple[str | None, str] | None:
     """``None`` if ``model`` reproduces ``expected`` on ``example_input``; else the innermost of the
     model's modules that raised (``None`` for a numerical difference) and what went wrong."""
-    names = {id(module): name for name, module in model.named_modules()}
-    running: list[str] = []
-
-    def enter(module: nn.Module, args: Any) -> None:
-        if id(module) in names:
-            running.append(names[id(module)])
-
-    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
-        if id(module) in names and running:
-            running.pop()
-
-    hooks = [
-        nn.modules.module.register_module_forward_pre_hook(enter),
-        nn.modules.module.register_module_forward_hook(leave),
-    ]
     try:
-        with torch.no_grad(), evaluating(model):
+        with running_modules(model) as running, torch.no_grad(), evaluating(model):
             report = compare_outputs(expected, call_model(model, example_input), rtol=1e-4)
     except Exception as err:  # a view the exported sizes no longer fit
         return (running[-1] if running else ""), f"{type(err).__name__}: {err}"
-    finally:
-        for hook in hooks:
-            hook.remove()
     return None if report.passed else (None, f"relative error {report.max_relative_error:.2e}")
 
 

@@ -13,11 +13,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def running_modules(model: nn.Module, on_enter: Callable[[str, tuple], None] | None = None) -> Iterator[list[str]]:
+    """Inside the block, the list yielded holds the names of ``model``'s modules now running,
+    outermost first (global forward hooks, removed on exit). A module whose forward raises stays
+    on it, so after an exception its last entry names the module that raised. ``on_enter(name,
+    args)`` is called as each module starts."""
+    names = {id(module): name for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        if id(module) in names:
+            running.append(names[id(module)])
+            if on_enter is not None:
+                on_enter(running[-1], args)
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:  # returns None: the output stays
+        if id(module) in names and running:
+            running.pop()
+
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(enter),
+        nn.modules.module.register_module_forward_hook(leave),
+    ]
+    try:
+        yield running
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextmanager

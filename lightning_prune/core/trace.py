@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_prune.core.errors import ExampleInputError
-from lightning_prune.core.modules import evaluating
+from lightning_prune.core.modules import evaluating, running_modules
 
 if TYPE_CHECKING:
     from lightning_prune.core.op_rules import OpCall, Rule
@@ -208,7 +208,7 @@ class Tracer:
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)
         self.derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.module_stack: list[str] = []  # the model's modules now running, outermost first
+        self.module_stack: list[str] = []  # the model's modules now running, outermost first (see run)
         self.op = ""  # the op being recorded, for block reasons
         # Storages of fresh tensors (factories such as new_empty, zeros): storage key -> (tensor kept
         # alive, per-element "fresh" mask or None for all). A fresh element holds a constant and
@@ -223,11 +223,6 @@ class Tracer:
             for name, module in self.model.named_modules()
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
         ]
-        names = {id(module): name for name, module in self.model.named_modules()}
-        hooks += [  # which of the model's modules is running: attention ops report heads to it
-            nn.modules.module.register_module_forward_pre_hook(self._enter(names)),
-            nn.modules.module.register_module_forward_hook(self._leave(names)),
-        ]
         try:
             for tensor in tree_leaves(example_input):
                 if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim >= 1:
@@ -236,9 +231,10 @@ class Tracer:
                     self.trace.input_labels.append(labels)
                     self.trace.blocked.append((labels, "they are tied to the network input"))
                     self.set_rep(tensor, Rep((dim,), labels))
-            try:
-                with torch.no_grad(), evaluating(self.model), _Mode(self):
-                    output = call_model(self.model, example_input)
+            try:  # which of the model's modules is running: attention ops report heads to it
+                with running_modules(self.model, self._entered) as self.module_stack:
+                    with torch.no_grad(), evaluating(self.model), _Mode(self):
+                        output = call_model(self.model, example_input)
             except Exception as err:
                 raise ExampleInputError(
                     f"{type(self.model).__name__} rejected the example input "
@@ -253,23 +249,10 @@ class Tracer:
             for hook in hooks:
                 hook.remove()
 
-    def _enter(self, names: dict[int, str]) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if id(module) in names:
-                name = names[id(module)]
-                self.module_stack.append(name)
-                if name not in self.trace.module_inputs:
-                    labels = [rep.labels.flatten() for x in tree_leaves(args) if (rep := self.rep(x)) is not None]
-                    self.trace.module_inputs[name] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-
-        return hook
-
-    def _leave(self, names: dict[int, str]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if id(module) in names and self.module_stack:
-                self.module_stack.pop()
-
-        return hook
+    def _entered(self, name: str, args: tuple) -> None:
+        if name not in self.trace.module_inputs:  # the labels of its first call's inputs
+            labels = [rep.labels.flatten() for x in tree_leaves(args) if (rep := self.rep(x)) is not None]
+            self.trace.module_inputs[name] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
 
     def resolve_deferred(self) -> None:
         """Decide what :class:`Deferred` left open, now that the attention ops have named the heads.
@@ -508,7 +491,12 @@ class Tracer:
 
     def size_guess(self, labels: Tensor) -> None:
         """The exported size of ``labels``' tensor is a guess (the model's code may fix it): export checks it."""
-        self.trace.reshaped.append((labels.flatten(), self.module_stack[-1] if self.module_stack else ""))
+        self.trace.reshaped.append((labels.flatten(), self.current_module))
+
+    @property
+    def current_module(self) -> str:
+        """The innermost of the model's modules running the op now (``""``: the model itself)."""
+        return self.module_stack[-1] if self.module_stack else ""
 
     def is_fresh(self, tensor: Tensor) -> bool:
         """Whether every element of ``tensor`` still holds what a sized factory put there."""

@@ -116,7 +116,7 @@ def contract(t: Tracer, call: OpCall, operands: list[tuple[Tensor, str]], output
     flat = [unit.reshape(head_shape.numel(), -1) for unit in units]
     whole_heads(t, torch.cat(flat, 1))  # one unit per head, across the operands
     representative = flat[0][:, 0]
-    module = t.module_stack[-1] if t.module_stack else ""
+    module = t.current_module
     if len(flat) > 1 or module not in t.trace.heads:
         record_heads(t, representative, flat[-1][:, 0], flat[0].shape[1])
     if data or len(labelled) > 1:  # mixed by data-dependent weights: constants no longer fold
@@ -175,7 +175,7 @@ def whole_heads(t: Tracer, units: Tensor) -> None:
 
 def record_heads(t: Tracer, query: Tensor, key_value: Tensor, head_dim: int) -> None:
     """Tell the module running the op (the attention module, whose head counts export updates)."""
-    module = t.module_stack[-1] if t.module_stack else ""
+    module = t.current_module
     t.trace.heads.setdefault(module, AttentionHeads(query.flatten(), key_value.flatten(), head_dim))
 
 
