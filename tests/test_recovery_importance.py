@@ -122,10 +122,10 @@ def test_masks_only_grow() -> None:
     assert (kept(second, "0", 8), kept(second, "3", 16)) == (4, 8)
 
 
-def fit(tmp_path, max_epochs=3, **kwargs):
+def fit(tmp_path, max_epochs=3, callback_class=PruneExportCallback, **kwargs):
     pl.seed_everything(0, verbose=False)
     module = PLClassifier()
-    callback = PruneExportCallback(export_dir=str(tmp_path / "out"), verify_batches=1, **kwargs)
+    callback = callback_class(export_dir=str(tmp_path / "out"), verify_batches=1, **kwargs)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
@@ -182,18 +182,7 @@ def test_taylor_scores_come_from_the_epoch_before_the_step(tmp_path) -> None:
             seen.append(self.taylor.steps)
             super()._prune(trainer, pl_module, step)
 
-    pl.seed_everything(0, verbose=False)
-    callback = Spy(pruner="taylor", schedule={"start_epoch": 1, "end_epoch": 2, "steps": 2}, verify_batches=1)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    callback, _ = fit(
+        tmp_path, callback_class=Spy, pruner="taylor", schedule={"start_epoch": 1, "end_epoch": 2, "steps": 2}
     )
-    trainer.fit(PLClassifier(), *loaders("tuple"))
     assert seen == [3, 3] and callback.taylor.steps == 0
