@@ -189,9 +189,8 @@ def _find_mapping(data: dict[str, Any], model: nn.Module, path: str, prefix: str
     layers, keys = list(data["layers"]), list(data["state_dict"])
     modules = {name for name, _ in model.named_modules()}
     model_keys = set(model.state_dict())
-    if (
-        prefix is not None
-    ):  # explicit: the checkpoint's names start with prefix., or this model holds the network at prefix
+    # explicit: the checkpoint's names start with prefix., or this model holds the network at prefix
+    if prefix is not None:
         if prefix == "":
             candidates = [_Mapping("same")]
         else:

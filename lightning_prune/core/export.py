@@ -81,9 +81,8 @@ def export(
     """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
     keep = collect_masks(model if masks is None else masks, model)
     masked = unwrapped_copy(model, share_tensors=True)  # export replaces what it changes; the rest is cloned below
-    if (
-        masks is not None or whole_channel
-    ):  # given masks zero filters and biases, as NNI's do; the model's own are applied
+    # given masks zero filters and biases, as NNI's do; the model's own are applied as they are
+    if masks is not None or whole_channel:
         zero_pruned_channels(masked, keep)
     graph = ChannelGraph.from_model(masked, example_input)
     function_change = None

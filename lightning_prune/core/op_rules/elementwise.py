@@ -88,9 +88,8 @@ def elementwise(t: Tracer, call: OpCall) -> None:
             t.size_guess(result.flatten())
         else:
             why = f"op '{op}' combines them position by position with a tensor that belongs to no prunable channel"
-            if (
-                len(dims) > 1
-            ):  # fine if it only varies inside heads (rotary embeddings, a norm's weight): decided at the end
+            # fine if it only varies inside heads (rotary embeddings, a norm's weight): decided at the end
+            if len(dims) > 1:
                 t.trace.deferred.append(Deferred("within", result, why, axes=tuple(dims.index(d) for d in spans)))
             else:
                 t.block(result, why)
