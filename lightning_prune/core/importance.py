@@ -50,7 +50,7 @@ from torch import nn
 
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.groups import _balance_grouped_convs, _rounded_kept
-from lightning_prune.core.masks import Masks, channel_tensors
+from lightning_prune.core.masks import Masks, filters
 
 IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor")
 RANKINGS = ("uniform", "global")
@@ -104,17 +104,14 @@ def _channel_scores(module: nn.Module, importance: str) -> torch.Tensor | None:
     """Per output channel of ``module``, its score divided by the layer's mean score (``None``:
     the layer has no single filter weight to score)."""
     parts = []
-    for item in channel_tensors(module):  # a conv's or linear's weight; an attention's q, k, v projections
-        weight = getattr(module, item.name)
-        if not item.is_weight or weight.ndim < 2:
-            continue
-        filters = weight.detach().float().movedim(item.dim, 0).flatten(1)
+    for rows in filters(module):  # a conv's or linear's weight; an attention's q, k, v projections
+        rows = rows.float()
         if importance == "l1":
-            parts.append(filters.abs().mean(1))
+            parts.append(rows.abs().mean(1))
         elif importance == "l2":
-            parts.append(filters.pow(2).mean(1).sqrt())
+            parts.append(rows.pow(2).mean(1).sqrt())
         else:  # fpgm: summed distance to the layer's other filters
-            parts.append(torch.cdist(filters[None], filters[None])[0].sum(1))
+            parts.append(torch.cdist(rows[None], rows[None])[0].sum(1))
     if not parts:
         return None
     scores = torch.cat(parts)

@@ -98,14 +98,20 @@ def channel_tensors(module: nn.Module) -> list[ChannelTensor]:
     return [item for item in found if getattr(module, item.name, None) is not None]
 
 
+def filters(module: nn.Module) -> list[torch.Tensor]:
+    """A prunable layer's filters, one ``(channels, -1)`` matrix per weight of :func:`channel_tensors`
+    (one for a conv or linear; an attention's separate q, k, v projections give three)."""
+    found = []
+    for item in channel_tensors(module):
+        weight = getattr(module, item.name)
+        if item.is_weight and weight.ndim >= 2:
+            found.append(weight.detach().movedim(item.dim, 0).flatten(1))
+    return found
+
+
 def filter_norms(module: nn.Module) -> torch.Tensor:
     """Per output channel of a prunable layer, the mean absolute value of its filter."""
-    norms = []
-    for item in channel_tensors(module):
-        if item.is_weight:
-            rows = getattr(module, item.name).detach().movedim(item.dim, 0).flatten(1)
-            norms.append(rows.abs().sum(1) / max(rows.shape[1], 1))
-    return torch.cat(norms)
+    return torch.cat([rows.abs().sum(1) / max(rows.shape[1], 1) for rows in filters(module)])
 
 
 def collect_masks(source: MaskSource | Masks, model: nn.Module | None = None) -> Masks:
