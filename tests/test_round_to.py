@@ -108,3 +108,39 @@ def test_round_to_must_be_a_positive_int(round_to) -> None:
     graph = ChannelGraph.from_model(model, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=rf"round_to must be an int >= 1 .*; got {round_to!r}\. Use 1 for no rounding"):
         group_masks(graph, 0.5, model=model, round_to=round_to)
+
+
+class TinyEncoder(nn.Module):
+    """Two encoder layers of 8 heads of 8 channels: a head is 24 channels of the fused q/k/v projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 64)
+        layer = nn.TransformerEncoderLayer(64, 8, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("ranking", ["group_masks", "uniform", "global"])
+def test_heads_are_rounded_by_their_channels_not_their_count(ranking: str) -> None:
+    """round_to=16 on 8 heads of 8 channels: 4 heads are 96 q/k/v channels, a multiple of 16, so half
+    the heads go (rounding the head count itself up to 16 would keep every head)."""
+    from lightning_prune.core.importance import importance_masks
+
+    torch.manual_seed(0)
+    model = randomize(TinyEncoder())
+    example = torch.randn(2, 10, 12, generator=torch.Generator().manual_seed(2))
+    graph = ChannelGraph.from_model(model, example)
+    if ranking == "group_masks":
+        masks = group_masks(graph, 0.5, model=model, round_to=16)
+    else:
+        masks = importance_masks(graph, model, "l1", dict.fromkeys(graph.producers, 0.5), ranking=ranking, round_to=16)
+    result = export_and_check(zero_norm_affine(model, masks, example), masks, example)
+    attention = [m for m in result.model.modules() if hasattr(m, "heads_before")]
+    assert len(attention) == 2 and all(m.num_heads < m.heads_before for m in attention)
+    for name, module in result.model.named_modules():
+        if isinstance(module, nn.Linear) and name in masks:
+            assert module.out_features % 16 == 0, f"{name}: {module.out_features} channels"

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -54,9 +54,11 @@ def group_masks(
 
     ``round_to`` (an int >= 1) rounds each pruned family's kept count down to a multiple of it, so
     the exported layers get channel counts that vectorised kernels like (8, 16, 32): never to
-    zero, never below ``round_to`` itself, never above the family's size. A family of at most
-    ``round_to`` groups is left whole; a family the sparsity (or the votes) does not prune is not
-    pruned for rounding's sake. This applies with ``sparsity`` and with ``sparsity=None`` alike.
+    zero, never below ``round_to`` itself, never above the family's size. A group wider than one
+    channel per layer counts its channels: whole attention heads of 64 channels are a multiple of
+    8 at any head count, so heads are not rounded. A family of at most ``round_to`` groups is left
+    whole; a family the sparsity (or the votes) does not prune is not pruned for rounding's sake.
+    This applies with ``sparsity`` and with ``sparsity=None`` alike.
     A grouped conv keeps its own rule first (the same count in each of its ``G`` groups); its
     per-group count is then rounded down to a multiple of ``round_to / gcd(G, round_to)``, so the
     total is a multiple of ``lcm(G, round_to)``, wherever such a count below the conv's full
@@ -113,7 +115,9 @@ def group_masks(
             count = math.floor(sparsity * len(roots))
         count = min(count, len(roots) - 1)
         if count > 0 and round_to > 1:
-            count = len(roots) - _rounded_kept(len(roots) - count, len(roots), round_to)
+            count = len(roots) - _rounded_kept(
+                len(roots) - count, len(roots), _family_step(roots, candidates, round_to)
+            )
         pruned.update(sorted(roots, key=scores.__getitem__)[: max(count, 0)])
     _balance_grouped_convs(graph, pruned, scores, round_to)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
@@ -140,6 +144,24 @@ def _rounded_kept(kept: int, size: int, round_to: int) -> int:
     (16, 16, 12)
     """
     return min(size, max(round_to, kept // round_to * round_to))
+
+
+def _family_step(roots: list[int], members: Mapping[int, list[tuple[str, int]]], round_to: int) -> int:
+    """How many of a family's groups make a multiple of ``round_to`` channels in every layer it spans.
+
+    A group is one channel per layer (the step is ``round_to``) unless it is wider: an attention
+    head is ``head_dim`` channels of each projection, so whole heads already keep a multiple of 8
+    (step 1) and rounding the head count to 8 would keep heads the masks prune.
+
+    >>> _family_step([0, 1], {0: [("a", 0)], 1: [("a", 1)]}, 8), _family_step([0], {0: [("q", c) for c in range(64)]}, 8)
+    (8, 1)
+    """
+    steps = {
+        round_to // math.gcd(width, round_to)
+        for root in roots
+        for width in Counter(layer for layer, _ in members[root]).values()
+    }
+    return math.lcm(*steps)
 
 
 def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float], round_to: int = 1) -> None:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.graph import ChannelGraph
-from lightning_prune.core.groups import _balance_grouped_convs, _rounded_kept
+from lightning_prune.core.groups import _balance_grouped_convs, _family_step, _rounded_kept
 from lightning_prune.core.masks import Masks, filters
 
 IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor")
@@ -216,7 +216,8 @@ def importance_masks(
         most = max(len(roots) - max(min_channels, 1), 0)
         count = min(math.floor(fraction * len(roots)), most)
         if count > 0 and round_to > 1:
-            count = min(len(roots) - _rounded_kept(len(roots) - count, len(roots), round_to), most)
+            step = _family_step(roots, candidates, round_to)
+            count = min(len(roots) - _rounded_kept(len(roots) - count, len(roots), step), most)
         already = sum(root in was_pruned for root in roots)
         quota[family] = max(count, already)
         cap[family] = max(most, already)  # the most groups this family may lose
@@ -240,7 +241,7 @@ def importance_masks(
         if round_to > 1:  # round each family's kept count down, taking the lowest scores
             for roots in families.values():
                 kept = [r for r in roots if r not in pruned]
-                target = _rounded_kept(len(kept), len(roots), round_to)
+                target = _rounded_kept(len(kept), len(roots), _family_step(roots, candidates, round_to))
                 if len(kept) < len(roots) and target < len(kept):
                     pruned.update(sorted(kept, key=scores.__getitem__)[: len(kept) - target])
     balance = {root: scores[root] - (1e30 if root in was_pruned else 0.0) for root in candidates}
