@@ -1,8 +1,8 @@
 """Export time, size and peak memory on transformers at 50% heads and 50% MLP width; prints a markdown table.
 
-    python benchmarks/transformers.py                        # vit_b_16, swin_t, bert-base, llama-1.1b; 3 repeats
-    python benchmarks/transformers.py --models vit_b_16 --repeats 5
-    python benchmarks/transformers.py --profile llama-1.1b   # phases of one export: time, cProfile, RSS timeline
+    python benchmarks/transformer_export.py                        # vit_b_16, swin_t, bert-base, llama-1.1b; 3 repeats
+    python benchmarks/transformer_export.py --models vit_b_16 --repeats 5
+    python benchmarks/transformer_export.py --profile llama-1.1b   # phases of one export: time, cProfile, RSS timeline
 
 Models (random init, no download): torchvision ``vit_b_16`` and ``swin_t`` (1x3x224x224), BERT-base
 (``BertModel(BertConfig())``, input_ids and attention mask 1x128) and a LLaMA-architecture model of
@@ -57,8 +57,6 @@ from typing import Any
 import torch
 from torch import nn
 
-# This file is named transformers.py: its own folder leaves the path, so `import transformers` finds the library.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 MODELS = ["vit_b_16", "swin_t", "bert-base", "llama-1.1b"]
