@@ -78,7 +78,17 @@ def test_pruner_by_name_exports_exact_smaller_model(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(from_class(images), callback.exported_model(images))
     payload = torch.load(tmp_path / "out" / "pruned.ckpt", weights_only=True)
-    assert payload["hyper_parameters"]["width"] == 8 and set(payload["masks"]) == {"net.0", "net.3", "net.7"}
+    # a named pruner rounds to multiples of 8 by default: the 8-channel first conv stays whole, 16 -> 8
+    assert payload["hyper_parameters"]["width"] == 8 and set(payload["masks"]) == {"net.3", "net.7"}
+    small = callback.exported_model
+    assert (small.net[0].out_channels, small.net[3].out_channels, small.net[7].out_channels) == (8, 8, 8)
+
+
+def test_round_to_one_prunes_narrow_layers_too(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="fpgm", sparsity=0.5, round_to=1)
+    fit(tmp_path, callback)
+    assert set(callback.masks) == {"net.0", "net.3", "net.7"}
+    assert callback.exported_model.net[0].out_channels == 4
 
 
 def test_masks_hold_whole_channels_through_finetuning(tmp_path) -> None:
@@ -153,7 +163,7 @@ def broken_module() -> DigitsCNN:
 
 
 def test_failed_export_raises_clearly_and_keeps_the_masked_checkpoint(tmp_path) -> None:
-    callback = PruneExportCallback(pruner="fpgm", export_dir=str(tmp_path / "out"))
+    callback = PruneExportCallback(pruner="fpgm", round_to=1, export_dir=str(tmp_path / "out"))
     with pytest.raises(
         PruneExportError,
         match=r"RuntimeError: the user's shrink function failed The masked checkpoint is kept at '.*masked\.ckpt'",
@@ -234,7 +244,7 @@ def test_checkpoint_for_another_architecture(tmp_path) -> None:
     fit(tmp_path, callback)
     with pytest.raises(
         CheckpointError,
-        match=r"pruned\.ckpt' was made from a model whose 'net\.0\.weight' has 8 entries along dim 0; this model's has 16",
+        match=r"pruned\.ckpt' was made from a model whose 'net\.3\.weight' has 16 entries along dim 0; this model's has 32",
     ):
         load_pruned(tmp_path / "out" / "pruned.ckpt", DigitsCNN(width=16))
 

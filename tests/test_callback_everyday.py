@@ -172,7 +172,7 @@ def test_resume_from_a_dense_checkpoint_ranks_the_trained_weights(tmp_path) -> N
     trained = torch.load(tmp_path / "dense.ckpt", weights_only=False)["state_dict"]["model.0.weight"]
     fresh = PLClassifier()
     assert l1_top_half(trained) != l1_top_half(fresh.model[0].weight.detach())  # the test can tell them apart
-    callback = PruneExportCallback(pruner="l1", export_dir=str(tmp_path / "out"))
+    callback = PruneExportCallback(pruner="l1", round_to=1, export_dir=str(tmp_path / "out"))  # 8 channels: prune them
     run(tmp_path / "resumed", callback, module=fresh, ckpt_path=str(tmp_path / "dense.ckpt"), max_steps=18)
     kept = set(callback.masks["model.0"].nonzero().flatten().tolist())
     assert kept == l1_top_half(trained)

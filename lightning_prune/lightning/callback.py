@@ -100,9 +100,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             keeping each source's amount, so export loses no sparsity to unions.
         round_to: keep a multiple of this many channels in each pruned layer: a named pruner's kept
             count is rounded down (never below ``round_to``), your masks get channels added back.
-            Default 1: on this project's CPU benchmark rounding to 8 or 16 gave no measurable
-            speed-up (``benchmarks/deploy.py``) and it stops narrow layers from being pruned; 8 is
-            the alignment GPU tensor cores want.
+            Default ``None``: 8 for a pruner named here, 1 (your widths as given) for masks, a pruner
+            object or ``ModelPruning``. Why 8: ONNX Runtime's CPU convolutions take their fast blocked
+            layout only for multiples of 8 (16 on AVX-512), and ragged widths left a pruned MobileNetV2
+            no faster than the dense model there (``benchmarks/deploy.py --ranking global``); GPU
+            tensor cores want multiples of 8 too. A layer of 8 channels or fewer is then not pruned.
         whole_channel: zero a pruned filter's bias and the norm parameters it feeds before export,
             so nothing constant is left (the mask hold already does this while fine-tuning); the
             report's ``function_change`` says how much that changed the model.
@@ -136,7 +138,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         on_failure: str = "raise",
         rtol: float = 1e-5,
         group_consistent: bool = True,
-        round_to: int = 1,
+        round_to: int | None = None,
         whole_channel: bool = False,
         deploy_formats: list[str] | None = None,
         verify_batches: int = 4,
@@ -220,6 +222,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._graph: ChannelGraph | None = None
         self._distiller: Distiller | None = None
         self._teacher_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def rounding(self) -> int:
+        """The ``round_to`` in effect: as given, else 8 for a pruner named here and 1 for widths you chose."""
+        if self.round_to is not None:
+            return self.round_to
+        return 8 if self.pruner_name is not None else 1
 
     @property
     def pruner_name(self) -> str | None:
@@ -489,7 +498,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             if self.group_consistent and votes:
                 # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
                 # export adds channels back to the multiple instead
-                round_to = self.round_to if self.pruner_name is not None else 1
+                round_to = self.rounding if self.pruner_name is not None else 1
                 masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys(), round_to=round_to)
         masks = trainer.strategy.broadcast(masks, src=0)  # every rank holds rank zero's masks
         pruned = sum(int((~keep).sum()) for keep in masks.values())
@@ -525,7 +534,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ranking=self.ranking,
             min_channels=self.min_channels,
             previous=self.masks,
-            round_to=self.round_to,
+            round_to=self.rounding,
             taylor=self.taylor,
         )
 
@@ -555,7 +564,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def _shrink(self, trainer: Any, pl_module: Any, rebuild_optimizers: bool = True) -> None:
         """``finetune="pruned"``: export now and put the smaller layers into the module itself."""
         example = self._example(trainer, pl_module)
-        round_to = 1 if self.pruner_name is not None else self.round_to
+        round_to = 1 if self.pruner_name is not None else self.rounding
         paused = self._distiller is not None and self._distiller._handle is not None
         if paused:
             self._distiller.detach()  # the copy export makes must not carry the hooks
@@ -653,7 +662,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             for inputs, target in self._batches(trainer, pl_module)
         ]
         start = time.perf_counter()
-        round_to = 1 if self.pruner_name is not None else self.round_to  # a named pruner's masks are rounded already
+        round_to = 1 if self.pruner_name is not None else self.rounding  # a named pruner's masks are rounded already
         result = export(
             reference,
             {} if self.shrunk else self.masks,  # at the pruned size already: the export is verified against itself
