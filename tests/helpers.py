@@ -32,8 +32,11 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 fill(module.running_var, 0.5, 2.0)
         elif is_prunable(module):  # biases of conv/linear; an attention's in_proj_bias, bias_k, bias_v
             for item in channel_tensors(module):
+                tensor = getattr(module, item.name)
                 if not item.is_weight:
-                    fill(getattr(module, item.name), -0.2, 0.2)
+                    fill(tensor, -0.2, 0.2)
+                elif not tensor.any():  # a zero-initialised classifier (torchvision's ViT head): output ignores input
+                    fill(tensor, -0.05, 0.05)
     return model.eval()
 
 

@@ -199,7 +199,9 @@ def export_pruned_model(
     filter's whole channel as pruned: its bias and the norm parameters it feeds are zeroed first,
     so nothing constant remains and the export is as small as the masks say; the function change
     this accepts is :attr:`ExportResult.function_change`. ``round_to`` adds pruned channels back
-    until each pruned layer keeps a multiple of it (keeping a channel is always exact).
+    until each pruned layer keeps a multiple of it (keeping a channel is always exact), except a
+    grouped conv whose groups admit no multiple below its full width (RegNet's 13 groups of 8 with
+    ``round_to=8``): it keeps its count, as :func:`~lightning_prune.group_masks` leaves it.
     """
     return export(
         model, masks, example_input, inplace_dict=inplace_dict, whole_channel=whole_channel, round_to=round_to

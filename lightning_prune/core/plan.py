@@ -15,6 +15,7 @@ masked model; it changes none of them, so planning twice gives the same plan.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -84,7 +85,8 @@ def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int =
     channel a mask prunes that the plan keeps gets a note: the notes of action ``"kept"`` for
     a layer add up to the number of its masked channels kept, one note per reason. With
     ``round_to > 1`` every pruned layer keeps a multiple of ``round_to`` output channels (or all
-    of them): pruned channels are added back, which is always exact.
+    of them): pruned channels are added back, which is always exact. A grouped conv whose groups
+    admit no multiple of ``round_to`` below its full width keeps its grouped-conv count instead.
     """
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ValueError(f"round_to must be an int >= 1; got {round_to!r}.")
@@ -232,13 +234,23 @@ def _widen_groups(graph: ChannelGraph, keep: np.ndarray, why: np.ndarray, reason
 
 
 def _round_up(graph: ChannelGraph, keep: np.ndarray, why: np.ndarray, reasons: list[str], round_to: int) -> bool:
-    """Add pruned channels back (lowest index first) until each layer keeps a multiple of ``round_to``."""
+    """Add pruned channels back (lowest index first) until each layer keeps a multiple of ``round_to``.
+
+    A layer whose channels a grouped conv splits into ``G`` groups of ``per`` channels, where no
+    multiple of ``lcm(G, round_to)`` lies below ``G * per`` (RegNet's 13 groups of 8 with
+    ``round_to=8``), keeps the grouped-conv rule's count, as :func:`~lightning_prune.group_masks`
+    leaves it: rounding it up could only keep the whole layer."""
+    exempt: set[int] = set()
+    for _, rows in grouped_conv_rows(graph):
+        groups, per = rows.shape
+        if round_to // math.gcd(groups, round_to) >= per:
+            exempt.update(graph.root[rows[rows >= 0]].tolist())
     changed = False
     for layer, labels in graph.producers.items():
         labels = labels.numpy()
         kept = keep[graph.root[labels]]
         missing = -int(kept.sum()) % round_to
-        if kept.all() or missing == 0:
+        if kept.all() or missing == 0 or not exempt.isdisjoint(graph.root[labels].tolist()):
             continue
         reason = f"'{layer}' keeps a multiple of {round_to} channels (round_to={round_to})"
         _keep_groups(graph, keep, why, reasons, labels[~kept][:missing], reason)
