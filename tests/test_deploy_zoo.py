@@ -30,13 +30,10 @@ from lightning_prune.core.report import count_params
 
 # Exported parameters over dense (measured: whole_channel / plain export). Each bound holds with margin
 # and, but for EfficientNet (whose plain export is as small: 0.320), fails at the plain export's size.
-# RegNet's bound is high because round_to=8 cannot be met by its 13- and 55-group convs below their
-# full width (13 * 8 = 104 and 55 * 8 = 440 channels): group_masks leaves those layers at 4 of 8
-# channels per group, and export's round_to then keeps them whole.
 MAX_PARAMS = {
     "efficientnet_b0": 0.35,  # 0.319 / 0.320
     "convnext_tiny": 0.30,  # 0.260 / 0.547
-    "regnet_y_400mf": 0.47,  # 0.464 / 0.484
+    "regnet_y_400mf": 0.30,  # 0.269 / 0.484
     "densenet121": 0.32,  # 0.285 / 0.393
     "vit_b_16": 0.30,  # 0.254 / 0.508
 }
@@ -83,9 +80,7 @@ def calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "vit_b_16":
-        model = torchvision.models.vit_b_16(weights=None, image_size=64)
-        nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised: the logits would not depend on the image
-        return randomize(model)
+        return randomize(torchvision.models.vit_b_16(weights=None, image_size=64))  # randomize fills its zero head
     model = randomize(torchvision.models.get_model(name, weights=None))
     return calibrate_norms(model, images(8, 9)) if name == "efficientnet_b0" else model
 
@@ -110,19 +105,28 @@ def test_whole_channel_export_is_exact_small_and_rounded(exported: Exported) -> 
     assert result.function_change > 0  # whole channels zeroed: the function changed, and export says by how much
     assert count_params(small) < MAX_PARAMS[name] * count_params(model)
 
-    # As small as the masks say: the only channels kept against them are grouped convs' that no multiple
-    # of round_to below the full width fits, and those layers are kept whole.
-    reasons = {note.reason.split("' ")[-1] for note in result.notes if note.action == "kept"}
-    assert all(f"(round_to={ROUND_TO})" in r or r.startswith("is a grouped conv") for r in reasons), reasons
+    assert not [note for note in result.notes if note.action == "kept"]  # as small as the masks say
     original = dict(model.named_modules())
     for layer_name, layer in small.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and width(layer) != width(original[layer_name]):
             assert width(layer) == int(masks[layer_name].sum()), layer_name
-            assert width(layer) % ROUND_TO == 0, f"{layer_name}: {width(layer)} channels"  # grouped, depthwise too
+            # grouped and depthwise convs too, but for RegNet's 13- and 55-group stages: no multiple of
+            # lcm(groups, 8) lies below their full width, so they keep 4 of 8 channels per group
+            in_odd_stage = name == "regnet_y_400mf" and layer_name.startswith(
+                ("trunk_output.block2", "trunk_output.block4")
+            )
+            assert width(layer) % ROUND_TO == 0 or in_odd_stage, f"{layer_name}: {width(layer)} channels"
     if name == "vit_b_16":
         assert all(layer.self_attention.num_heads < 12 for layer in small.encoder.layers)
 
 
+# ONNX and torch.export take 25-60 s a model here: the files are checked on the three that add ops the
+# CNNs of tests/test_deploy.py lack (SiLU and squeeze-excite, channels-first LayerNorm, attention);
+# RegNet's grouped convs and DenseNet's concatenations are checked for exactness above.
+DEPLOYED = ("efficientnet_b0", "convnext_tiny", "vit_b_16")
+
+
+@pytest.mark.parametrize("exported", [pytest.param(name, id=name) for name in DEPLOYED], indirect=True)
 def test_deployable_files_reproduce_the_export(exported: Exported, tmp_path) -> None:
     small = exported.result.model
     report = save_deployables(small, images(2, 0), tmp_path, DEPLOY_FORMATS, batches=[images(5, 2)])
