@@ -1,15 +1,20 @@
 """Does pruning make the deployed network faster? Params, MACs and CPU latency, dense against exported.
 
-    python benchmarks/deploy.py                          # six torchvision models, round_to 1/8/16/32 (~15 min, 2 cores)
+    python benchmarks/deploy.py                          # seven torchvision models, round_to 1/8/16/32 (~25 min, 2 cores)
     python benchmarks/deploy.py --quick                  # resnet50 and mobilenet_v2, round_to 1/8, shorter timings
+    python benchmarks/deploy.py --ranking global --models mobilenet_v2,efficientnet_b0 --round-to 1,8
     python benchmarks/deploy.py --models resnet50 --round-to 1,8 --onnx-exporter dynamo
 
 Each model (torchvision, ``weights=None``, randomised norm statistics, one 3x224x224 input) is
-pruned with 50% group masks, ``group_masks(ChannelGraph.from_model(m, x), 0.5, model=m,
-round_to=r)``, the norms' affine parameters of pruned channels zeroed (whole channels, so nothing is
-kept for a constant), and exported. Where ``torch-pruning`` is installed its MagnitudePruner (L1,
-ratio 0.5, the classifier ignored, no rounding) prunes a copy of the same model for a side-by-side
-row; a model it fails on is reported and left out.
+pruned at 50% for each ``round_to``: by default with group masks, ``group_masks(ChannelGraph.from_model(m,
+x), 0.5, model=m, round_to=r)``, which prunes half of every family of coupled channels; with
+``--ranking global`` by ``importance_masks(..., "l1", ranking="global")``, half of all groups chosen
+across families by score, which leaves ragged widths. The norms' affine parameters of pruned channels
+are zeroed (whole channels, so nothing is kept for a constant) and the model exported. Where
+``torch-pruning`` is installed its MetaPruner (L1 magnitude, ratio 0.5, the classifier ignored,
+``global_pruning`` with ``--ranking global``; for vit_b_16 whole heads, as in
+``benchmarks/transformer_export.py``) prunes a copy of the same model at each ``--tp-round-to``
+(none and 8 by default); a model it fails on is reported and left out.
 
 Latency: eval mode, no grad, batch 1 and batch 8, in torch eager and in ONNX Runtime (CPU
 provider), every variant of one model timed in the same interleaved rounds
@@ -21,26 +26,13 @@ that :func:`lightning_prune.core.deploy.save_onnx` uses; ``--onnx-exporter dynam
 instead). Both runtimes use ``--threads`` intra-op threads, 1 by default: on a machine whose
 cores other processes share, two spinning OpenMP threads on two busy cores made torch eager 100x
 slower (mobilenet_v2 at 64x64: 1.6 s a call with 2 threads, 14 ms with 1), which measures the
-neighbours, not the network. Every exported network is checked against its masked model, and every ONNX file against
-its network, before it is timed.
+neighbours, not the network. Every exported network is checked against its masked model, and every
+ONNX file against its network, before it is timed.
 
-Measured on this project's shared 2-core AMD EPYC VM (1 thread each, 547 s; geometric means over
-the six models of latency ratio exported/dense, and that ratio over the MAC ratio):
-
-| variant | MAC x | eager b1 x | eager b8 x | ORT b1 x | ORT b8 x | ORT b8 lat/MAC |
-|---|---|---|---|---|---|---|
-| round_to=1 | 0.26 | 0.38 | 0.35 | 0.35 | 0.31 | 1.18 |
-| round_to=8 | 0.26 | 0.38 | 0.35 | 0.35 | 0.30 | 1.16 |
-| round_to=16 | 0.27 | 0.37 | 0.33 | 0.36 | 0.31 | 1.15 |
-| round_to=32 | 0.30 | 0.40 | 0.37 | 0.38 | 0.34 | 1.13 |
-| Torch-Pruning (L1, 0.5) | 0.26 | 0.36 | 0.35 | 0.34 | 0.30 | 1.15 |
-
-The noise is as large as any difference between round_to values: ResNet-50's channel counts are
-multiples of 32 at every round_to, so its four round_to rows are one network, and they time
-918-1119 ms at eager batch 8. round_to 8 and 16 cost no MACs (rounding down prunes a little more);
-32 does (DenseNet's 32-channel growth layers cannot be pruned below 32: 0.45 of the MACs instead of
-0.26). Recommended default: 8, which is free on every model here and is the multiple that fp16
-tensor cores and 8-wide SIMD blocked layouts want; its GPU gain is not measured here (no GPU).
+Three tables: every variant of every model; per variant, geometric means over the models; per
+model, ours (round_to 8, the callback's default) against each Torch-Pruning variant in params and
+latency/MAC. The figures measured on this project's machine, and what they say, are in the README
+("Deploying"); ``benchmarks/latency_breakdown.py`` splits the time by kind of layer.
 """
 
 from __future__ import annotations
@@ -64,59 +56,95 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import randomize, zero_norm_affine
+from transformer_export import torch_pruning_setup
 
 from lightning_prune import ChannelGraph, VerificationError, export, group_masks, verify_equivalence
 from lightning_prune.core.deploy import OnnxRuntimeModel, save_onnx
+from lightning_prune.core.importance import importance_masks
 from lightning_prune.core.report import Latency, compare_latency, count_macs, count_params
 
-MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf", "densenet121"]
+MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf", "densenet121", "vit_b_16"]
 QUICK_MODELS = ["resnet50", "mobilenet_v2"]
 ROUND_TO = [1, 8, 16, 32]
 TIMINGS = [("eager", 1), ("eager", 8), ("ort", 1), ("ort", 8)]
 
 
 def build_variants(
-    name: str, round_tos: list[int], size: int, with_torch_pruning: bool
+    name: str, round_tos: list[int], size: int, torch_pruning_round_tos: list[int | None], ranking: str = "uniform"
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """``{"dense": model, "r=1": exported, ..., "torch-pruning": pruned}`` and notes (why a variant is missing)."""
+    """``{"dense": model, "r=1": exported, ..., "tp": pruned, "tp r=8": ...}`` and notes (why a variant is missing).
+
+    ``ranking="uniform"`` prunes half of every family of coupled groups (``group_masks``); ``"global"`` prunes
+    the same number of groups chosen across all families by L1 score, which leaves ragged widths."""
     torch.manual_seed(0)
-    model = randomize(torchvision.models.get_model(name, weights=None)).eval()
+    model = build(name)
     example = torch.randn(1, 3, size, size)
     graph = ChannelGraph.from_model(model, example)
     variants: dict[str, nn.Module] = {"dense": model}
     notes: dict[str, str] = {}
     for round_to in round_tos:
-        masks = group_masks(graph, 0.5, model=model, round_to=round_to)
+        if ranking == "uniform":
+            masks = group_masks(graph, 0.5, model=model, round_to=round_to)
+        else:
+            sparsity = dict.fromkeys(graph.producers, 0.5)
+            masks = importance_masks(graph, model, "l1", sparsity, ranking=ranking, round_to=round_to)
         reference = zero_norm_affine(model, masks, example)
         result = export(reference, masks, example)
         check = verify_equivalence(reference, result.model, example)
         if not check.passed:
             raise SystemExit(f"{name} round_to={round_to}: the export differs from the masked model:\n{check}")
         variants[f"r={round_to}"] = result.model.eval()
-    if with_torch_pruning:
+    for round_to in torch_pruning_round_tos:
+        tag = "tp" if round_to is None else f"tp r={round_to}"
         try:
-            import torch_pruning as tp
+            variants[tag] = torch_pruned(name, model, example, round_to, global_pruning=ranking == "global")
         except ImportError:
-            notes["torch-pruning"] = "not installed (pip install torch-pruning)"
-        else:
-            pruned = copy.deepcopy(model)
-            ignored = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1:]
-            try:
-                with torch.enable_grad(), warnings.catch_warnings():  # Torch-Pruning traces through autograd
-                    warnings.simplefilter("ignore")
-                    tp.pruner.MagnitudePruner(
-                        pruned,
-                        example,
-                        importance=tp.importance.MagnitudeImportance(p=1),
-                        pruning_ratio=0.5,
-                        ignored_layers=ignored,
-                    ).step()
-                with torch.no_grad():
-                    pruned.eval()(example)
-                variants["torch-pruning"] = pruned
-            except Exception as err:  # a model it cannot prune: say so, go on
-                notes["torch-pruning"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            notes[tag] = "not installed (pip install torch-pruning)"
+        except Exception as err:  # a model it cannot prune: say so, go on
+            notes[tag] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     return variants, notes
+
+
+def build(name: str) -> nn.Module:
+    """A torchvision model with random weights and trained-like (randomised) norm statistics and biases."""
+    return randomize(torchvision.models.get_model(name, weights=None)).eval()
+
+
+def torch_pruned(
+    name: str, model: nn.Module, example: torch.Tensor, round_to: int | None, global_pruning: bool
+) -> nn.Module:
+    """A copy of ``model`` pruned by Torch-Pruning at ratio 0.5 with L1 magnitude, its classifier left, as its
+    examples set it up (for vit_b_16: heads per attention, whole heads pruned, the attributes set after)."""
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    heads, fix = {}, None
+    if name == "vit_b_16":
+        heads, ignored, fix = torch_pruning_setup(name, pruned)
+    else:
+        ignored = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1:]
+    with torch.enable_grad(), warnings.catch_warnings():  # Torch-Pruning traces through autograd
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            pruned,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
+            ignored_layers=ignored,
+            round_to=round_to,
+            global_pruning=global_pruning,
+            **(
+                dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5)
+                if heads
+                else {}
+            ),
+        )
+        pruner.step()
+    if fix is not None:
+        fix(pruner)
+    with torch.no_grad():
+        pruned.eval()(example)
+    return pruned
 
 
 def onnx_file(model: nn.Module, example: torch.Tensor, directory: str, tag: str, exporter: str) -> str:
@@ -193,7 +221,7 @@ def cell(latency: Latency) -> str:
 
 def run_model(name: str, args: argparse.Namespace, directory: str) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    variants, notes = build_variants(name, args.round_to, args.size, not args.no_torch_pruning)
+    variants, notes = build_variants(name, args.round_to, args.size, args.tp_round_to, args.ranking)
     example = torch.randn(1, 3, args.size, args.size)
     rows = [
         {"model": name, "variant": tag, "params": count_params(m), "macs": count_macs(m, example)}
@@ -255,6 +283,32 @@ def summary(rows: list[dict[str, Any]], timings: list[tuple[str, int]] = TIMINGS
     return "\n".join(lines)
 
 
+def versus(rows: list[dict[str, Any]], ours: str, timings: list[tuple[str, int]] = TIMINGS) -> str:
+    """Per model: ``ours`` against each Torch-Pruning variant in params (% of dense) and latency/MAC ratio."""
+    dense = {row["model"]: row for row in rows if row["variant"] == "dense"}
+    theirs = list(dict.fromkeys(row["variant"] for row in rows if row["variant"].startswith("tp")))
+    by_key = {(row["model"], row["variant"]): row for row in rows}
+    tags = [ours, *theirs]
+    lines = [
+        f"| model | params % ({' / '.join(tags)}) |"
+        + "".join(f" {r} b{b} lat/MAC ({' / '.join(tags)}) |" for r, b in timings),
+        "|" + "---|" * (2 + len(timings)),
+    ]
+    for model, base in dense.items():
+        present = [by_key.get((model, tag)) for tag in tags]
+        cells = [model, " / ".join(f"{100 * r['params'] / base['params']:.1f}" if r else "-" for r in present)]
+        for runtime, batch in timings:
+            key = f"{runtime}_b{batch}"
+            cells.append(
+                " / ".join(
+                    f"{(r[key].median_ms / base[key].median_ms) / (r['macs'] / base['macs']):.2f}" if r else "-"
+                    for r in present
+                )
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))
@@ -292,7 +346,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--budget", type=float, default=4.0, help="seconds per batch-1 timing of one model's variants (x3 at batch 8)"
     )
     parser.add_argument("--onnx-exporter", choices=["torchscript", "dynamo"], default="torchscript")
-    parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument(
+        "--tp-round-to",
+        type=lambda s: [None if v == "none" else int(v) for v in s.split(",")] if s else [],
+        default=None,
+        help="Torch-Pruning's round_to values, 'none' for no rounding (default none,8; '' for no Torch-Pruning rows)",
+    )
+    parser.add_argument(
+        "--ranking",
+        choices=["uniform", "global"],
+        default="uniform",
+        help="uniform: half of every family of groups; global: half of all groups by L1 score (ragged widths)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -303,6 +368,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.models = args.models or (QUICK_MODELS if args.quick else MODELS)
     args.round_to = args.round_to or ([1, 8] if args.quick else ROUND_TO)
+    args.tp_round_to = [None, 8] if args.tp_round_to is None else args.tp_round_to
     if args.quick:
         args.budget /= 3
     return args
@@ -321,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     print(summary(rows))
+    ours = "r=8" if 8 in args.round_to else f"r={args.round_to[0]}"
+    if any(row["variant"].startswith("tp") for row in rows):
+        print()
+        print(versus(rows, ours))
     print(f"\n<!-- {time.perf_counter() - started:.0f} s in all; load average now {os.getloadavg()[0]:.1f} -->")
     if args.json:
         with open(args.json, "w") as stream:

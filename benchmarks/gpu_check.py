@@ -115,7 +115,7 @@ def deploy_latency(args: argparse.Namespace) -> bool:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as directory:
         for name in args.models:
-            variants, _ = bench.build_variants(name, args.round_to, args.size, with_torch_pruning=False)
+            variants, _ = bench.build_variants(name, args.round_to, args.size, [], args.ranking)
             example = torch.randn(1, 3, args.size, args.size)
             own = [
                 {"model": name, "variant": tag, "params": bench.count_params(m), "macs": bench.count_macs(m, example)}
@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--round-to", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 16, 32])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--ranking", choices=["uniform", "global"], default="uniform", help="as benchmarks/deploy.py (global: ragged)"
+    )
     parser.add_argument(
         "--budget", type=float, default=2.0, help="seconds per batch-1 timing of one model's variants (x3 at batch 8)"
     )
