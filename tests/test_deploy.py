@@ -369,3 +369,21 @@ def test_onnx_runtime_latency_is_reported_when_asked(tmp_path) -> None:
         "latency_within_noise",
     } <= report.keys()
     assert report["latency_ms"] > 0 and report["torch_latency_ms"] > 0 and model.training
+
+
+def test_layer_norm_keeping_its_divisor_loads_from_the_torchscript_onnx_exporter(tmp_path) -> None:
+    """ConvNeXt's channels-first norm becomes a PrunedLayerNorm; torch.onnx's legacy exporter (dynamo=False,
+    what many users still call) wrote its movedim as a Transpose with a negative perm ONNX Runtime refused."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 16, 3), LayerNorm2d(16), nn.Conv2d(16, 4, 1)))
+    keep = torch.arange(16) % 2 == 0
+    small = export_pruned_model(model, {"0": keep}, images(2, 0), whole_channel=True).eval()
+    assert type(small[1]).__name__ == "PrunedLayerNorm"
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(small, (images(1, 0),), str(path), dynamo=False, dynamic_axes={"x": {0: "b"}}, input_names=["x"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images(3, 4)
+    (got,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        assert relative_error(torch.from_numpy(got), small(x)) <= 1e-5

@@ -192,7 +192,10 @@ class PrunedLayerNorm(nn.LayerNorm):
         self.register_buffer("pruned_sum_sq", torch.tensor(constants.sum_sq, dtype=torch.float64))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.movedim(self.channel_dim, -1)
+        # non-negative dims: torch.onnx's TorchScript exporter writes a negative one into a Transpose's
+        # perm, which ONNX Runtime refuses to load
+        channel_dim, last = self.channel_dim % x.dim(), x.dim() - 1
+        x = x.movedim(channel_dim, last)
         s1, s2 = self.pruned_sum.to(x.dtype), self.pruned_sum_sq.to(x.dtype)
         mean = (x.sum(-1, keepdim=True) + s1) / self.channels
         centred = x - mean
@@ -204,7 +207,7 @@ class PrunedLayerNorm(nn.LayerNorm):
             y = y * self.weight
         if self.bias is not None:
             y = y + self.bias
-        return y.movedim(-1, self.channel_dim)
+        return y.movedim(last, channel_dim)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channels={self.channels}, pruned={self.pruned}, channel_dim={self.channel_dim}"
