@@ -179,9 +179,8 @@ def onnx_runtimes(
 ) -> dict[str, nn.Module]:
     """Each variant as an ONNX Runtime session, checked against the network at batch 2 (1e-4 relative).
 
-    A TorchScript-exported file ONNX Runtime refuses (the TorchScript exporter writes ``movedim`` with a
-    negative dim as a Transpose with a negative ``perm``, which ONNX Runtime rejects: ConvNeXt's
-    channels-first LayerNorm) is exported again with the dynamo exporter, and ``notes`` says so."""
+    A TorchScript-exported file ONNX Runtime refuses is exported again with the dynamo exporter, and
+    ``notes`` says so."""
     example = torch.randn(1, 3, size, size)
     check = torch.randn(2, 3, size, size)
     sessions = {}
