@@ -41,7 +41,7 @@ def images(batch: int, seed: int, size: int = 64) -> torch.Tensor:
 def pruned(request) -> nn.Module:
     """The exported (physically smaller) network of a torchvision model at random 50% masks."""
     torch.manual_seed(0)
-    model = randomize(torchvision.models.get_model(request.param, weights=None))
+    model = randomize(torchvision.models.get_model(request.param, weights=None), example=images(2, 0))
     small = export_pruned_model(model, random_masks(model, 0.5), images(2, 0))
     assert sum(p.numel() for p in small.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
     return small.eval()

@@ -1,7 +1,7 @@
 """The torchvision zoo's representative shapes, pruned as users do and shipped: exact at every step.
 
-Each model (randomised norms and biases, eval mode, 3x64x64 images; EfficientNet's batch-norm
-statistics from a real batch, see calibrate_norms) gets 50% group masks rounded to multiples of 8
+Each model (randomised norms and biases, batch-norm statistics set from a real batch and perturbed,
+eval mode, 3x64x64 images) gets 50% group masks rounded to multiples of 8
 and is exported with ``whole_channel=True, round_to=8``. The export must equal the whole-channel
 model (filters, biases and the norms they feed zeroed) on another batch size, be as small as the
 masks say, and keep multiples of 8; then ``pruned.onnx`` (in ONNX Runtime) and ``pruned.pt2``
@@ -61,28 +61,11 @@ def width(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
-@torch.no_grad()
-def calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Batch-norm statistics of a real batch (norm affines stay random): EfficientNet's depthwise convs output
-    std ~0.03, which random running stats (var 0.5..2) drown in the shifts; its logits then varied by 2e-7."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average: the batch's statistics
-        norm.train()
-    model(x)
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-    return model.eval()
-
-
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "vit_b_16":
         return randomize(torchvision.models.vit_b_16(weights=None, image_size=64))  # randomize fills its zero head
-    model = randomize(torchvision.models.get_model(name, weights=None))
-    return calibrate_norms(model, images(8, 9)) if name == "efficientnet_b0" else model
+    return randomize(torchvision.models.get_model(name, weights=None), example=images(8, 9))
 
 
 @pytest.fixture(scope="module", params=[pytest.param(name, id=name) for name in MAX_PARAMS])

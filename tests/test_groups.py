@@ -17,8 +17,8 @@ from lightning_prune.core.report import count_params
 )
 def test_group_masks_keep_at_most_60_percent_exactly(name: str) -> None:
     torch.manual_seed(0)
-    model = randomize(torchvision.models.get_model(name, weights=None))
     example = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = randomize(torchvision.models.get_model(name, weights=None), example=example)
     graph = ChannelGraph.from_model(model, example)
     masks = group_masks(graph, 0.5, model=model)
     result = export_and_check(zero_norm_affine(model, masks, example), masks, example)

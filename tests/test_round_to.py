@@ -21,7 +21,7 @@ def traced() -> dict[str, tuple[nn.Module, ChannelGraph]]:
     def get(name: str) -> tuple[nn.Module, ChannelGraph]:
         if name not in cache:
             torch.manual_seed(0)
-            model = randomize(torchvision.models.get_model(name, weights=None))
+            model = randomize(torchvision.models.get_model(name, weights=None), example=EXAMPLE)
             cache[name] = (model, ChannelGraph.from_model(model, EXAMPLE))
         return cache[name]
 

@@ -52,7 +52,7 @@ def test_whole_channel_zeroes_the_biases_and_reports_the_change() -> None:
     [pytest.param("resnet18", id="resnet18"), pytest.param("mobilenet_v2", id="mobilenet_v2")],
 )
 def test_whole_channel_export_is_as_small_as_the_masks(name) -> None:
-    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10), example=IMAGE)
     masks = random_masks(model, 0.5, seed=3, skip=("fc", "classifier.1"))
     plain = export(model, masks, IMAGE)
     whole = export(model, masks, IMAGE, whole_channel=True)
