@@ -14,6 +14,17 @@ from lightning_prune.core.masks import Masks, channel_tensors, is_prunable, out_
 RTOL = 1e-5
 
 
+def images(batch: int, seed: int, size: int = 64) -> torch.Tensor:
+    """``batch`` random 3-channel ``size`` x ``size`` images, the same for the same seed."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|got - expected| / |expected|``, in float64."""
+    got, expected = got.detach().double(), expected.detach().double()
+    return float((got - expected).norm() / expected.norm())
+
+
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0, example: Any = None) -> nn.Module:
     """Trained-like norms and biases: with beta=0 and mean=0 a wrong export would still pass.

@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from helpers import random_masks, randomize
+from helpers import images, random_masks, randomize, relative_error
 from torch import nn
 
 from lightning_prune import CheckpointError, ConfigurationError, VerificationError, export_pruned_model
@@ -26,15 +26,6 @@ from lightning_prune.core.deploy import (
     save_onnx,
     save_pt2,
 )
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.detach().double(), expected.detach().double()
-    return float((got - expected).norm() / expected.norm())
-
-
-def images(batch: int, seed: int, size: int = 64) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module", params=[pytest.param(n, id=n) for n in ("resnet18", "mobilenet_v2")])

@@ -20,7 +20,7 @@ import onnxruntime
 import pytest
 import torch
 import torchvision
-from helpers import randomize, zero_norm_affine
+from helpers import images, randomize, relative_error, zero_norm_affine
 from torch import nn
 
 from lightning_prune import ChannelGraph, ExportResult, export, group_masks, verify_equivalence
@@ -46,15 +46,6 @@ class Exported(NamedTuple):
     masks: Masks
     result: ExportResult
     reference: nn.Module
-
-
-def images(batch: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.detach().double(), expected.detach().double()
-    return float((got - expected).norm() / expected.norm())
 
 
 def width(layer: nn.Module) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.masks import Masks, filter_norms
-from lightning_prune.core.plan import grouped_conv_rows
+from lightning_prune.core.plan import grouped_conv_rows, rounding_step
 
 
 def group_masks(
@@ -157,7 +157,7 @@ def _family_step(roots: list[int], members: Mapping[int, list[tuple[str, int]]],
     (8, 1)
     """
     steps = {
-        round_to // math.gcd(width, round_to)
+        rounding_step(width, round_to)
         for root in roots
         for width in Counter(layer for layer, _ in members[root]).values()
     }
@@ -178,7 +178,7 @@ def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[i
         total = sum(int(r) in pruned for r in roots.flat)
         per = roots.shape[1]
         target = min(round(total / roots.shape[0]), per - 1)
-        step = round_to // math.gcd(roots.shape[0], round_to)
+        step = rounding_step(roots.shape[0], round_to)
         if target > 0 and step < per:  # a multiple of lcm(groups, round_to) below the full width exists
             target = per - min(per - 1, max(step, (per - target) // step * step))
         for chunk in roots.tolist():

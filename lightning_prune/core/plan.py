@@ -175,6 +175,19 @@ def grouped_conv_rows(graph: ChannelGraph) -> list[tuple[str, np.ndarray]]:
     return [(layer, labels.numpy().reshape(groups, -1)) for layer, labels, groups in graph.trace.even_groups]
 
 
+def rounding_step(width: int, round_to: int) -> int:
+    """How many units ``width`` channels wide make a multiple of ``round_to`` channels.
+
+    One rule for every unit rounding meets: a plain channel (``width`` 1: ``round_to`` of them), an
+    attention head (64 channels: any count) and a grouped conv's ``G`` groups (its per-group count
+    steps by ``round_to / gcd(G, round_to)``).
+
+    >>> rounding_step(1, 8), rounding_step(64, 8), rounding_step(12, 8)
+    (8, 1, 2)
+    """
+    return round_to // math.gcd(width, round_to)
+
+
 def _code(reasons: list[str], reason: str) -> int:
     try:
         return reasons.index(reason)
@@ -243,7 +256,7 @@ def _round_up(graph: ChannelGraph, keep: np.ndarray, why: np.ndarray, reasons: l
     exempt: set[int] = set()
     for _, rows in grouped_conv_rows(graph):
         groups, per = rows.shape
-        if round_to // math.gcd(groups, round_to) >= per:
+        if rounding_step(groups, round_to) >= per:
             exempt.update(graph.root[rows[rows >= 0]].tolist())
     changed = False
     for layer, labels in graph.producers.items():

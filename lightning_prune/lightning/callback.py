@@ -231,6 +231,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         return 8 if self.pruner_name is not None else 1
 
     @property
+    def _export_rounding(self) -> int:
+        """What export rounds up: your widths, to :attr:`rounding`; a named pruner's masks are rounded already."""
+        return 1 if self.pruner_name is not None else self.rounding
+
+    @property
     def pruner_name(self) -> str | None:
         """The pruner this callback runs by name (one of ours, or ``"nni-..."``), or ``None`` (a pruner
         object, given masks, or the model's own)."""
@@ -564,12 +569,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def _shrink(self, trainer: Any, pl_module: Any, rebuild_optimizers: bool = True) -> None:
         """``finetune="pruned"``: export now and put the smaller layers into the module itself."""
         example = self._example(trainer, pl_module)
-        round_to = 1 if self.pruner_name is not None else self.rounding
         paused = self._distiller is not None and self._distiller._handle is not None
         if paused:
             self._distiller.detach()  # the copy export makes must not carry the hooks
         try:
-            result = export(pl_module, self.masks, example, inplace_dict=self.inplace_dict, round_to=round_to)
+            result = export(
+                pl_module, self.masks, example, inplace_dict=self.inplace_dict, round_to=self._export_rounding
+            )
             small = result.model.to(pl_module.device)
             if rebuild_optimizers:  # the masked model is live: the small one must compute what it computes
                 verify_on_batches(pl_module, small, [(example, None)], self.rtol)
@@ -662,14 +668,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             for inputs, target in self._batches(trainer, pl_module)
         ]
         start = time.perf_counter()
-        round_to = 1 if self.pruner_name is not None else self.rounding  # a named pruner's masks are rounded already
         result = export(
             reference,
             {} if self.shrunk else self.masks,  # at the pruned size already: the export is verified against itself
             example,
             inplace_dict=self.inplace_dict,
             whole_channel=self.whole_channel,
-            round_to=round_to,
+            round_to=self._export_rounding,
         )
         export_seconds = time.perf_counter() - start
         small = result.model.to(pl_module.device).eval()
