@@ -52,6 +52,9 @@ def test_whole_channel_zeroes_the_biases_and_reports_the_change() -> None:
     [pytest.param("resnet18", id="resnet18"), pytest.param("mobilenet_v2", id="mobilenet_v2")],
 )
 def test_whole_channel_export_is_as_small_as_the_masks(name) -> None:
+    # seeded: the weights must not depend on which tests ran first (with calibrated statistics one MobileNetV2
+    # draw in six missed 1e-5 in float32, at 1.8e-5, while its float64 export was exact to 1e-13)
+    torch.manual_seed(0)
     model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10), example=IMAGE)
     masks = random_masks(model, 0.5, seed=3, skip=("fc", "classifier.1"))
     plain = export(model, masks, IMAGE)
@@ -67,6 +70,7 @@ def test_whole_channel_export_is_as_small_as_the_masks(name) -> None:
 
 @pytest.mark.parametrize("round_to", [8, 16])
 def test_round_to_adds_channels_back_exactly(round_to) -> None:
+    torch.manual_seed(0)
     model = randomize(torchvision.models.resnet18(weights=None, num_classes=10))
     masks = random_masks(model, 0.5, seed=1, skip=("fc",))
     result = export(model, masks, IMAGE, round_to=round_to, whole_channel=True)
