@@ -1,17 +1,6 @@
-"""The docs cannot rot: every relative link resolves, every ```python block runs, every ```yaml block parses.
-
-The convention (also in docs/README.md), for README.md and every docs/*.md page:
-
-- A page's ```python blocks run in order in one namespace, with a page of their own as the working
-  directory, so a later block may use what an earlier one made (``callback``, ``pruned.ckpt``).
-- An HTML comment right before a block, ``<!-- docs-test: setup`` ... ``-->``, holds hidden code run
-  just before it: the tiny model and data the block takes for granted (``module``, ``train_loader``),
-  from ``lightning_prune.lightning.demo``. A block that shows a ``Trainer`` runs it for real, on
-  that tiny data.
-- ``<!-- docs-test: skip (reason) -->`` right before a block leaves it out; the reason is required.
-- ```yaml blocks are read with ``yaml.safe_load``, and each ``class_path`` in them must import; other languages (bash) are not run.
-- Links: a relative link must name a file or folder that exists, and a ``#anchor`` into a Markdown
-  page must be one of its headings' GitHub slugs. Links to other sites are not followed.
+"""The docs cannot rot: in README.md and docs/*.md every relative link (and #anchor) resolves, every
+```python block runs and every ```yaml block loads. The conventions, including the
+``<!-- docs-test: setup ... -->`` and ``<!-- docs-test: skip (reason) -->`` comments, are in docs/README.md.
 """
 
 from __future__ import annotations
