@@ -31,8 +31,8 @@ ONNX file against its network, before it is timed.
 
 Three tables: every variant of every model; per variant, geometric means over the models; per
 model, ours (round_to 8, the callback's default) against each Torch-Pruning variant in params and
-latency/MAC. The figures measured on this project's machine, and what they say, are in the README
-("Deploying"); ``benchmarks/latency_breakdown.py`` splits the time by kind of layer.
+latency/MAC. The figures measured on this project's machine, and what they say, are in
+docs/measured.md ("Measured speed-up on CPU"); ``benchmarks/latency_breakdown.py`` splits the time by kind of layer.
 """
 
 from __future__ import annotations

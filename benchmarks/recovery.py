@@ -19,7 +19,7 @@ are not pruned). Accuracy: mean and spread (max - min) over the seeds, of the ex
 the held-out set. Step time: median milliseconds per training step after the last pruning step,
 masked (gradual + distill) against pruned-size (gradual + distill, pruned).
 
-    python benchmarks/recovery.py                 # 3 seeds, the table in the README
+    python benchmarks/recovery.py                 # 3 seeds, the table in docs/recipes.md
     python benchmarks/recovery.py --seeds 1 --epochs 4 --dense-epochs 4   # a quick look
 """
 
