@@ -32,11 +32,11 @@ def sentences() -> tuple[DataLoader, DataLoader]:
     return DataLoader(Sentences(16, seed=0), batch_size=8), DataLoader(Sentences(8, seed=1), batch_size=8)
 
 
-def trainer(namespace, tmp_path, callbacks, max_epochs: int = 2, checkpoints: bool = False, **kwargs):
+def trainer(namespace, tmp_path, callbacks, max_epochs: int = 2, checkpoints: bool = False, logger=False, **kwargs):
     return namespace.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
-        logger=False,
+        logger=logger,
         enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -199,9 +199,14 @@ def test_early_stopping_mid_schedule_says_so_in_the_report(tmp_path) -> None:
         pruner="l1", round_to=1, schedule={"start_epoch": 1, "end_epoch": 4, "steps": 4}, export_dir=str(tmp_path)
     )
     stop = pl.callbacks.EarlyStopping(monitor="val_loss", stopping_threshold=1e9)  # stops once min_epochs allow
+    logger = pl.loggers.CSVLogger(tmp_path, name="logs")
     with pytest.warns(UserWarning, match="after 2 of the schedule's 4 pruning steps"):
-        trainer(pl, tmp_path, [callback, stop], max_epochs=6, min_epochs=2).fit(PLClassifier(), *images())
+        run = trainer(pl, tmp_path, [callback, stop], max_epochs=6, min_epochs=2, logger=logger)
+        run.fit(PLClassifier(), *images())
     report = callback.report
     assert (report["schedule_complete"], report["pruning_steps_done"], report["pruning_steps_planned"]) == (False, 2, 4)
     assert "| pruning steps | | 2 of 4: schedule NOT complete" in format_report(report)
     assert torch.load(report["path"], weights_only=True)["report"]["schedule_complete"] is False
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = logged[0].split(",").index("prune/pruning_steps_done")
+    assert [row.split(",")[column] for row in logged[1:] if row.split(",")[column]] == ["2.0"]

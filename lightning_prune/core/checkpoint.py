@@ -32,6 +32,7 @@ network too, and the other way round; the attribute prefix is found from the nam
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import astuple, dataclass
 from typing import Any
@@ -336,7 +337,17 @@ def load_pruned_module(path: str | os.PathLike, module_class: type[nn.Module]) -
     at the pruned size (``finetune="pruned"``), which ``load_from_checkpoint`` cannot load: the module
     is built at its original size, shrunk as the callback's state records, then given the weights.
     """
-    return load_pruned(path, module_class(**read_pruned(path)["hyper_parameters"]))
+    return load_pruned(path, module_class(**_init_arguments(module_class, read_pruned(path)["hyper_parameters"])))
+
+
+def _init_arguments(module_class: type[nn.Module], hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyper-parameters ``module_class`` takes, as ``load_from_checkpoint`` picks them:
+    without the keys LightningCLI adds (``_class_path``, ...) unless ``__init__`` takes ``**kwargs``."""
+    parameters = inspect.signature(module_class.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+    names = {p.name for p in parameters}
+    return {k: v for k, v in hyper_parameters.items() if k in names}
 
 
 def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -> LayerChange:

@@ -92,7 +92,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``"pruned"``: export right after the last pruning step (verified), put the smaller layers
             into your LightningModule, rebuild the optimizers (learning rates and scheduler state
             carried over, momentum restarts) and fine-tune the smaller model; checkpoints then hold
-            the small model and resume into it. Single-device strategies only.
+            the small model and resume into it; ``pruned.ckpt`` records the shrink from the original
+            architecture. ``load_pruned_module(path, YourModule)`` loads either file, a Lightning
+            checkpoint taken after the shrink too (``load_from_checkpoint`` cannot: it builds the
+            full-size module). Single-device strategies only.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
@@ -114,6 +117,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         verify_batches: how many validation batches verification runs (``0``: the example input only).
         gather_full_state: export from a fresh module (built from the module's hyper-parameters)
             holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
+
+    Under ``fast_dev_run`` the export is made and verified in memory and no file is written. When
+    training ends before the schedule's last step (EarlyStopping), the partial masks are exported
+    and the report says ``schedule_complete: False``.
 
     After ``fit``: ``exported_model`` (a copy of your LightningModule with smaller layers),
     ``exported_network`` (the network inside it that holds the layers, what you deploy) and
