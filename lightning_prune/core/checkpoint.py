@@ -155,7 +155,7 @@ def _from_lightning(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
     ]
     if not records or records[0].get("format") != FORMAT:
         raise CheckpointError(
-            f"'{path}' is a Lightning checkpoint of the model at its full size (taken before any shrink, or from "
+            f"Checkpoint '{path}' is a Lightning checkpoint of the model at its full size (taken before any shrink, or from "
             "finetune='masked'): load it with YourLightningModule.load_from_checkpoint(path); its pruned channels "
             "are zeros there. The smaller model is the pruned.ckpt in the callback's export_dir."
         )
