@@ -2,7 +2,8 @@
 
 It holds the small model's state dict, per-layer shape changes and the attention modules' head counts
 (enough to shrink a freshly built original model without any pickled code), the masks, the export report and the module's
-hyper-parameters.
+hyper-parameters. A Lightning checkpoint taken while fine-tuning at the pruned size (the callback's
+``finetune="pruned"``) is read the same way: the callback's state records the shrink.
 
 >>> import torch, tempfile, os
 >>> from torch import nn
