@@ -119,6 +119,9 @@ CASES = {
         write(t, "cut.ckpt", Path(checkpoint(t)).read_bytes()[:300]), model()
     ),
     "checkpoint-foreign": lambda t: load_pruned(write(t, "plain.ckpt", model().state_dict()), model()),
+    "checkpoint-lightning-full-size": lambda t: load_pruned(
+        write(t, "last.ckpt", {"state_dict": model().state_dict(), "callbacks": {}}), model()
+    ),
     "checkpoint-architecture": lambda t: load_pruned(
         checkpoint(t), nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
     ),

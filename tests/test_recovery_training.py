@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 from user_modules import Images, PLClassifier
 
-from lightning_prune import ConfigurationError, PruneExportCallback, verify_equivalence
+from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned, load_pruned_module, verify_equivalence
+from lightning_prune.lightning.demo import DigitsCNN
 from lightning_prune.lightning.schedule import Schedule
 
 
@@ -210,4 +211,12 @@ def test_the_recovery_recipe_runs_from_yaml(tmp_path) -> None:
     path = tmp_path / "recovery.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
-    assert os.path.isfile(tmp_path / "pruned" / "pruned.ckpt")
+    pruned, masked = tmp_path / "pruned" / "pruned.ckpt", tmp_path / "pruned" / "masked.ckpt"
+    # the pruned-size fine-tune's files load into the freshly built network and into the LightningModule
+    network = load_pruned(pruned, DigitsCNN(width=32).net).eval()
+    module = load_pruned_module(pruned, DigitsCNN).eval()
+    assert sum(p.numel() for p in network.parameters()) < 0.6 * sum(p.numel() for p in DigitsCNN(width=32).parameters())
+    images = torch.randn(4, 1, 8, 8)
+    assert verify_equivalence(module, network, images).passed
+    last = load_pruned_module(masked, DigitsCNN).eval()  # the Lightning checkpoint taken at the pruned size
+    assert verify_equivalence(last, network, images).passed

@@ -132,3 +132,62 @@ DATAMODULES = {"pytorch_lightning": PLData, "lightning.pytorch": LData}
 def small_mlp() -> nn.Sequential:
     """Linear layers only: the default ``op_types=['Conv2d']`` selects nothing."""
     return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+VOCAB = 64
+
+
+class Sentences(Dataset):
+    """Token sequences of one length, labelled for next-token prediction (``labels`` = ``input_ids``)."""
+
+    def __init__(self, count: int, length: int = 8, seed: int = 0) -> None:
+        self.ids = torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def tiny_causal_lm(arch: str = "llama", tie: bool = True) -> nn.Module:
+    """A tiny Hugging Face causal LM; ``tie`` shares the LM head's weight with the token embedding."""
+    import transformers
+
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_head=4, n_inner=64, n_layer=2, n_positions=32, tie_word_embeddings=tie
+        )
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class CausalLM(L.LightningModule):
+    """A user's language model: ``self.model`` is the Hugging Face model, which computes its own loss."""
+
+    def __init__(self, arch: str = "llama", tie: bool = True, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = tiny_causal_lm(arch, tie)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

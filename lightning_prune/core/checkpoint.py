@@ -2,7 +2,8 @@
 
 It holds the small model's state dict, per-layer shape changes and the attention modules' head counts
 (enough to shrink a freshly built original model without any pickled code), the masks, the export report and the module's
-hyper-parameters.
+hyper-parameters. A Lightning checkpoint taken while fine-tuning at the pruned size (the callback's
+``finetune="pruned"``) is read the same way: the callback's state records the shrink.
 
 >>> import torch, tempfile, os
 >>> from torch import nn
@@ -32,6 +33,7 @@ network too, and the other way round; the attribute prefix is found from the nam
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import astuple, dataclass
 from typing import Any
@@ -65,6 +67,17 @@ def layer_shapes(plan: Plan) -> dict[str, dict[str, Any]]:
     return shapes
 
 
+def shrink_record(result: ExportResult) -> dict[str, Any]:
+    """How an export shrank the original model, in plain types (what :func:`load_pruned` replays):
+    the changed layers' shapes, the attention head counts and the masks."""
+    return {
+        "format": FORMAT,
+        "layers": layer_shapes(result.plan),
+        "heads": {name: list(astuple(counts)) for name, counts in result.plan.heads.items()},
+        "masks": {k: v.cpu() for k, v in result.masks.items()},
+    }
+
+
 def save_pruned(
     path: str | os.PathLike,
     result: ExportResult,
@@ -72,19 +85,24 @@ def save_pruned(
     report: dict[str, Any] | None = None,
     hyper_parameters: dict[str, Any] | None = None,
     network_prefix: str | None = None,
+    shrunk_by: dict[str, Any] | None = None,
 ) -> None:
     """Write the compressed checkpoint for an export ``result`` (atomically).
 
     ``network_prefix`` (optional) is the attribute path of the deployable network inside the
     exported module, ``"model"`` for a LightningModule holding ``self.model``; :func:`load_pruned`
-    prefers it when it matches the names in both ways.
+    prefers it when it matches the names in both ways. ``shrunk_by`` (optional) is the
+    :func:`shrink_record` of an earlier export from the original model, for a ``result`` exported
+    from a model already at the pruned size (fine-tuned there): the file then describes the shrink
+    from the original, so it loads into a freshly built one.
     """
+    record = shrunk_by if shrunk_by is not None else shrink_record(result)
     data = {
         "format": FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-        "layers": layer_shapes(result.plan),
-        "heads": {name: list(astuple(counts)) for name, counts in result.plan.heads.items()},
-        "masks": {k: v.cpu() for k, v in result.masks.items()},
+        "layers": record["layers"],
+        "heads": record["heads"],
+        "masks": record["masks"],
         "report": _plain(report or {}),
         "hyper_parameters": _plain(hyper_parameters or {}),
     }
@@ -118,12 +136,36 @@ def read_pruned(path: str | os.PathLike) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, code-running payload: all refused
         raise CheckpointError(f"Checkpoint '{path}' could not be loaded safely (weights_only=True): {err}") from err
+    if isinstance(data, dict) and isinstance(data.get("callbacks"), dict) and "state_dict" in data:
+        return _from_lightning(data, path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
             f"Checkpoint '{path}' is not a lightning-prune checkpoint (format {found!r}, expected {FORMAT!r})."
         )
     return data
+
+
+def _from_lightning(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
+    """A Lightning checkpoint taken while fine-tuning at the pruned size, read as a compressed one:
+    the callback's state holds the shrink from the original model, the checkpoint the weights."""
+    records = [
+        state["pruned"]
+        for state in checkpoint["callbacks"].values()
+        if isinstance(state, dict) and state.get("shrunk") and isinstance(state.get("pruned"), dict)
+    ]
+    if not records or records[0].get("format") != FORMAT:
+        raise CheckpointError(
+            f"Checkpoint '{path}' is a Lightning checkpoint of the model at its full size (taken before any shrink, or from "
+            "finetune='masked'): load it with YourLightningModule.load_from_checkpoint(path); its pruned channels "
+            "are zeros there. The smaller model is the pruned.ckpt in the callback's export_dir."
+        )
+    return {
+        **records[0],
+        "state_dict": checkpoint["state_dict"],
+        "report": {},
+        "hyper_parameters": checkpoint.get("hyper_parameters") or {},
+    }
 
 
 @dataclass(frozen=True)
@@ -257,21 +299,9 @@ def load_pruned(path: str | os.PathLike, model: nn.Module, *, prefix: str | None
     data = read_pruned(path)
     mapping = _find_mapping(data, model, path, prefix)
     target = mapping.target(model)
-    layers = {mapping.local(n): info for n, info in data["layers"].items()}
     state_dict = {mapping.local(k): v for k, v in data["state_dict"].items() if mapping.local(k) is not None}
-    plan = Plan({}, {}, [])
-    for name, info in layers.items():
-        try:
-            module = target.get_submodule(name)
-        except AttributeError as err:
-            raise CheckpointError(
-                f"Checkpoint '{path}' changes layer '{name}', which the model does not have."
-            ) from err
-        plan.changes[name] = _change_for(module, info, path, name)
-    for name, counts in data.get("heads", {}).items():  # the head counts attention modules' forward reads
-        if mapping.local(name) is not None:
-            plan.heads[mapping.local(name)] = HeadCounts(*counts)
-    shrink_model(target, plan)
+    heads = {mapping.local(n): c for n, c in data.get("heads", {}).items() if mapping.local(n) is not None}
+    replay_shrink(target, {mapping.local(n): info for n, info in data["layers"].items()}, heads, path)
     mismatch = _first_mismatch(target, state_dict)
     if mismatch:
         raise CheckpointError(f"Checkpoint '{path}' does not fit the model: {mismatch}.")
@@ -282,9 +312,43 @@ def load_pruned(path: str | os.PathLike, model: nn.Module, *, prefix: str | None
     return model
 
 
+def replay_shrink(
+    model: nn.Module, layers: dict[str, dict[str, Any]], heads: dict[str, list[int]], path: str
+) -> nn.Module:
+    """Shrink ``model`` (built at the original size) in place as a :func:`shrink_record`'s ``layers``
+    and ``heads`` say; ``path`` names the record's file in errors."""
+    plan = Plan({}, {}, [])
+    for name, info in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise CheckpointError(
+                f"Checkpoint '{path}' changes layer '{name}', which the model does not have."
+            ) from err
+        plan.changes[name] = _change_for(module, info, path, name)
+    for name, counts in heads.items():  # the head counts attention modules' forward reads
+        plan.heads[name] = HeadCounts(*counts)
+    return shrink_model(model, plan)
+
+
 def load_pruned_module(path: str | os.PathLike, module_class: type[nn.Module]) -> nn.Module:
-    """Build ``module_class(**saved hyper-parameters)`` (a LightningModule, typically) and load the pruned weights."""
-    return load_pruned(path, module_class(**read_pruned(path)["hyper_parameters"]))
+    """Build ``module_class(**saved hyper-parameters)`` (a LightningModule, typically) and load the pruned weights.
+
+    ``path`` is a ``pruned.ckpt``, or a Lightning checkpoint (``last.ckpt``) taken while fine-tuning
+    at the pruned size (``finetune="pruned"``), which ``load_from_checkpoint`` cannot load: the module
+    is built at its original size, shrunk as the callback's state records, then given the weights.
+    """
+    return load_pruned(path, module_class(**_init_arguments(module_class, read_pruned(path)["hyper_parameters"])))
+
+
+def _init_arguments(module_class: type[nn.Module], hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyper-parameters ``module_class`` takes, as ``load_from_checkpoint`` picks them:
+    without the keys LightningCLI adds (``_class_path``, ...) unless ``__init__`` takes ``**kwargs``."""
+    parameters = inspect.signature(module_class.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+    names = {p.name for p in parameters}
+    return {k: v for k, v in hyper_parameters.items() if k in names}
 
 
 def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -> LayerChange:

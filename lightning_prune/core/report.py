@@ -310,4 +310,7 @@ def format_report(report: dict[str, Any]) -> str:
     ):
         if report.get(key) is not None:
             lines.append(f"| {label} | | {fmt.format(report[key])} |")
+    if report.get("schedule_complete") is False:  # stopped early (EarlyStopping, max_epochs): say so plainly
+        done, planned = report.get("pruning_steps_done"), report.get("pruning_steps_planned")
+        lines.append(f"| pruning steps | | {done} of {planned}: schedule NOT complete, partial masks exported |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import torch
 from typing_extensions import override
 
 from lightning_prune.core.batches import split_batch
-from lightning_prune.core.checkpoint import save_pruned
+from lightning_prune.core.checkpoint import replay_shrink, save_pruned, shrink_record
 from lightning_prune.core.deploy import save_deployables
 from lightning_prune.core.errors import ConfigurationError, InplaceDictError, MaskError, PruneExportError
 from lightning_prune.core.export import export
@@ -92,7 +92,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``"pruned"``: export right after the last pruning step (verified), put the smaller layers
             into your LightningModule, rebuild the optimizers (learning rates and scheduler state
             carried over, momentum restarts) and fine-tune the smaller model; checkpoints then hold
-            the small model and resume into it. Single-device strategies only.
+            the small model and resume into it; ``pruned.ckpt`` records the shrink from the original
+            architecture. ``load_pruned_module(path, YourModule)`` loads either file, a Lightning
+            checkpoint taken after the shrink too (``load_from_checkpoint`` cannot: it builds the
+            full-size module). Single-device strategies only.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
@@ -114,6 +117,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         verify_batches: how many validation batches verification runs (``0``: the example input only).
         gather_full_state: export from a fresh module (built from the module's hyper-parameters)
             holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
+
+    Under ``fast_dev_run`` the export is made and verified in memory and no file is written. When
+    training ends before the schedule's last step (EarlyStopping), the partial masks are exported
+    and the report says ``schedule_complete: False``.
 
     After ``fit``: ``exported_model`` (a copy of your LightningModule with smaller layers),
     ``exported_network`` (the network inside it that holds the layers, what you deploy) and
@@ -222,6 +229,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._graph: ChannelGraph | None = None
         self._distiller: Distiller | None = None
         self._teacher_state: dict[str, torch.Tensor] | None = None
+        self._shrink_record: dict[str, Any] | None = None  # finetune="pruned": how the original was shrunk
 
     @property
     def rounding(self) -> int:
@@ -342,19 +350,31 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             self._distiller.make_teacher(self._network(pl_module), state["teacher"])
         if state.get("shrunk") and not self.shrunk:
             self.masks = state["masks"]
-            self._shrink(trainer, pl_module, rebuild_optimizers=False)  # the weights come from the checkpoint next
+            record = state.get("pruned")
+            if record is None:  # saved before the record existed: shrink as the masks say
+                self._shrink(trainer, pl_module, rebuild_optimizers=False)  # the weights come from the checkpoint next
+                return
+            replay_shrink(pl_module, record["layers"], record["heads"], "the resumed checkpoint")
+            self._shrink_record = record
+            self.hold, self.shrunk, self._graph = None, True, None
 
-    @override
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._distiller is not None:
-            self._distiller.detach()
+    def _remove_restore_hook(self) -> None:
+        """Take the early-restore hook off the module once restoring is over: nothing of ours that
+        holds the trainer stays on it (a copy of it pickles under ``ddp_spawn``)."""
         restore = self.__dict__.pop("_restore_hook", None)
         if restore is not None:
             vars(restore[0]).pop("on_load_checkpoint", None)
 
     @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._distiller is not None:
+            self._distiller.detach()
+        self._remove_restore_hook()
+
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # after a checkpoint is restored: a dense one is ranked on its own weights
+        self._remove_restore_hook()
         if self.masks is not None and self.hold is None and not self.shrunk:  # restored masks, or a second fit
             self._hold(trainer, pl_module)
         if self._distiller is not None and self._distiller.teacher is None and self._teacher_state is not None:
@@ -381,11 +401,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._distiller is not None:
             self._distiller.detach()  # training is over: the copies export makes carry no hook
+        self._remove_restore_hook()
         if self.masks is not None and self.steps_done < self._steps.steps:
             warn(
                 trainer,
                 f"PruneExportCallback: training ended after {self.steps_done} of the schedule's {self._steps.steps} "
-                "pruning steps; exporting the masks reached so far.",
+                "pruning steps (stopped early, e.g. by EarlyStopping); exporting the masks reached so far, "
+                "the report says `schedule_complete: False`.",
             )
         if self.masks is None:
             warn(
@@ -393,7 +415,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             )
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
-        error = self._save_masked(trainer, masked_path)  # every rank takes part; saved before export starts
+        # fast_dev_run: Lightning writes no checkpoint, and neither do we (a real run's files stay)
+        error = None if trainer.fast_dev_run else self._save_masked(trainer, masked_path)  # before export starts
         if error is None:
             module = self._full_module(trainer, pl_module)  # collective under sharded strategies
             if trainer.is_global_zero:
@@ -420,6 +443,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         }
         if self.importance == "taylor":
             state["taylor"] = self.taylor.state_dict()
+        if self.shrunk and self._shrink_record is not None:
+            state["pruned"] = self._shrink_record  # what `load_pruned_module("last.ckpt", ...)` replays
         teacher = self._distiller.teacher if self._distiller is not None else None
         if teacher is not None:
             state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
@@ -434,6 +459,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self.shrunk = bool(state_dict.get("shrunk", False)) or self.shrunk
         self.taylor.load_state_dict(state_dict.get("taylor") or {})
         self._teacher_state = state_dict.get("teacher")
+        self._shrink_record = state_dict.get("pruned") or self._shrink_record
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -577,6 +603,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 pl_module, self.masks, example, inplace_dict=self.inplace_dict, round_to=self._export_rounding
             )
             small = result.model.to(pl_module.device)
+            self._shrink_record = {
+                **shrink_record(result),
+                "network_prefix": _network_prefix(pl_module),
+                "notes": [str(note) for note in result.notes],
+            }
             if rebuild_optimizers:  # the masked model is live: the small one must compute what it computes
                 verify_on_batches(pl_module, small, [(example, None)], self.rtol)
             before = sum(p.numel() for p in pl_module.parameters())
@@ -681,22 +712,37 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         report = verify_on_batches(reference, small, batches or [(example, None)], self.rtol)
         inputs = {f"b{_batch_size(x)}": x for x in (_first_sample(example), batches[0][0] if batches else example)}
         report.update(compare_models(reference, small, inputs))
-        if self.deploy_formats:
+        if self.deploy_formats and not trainer.fast_dev_run:
             report["deploy"] = save_deployables(
                 small, example, self.export_dir, self.deploy_formats, batches, latency_budget_s=2.0
             )
+        shrunk_by = self._shrink_record if self.shrunk else None  # the shrink from the original model
         report.update(
             export_seconds=export_seconds,
             device=str(pl_module.device),
             verified_dtype=str(dtype).replace("torch.", ""),
             function_change=result.function_change,
-            notes=[str(note) for note in result.notes],
+            notes=[*(shrunk_by or {}).get("notes", []), *(str(note) for note in result.notes)],
+            pruning_steps_done=self.steps_done,
+            pruning_steps_planned=self._steps.steps,
+            schedule_complete=self.steps_done >= self._steps.steps,
         )
         result.model = small.to(trained_dtype)
         self._network_prefix = _network_prefix(result.model)
         hparams = dict(pl_module.hparams) if hasattr(pl_module, "hparams") else {}
         pruned_path = os.path.join(self.export_dir, "pruned.ckpt")
-        save_pruned(pruned_path, result, report=report, hyper_parameters=hparams, network_prefix=self._network_prefix)
+        if trainer.fast_dev_run:
+            pruned_path = None
+            info(trainer, "PruneExportCallback: fast_dev_run: exported and verified in memory; no file written.")
+        else:
+            save_pruned(
+                pruned_path,
+                result,
+                report=report,
+                hyper_parameters=hparams,
+                network_prefix=self._network_prefix,
+                shrunk_by=shrunk_by,
+            )
         report["path"] = pruned_path
         report["network_prefix"] = self._network_prefix
         self._exported_model = result.model
@@ -779,7 +825,8 @@ def _batch_size(example: Any) -> int:
 
 def _network_prefix(module: torch.nn.Module) -> str:
     """The deepest submodule path that holds every parameter (``""``: the module itself)."""
-    owners = [name.split(".")[:-1] for name, _ in module.named_parameters()]
+    # every name: a tied LM head's weight is the embedding's, and the network must hold the head too
+    owners = [name.split(".")[:-1] for name, _ in module.named_parameters(remove_duplicate=False)]
     return ".".join(os.path.commonprefix(owners)) if owners else ""
 
 

@@ -5,7 +5,10 @@ submodule that holds every parameter, e.g. ``self.model``; the module itself whe
 are spread over several children). While the module's own ``training_step`` runs, a forward hook
 on that network records its input and output. The network must be called exactly once per
 training step and return one tensor of logits (class scores along dim 1), or a dict / an object
-with a ``logits`` entry (Hugging Face outputs). The frozen teacher, a copy of that network made just
+with a ``logits`` entry (Hugging Face outputs). Classes lie along dim 1 (``(batch, classes, ...)``),
+except for a 3-d ``logits`` entry, Hugging Face's ``(batch, tokens, vocabulary)``, whose classes are
+the last dim. For a causal LM whose head shares its weight with the embedding, the network is the
+whole ``...ForCausalLM`` (the callback counts the tied parameter under both names). The frozen teacher, a copy of that network made just
 before the first pruning step, runs on the same input, and
 
     loss = your loss + weight * temperature**2 * KL(softmax(teacher / T) || softmax(student / T))
@@ -72,9 +75,17 @@ def logits_of(output: Any, where: str) -> Tensor:
     )
 
 
-def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Hinton's loss: ``T**2 * KL(softmax(teacher/T) || softmax(student/T))``, classes along dim 1,
+def class_dim(output: Any, logits: Tensor) -> int:
+    """Where the classes lie in ``logits`` (found in ``output``): the last dim for a 3-d ``logits``
+    entry (Hugging Face's ``(batch, tokens, vocabulary)``), else dim 1."""
+    return -1 if logits.ndim == 3 and logits is not output else 1
+
+
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float, dim: int = 1) -> Tensor:
+    """Hinton's loss: ``T**2 * KL(softmax(teacher/T) || softmax(student/T))``, classes along ``dim``,
     averaged over every other position (batch, pixels, tokens)."""
+    if dim != 1 and student.ndim > 1:
+        student, teacher = student.movedim(dim, 1), teacher.movedim(dim, 1)
     classes = student.shape[1] if student.ndim > 1 else student.shape[0]
     s = student.movedim(1, -1).reshape(-1, classes) if student.ndim > 1 else student[None]
     t = teacher.movedim(1, -1).reshape(-1, classes) if teacher.ndim > 1 else teacher[None]
@@ -169,7 +180,7 @@ class Distiller:
         student = logits_of(output, self.where())
         with torch.no_grad():
             teacher = logits_of(self.teacher(*inputs, **keywords), "the teacher")
-        term = distill_loss(student, teacher, self.temperature)
+        term = distill_loss(student, teacher, self.temperature, class_dim(output, student))
         self.last_loss = float(term.detach())
         pl_module.log("prune/distill_loss", term.detach(), on_step=True, on_epoch=False, batch_size=student.shape[0])
         if isinstance(result, Tensor):
@@ -182,4 +193,4 @@ class Distiller:
         )
 
 
-__all__ = ["DEFAULTS", "Distiller", "distill_loss", "distill_settings", "logits_of"]
+__all__ = ["DEFAULTS", "Distiller", "class_dim", "distill_loss", "distill_settings", "logits_of"]
