@@ -7,16 +7,19 @@ pruning decision and come back from export, the callback and the checkpoint stil
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import RTOL, relative_error
-from test_callback_everyday import VAL
+from helpers import RTOL, randomize, relative_error
+from test_callback_everyday import VAL, run
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from user_modules import PLClassifier, images
 
-from lightning_prune import ConfigurationError, PruneExportCallback
+from lightning_prune import ConfigurationError, PruneExportCallback, export, load_pruned, save_pruned
 from lightning_prune.core.batches import split_batch
 
 # ------------------------------------------------------------------ input_key with keyword forwards
@@ -114,3 +117,85 @@ def test_input_key_missing_from_the_batch() -> None:
         ConfigurationError, match=r"`input_key='pixels'` is not a key of the batch; its keys are \['image', 'label'\]"
     ):
         split_batch({"image": torch.ones(2, 3), "label": torch.zeros(2)}, _kwargs_forward, input_key="pixels")
+
+
+# ------------------------------------------------------------------ two layers sharing one weight
+
+
+class SharedWeight(nn.Module):
+    """Two convolutions with one weight (their biases and norms their own) on two views of the stem."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Conv2d(8, width, 3, padding=1)
+        self.b = nn.Conv2d(8, width, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(width), nn.BatchNorm2d(width)
+        self.head = nn.Linear(2 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a = F.relu(self.bn_a(self.a(x))).mean((2, 3))
+        b = F.relu(self.bn_b(self.b(x.flip(-1)))).mean((2, 3))
+        return self.head(torch.cat([a, b], 1))
+
+
+def _assert_tied(network: nn.Module, width: int) -> None:
+    assert network.a.weight is network.b.weight
+    assert network.a.out_channels == network.b.out_channels == network.bn_b.num_features == width
+    assert network.a.weight.shape[0] == network.b.bias.shape[0] == width
+
+
+def test_export_keeps_a_shared_weight_tied_with_the_union_of_the_masks() -> None:
+    model = randomize(SharedWeight(), seed=3)
+    keep_a = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # 6 kept
+    keep_b = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # 5 kept, 3 shared
+    result = export(model, {"a": keep_a, "b": keep_b}, VAL[:4])
+    _assert_tied(result.model, int((keep_a | keep_b).sum()))  # one decision: the union, 8 channels
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():  # the masked reference zeroes the rows either mask prunes, in the one shared weight
+        masked = copy.deepcopy(model)
+        masked.a.weight[~(keep_a & keep_b)] = 0
+        masked.a.bias[~keep_a], masked.b.bias[~keep_b] = 0, 0
+        assert relative_error(result.model(VAL), masked(VAL)) <= RTOL
+    notes = [str(n) for n in result.notes]
+    assert (
+        "a: 2 channel(s) kept (it shares its weight with ['b'], whose masks keep them; layers sharing a weight keep the union)"
+        in notes
+    )
+    assert (
+        "b: 3 channel(s) kept (it shares its weight with ['a'], whose masks keep them; layers sharing a weight keep the union)"
+        in notes
+    )
+
+
+def test_export_of_one_sharers_mask_prunes_both_and_reloads_tied(tmp_path) -> None:
+    model = randomize(SharedWeight(), seed=4)
+    keep = torch.arange(16) % 4 != 0  # 12 kept
+    result = export(model, {"a": keep}, VAL[:4])
+    _assert_tied(result.model, 12)
+    with torch.no_grad():
+        masked = copy.deepcopy(model)
+        masked.a.weight[~keep], masked.a.bias[~keep] = 0, 0
+        assert relative_error(result.model(VAL), masked(VAL)) <= RTOL
+    save_pruned(tmp_path / "pruned.ckpt", result)
+    loaded = load_pruned(tmp_path / "pruned.ckpt", SharedWeight())
+    _assert_tied(loaded, 12)
+    with torch.no_grad():
+        assert relative_error(loaded.eval()(VAL), result.model(VAL)) <= RTOL
+
+
+def test_callback_prunes_a_shared_weight_once_and_its_checkpoint_reloads_tied(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="l1", sparsity=0.5, export_dir=str(tmp_path / "out"))
+    _, module = run(tmp_path, callback, module=PLClassifier(network=SharedWeight()))
+    assert module.model.a.weight is module.model.b.weight  # the user's model keeps its tie while fine-tuning
+    assert callback.report["max_relative_error"] <= RTOL
+    network = callback.exported_network
+    _assert_tied(network, 8)
+    with torch.no_grad():
+        assert relative_error(network.eval()(VAL), module.model.eval()(VAL)) <= RTOL
+    loaded = load_pruned(callback.report["path"], PLClassifier(network=SharedWeight()))
+    _assert_tied(loaded.model, 8)
+    with torch.no_grad():
+        assert relative_error(loaded.model.eval()(VAL), network(VAL)) <= RTOL
