@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import RTOL, randomize, relative_error
+from helpers import RTOL, randomize, relative_error, zero_norm_affine
 from test_callback_everyday import VAL, run
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -184,6 +184,17 @@ def test_export_of_one_sharers_mask_prunes_both_and_reloads_tied(tmp_path) -> No
     _assert_tied(loaded, 12)
     with torch.no_grad():
         assert relative_error(loaded.eval()(VAL), result.model(VAL)) <= RTOL
+
+
+def test_whole_channel_export_of_a_shared_weight_stays_tied() -> None:
+    model = randomize(SharedWeight(), seed=5)
+    masks = {"b": torch.arange(16) % 4 != 1}
+    result = export(model, masks, VAL[:4], whole_channel=True)
+    _assert_tied(result.model, 12)
+    reference = zero_norm_affine(model, masks, VAL[:4])  # b's bias and both norms zeroed on the pruned channels
+    assert reference.a.weight is reference.b.weight
+    with torch.no_grad():
+        assert relative_error(result.model(VAL), reference.eval()(VAL)) <= RTOL
 
 
 def test_callback_prunes_a_shared_weight_once_and_its_checkpoint_reloads_tied(tmp_path) -> None:
