@@ -1,9 +1,15 @@
 """What a model's input is inside a training batch: a tensor, a tuple ``(inputs, target, ...)``, or a dict.
 
-A dict batch (the Hugging Face convention, ``{"pixel_values": ..., "labels": ...}``) is matched to
-the parameters of the model's ``forward``: the keys it names are passed as keywords, so
-``call_model(model, inputs)`` calls ``model(**inputs)``. ``input_key`` names the one key to pass
-positionally when the names do not match.
+One rule for every layout, in :func:`~lightning_prune.core.trace.call_model`'s convention (a tensor
+is passed positionally, a tuple as positional arguments, a dict as keywords):
+
+- a tensor batch is the input;
+- a tuple or list batch is ``(input, target, ...)``: its first item is the input, whatever its form;
+- a dict batch (the Hugging Face convention, ``{"pixel_values": ..., "labels": ...}``) is matched to
+  the parameters of the model's ``forward``: the keys it names are passed as keywords, so
+  ``call_model(model, inputs)`` calls ``model(**inputs)`` (every key when ``forward`` takes ``**kwargs``);
+- with ``input_key``, only ``batch[input_key]`` is passed: by that name when ``forward`` takes it as a
+  keyword (a parameter of that name, or ``**kwargs``), else positionally, as ``forward``'s first input.
 
 >>> import torch
 >>> def forward(pixel_values, labels=None): ...
@@ -12,6 +18,8 @@ positionally when the names do not match.
 (['labels', 'pixel_values'], torch.Size([2]))
 >>> split_batch({"image": torch.ones(2, 3), "label": torch.zeros(2)}, lambda x: x, input_key="image")[0].shape
 torch.Size([2, 3])
+>>> list(split_batch({"image": torch.ones(2, 3), "label": torch.zeros(2)}, lambda **inputs: 0, input_key="image")[0])
+['image']
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ def split_batch(batch: Any, forward: Callable[..., Any], input_key: str | None =
     """``(model input, target or None)`` from one batch, in the form :func:`~lightning_prune.core.trace.call_model` takes.
 
     A tensor is the input itself; a tuple or list is ``(input, target, ...)``; a dict is matched
-    to ``forward``'s parameters (or ``batch[input_key]`` when ``input_key`` is given). Raises
+    to ``forward``'s parameters; with ``input_key``, ``batch[input_key]`` alone, as a keyword
+    (``{input_key: value}``) when ``forward`` accepts that name, else as the bare value. Raises
     :class:`~lightning_prune.core.errors.ConfigurationError` naming the keys when a dict cannot be matched.
     """
     if isinstance(batch, torch.Tensor):
@@ -54,7 +63,9 @@ def _split_dict(batch: Mapping, forward: Callable[..., Any], input_key: str | No
             raise ConfigurationError(
                 f"`input_key={input_key!r}` is not a key of the batch; its keys are {sorted(map(str, batch))}."
             )
-        return batch[input_key], target
+        parameters = _parameters(forward)
+        by_name = parameters is None or input_key in parameters
+        return ({input_key: batch[input_key]} if by_name else batch[input_key]), target
     parameters = _parameters(forward)
     if parameters is None:  # forward(**kwargs): every key is an input
         return dict(batch), target

@@ -33,7 +33,7 @@ from lightning_prune.core.masks import (
     zero_pruned_channels,
     zero_pruned_parameters,
 )
-from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules
+from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules, tensor_places
 from lightning_prune.core.plan import Note, Plan, plan
 from lightning_prune.core.shrink import shrinker_for
 from lightning_prune.core.trace import call_model
@@ -116,6 +116,8 @@ def export(
 def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function."""
     load_integrations()  # shrinkers and updaters for libraries the model uses (transformers)
+    names = {id(module): name for name, module in model.named_modules()}
+    ties = [[(names[id(m)], attr) for m, attr in places] for places in tensor_places(model).values() if len(places) > 1]
     for name, change in plan.changes.items():
         module = model.get_submodule(name)
         replacement = shrinker_for(module)(module, change)
@@ -124,10 +126,24 @@ def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
         elif replacement is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    _retie(model, ties)
     for name, counts in plan.heads.items():
         update_heads(model.get_submodule(name), counts)
     update_model(model, plan)
     return model
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
+    """Tie again the tensors the shrink functions sliced apart: each sharer of a tensor was sliced
+    the same way (the plan gives every name of a shared tensor its change), so they take the first's."""
+    for (first, first_name), *others in ties:
+        tensor = getattr(model.get_submodule(first), first_name, None)
+        for module_name, name in others:
+            module = model.get_submodule(module_name)
+            held = module._parameters if name in module._parameters else module._buffers
+            if isinstance(tensor, torch.Tensor) and isinstance(held.get(name), torch.Tensor):
+                if held[name].shape == tensor.shape:  # a replaced module may hold something else there
+                    held[name] = tensor
 
 
 def _retry_overrides(graph: ChannelGraph, failure: tuple[str | None, str], tries: dict[str, int]) -> list[Override]:

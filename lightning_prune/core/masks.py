@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_prune.core.attention import load_integrations
 from lightning_prune.core.errors import MaskError
-from lightning_prune.core.modules import replace_tensor, set_submodule
+from lightning_prune.core.modules import replace_tensor, set_submodule, tensor_places
 
 Masks = dict[str, torch.Tensor]
 """The canonical form: layer name -> bool keep-vector over the layer's output channels."""
@@ -341,21 +341,25 @@ def pruned_slices(module: nn.Module, keep: torch.Tensor) -> list[tuple[ChannelTe
 
 
 def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
-    """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched)."""
+    """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched;
+    a tensor two layers share stays shared)."""
+    places = tensor_places(model)
     for name, keep in masks.items():
         module = model.get_submodule(name)
         for item, local in pruned_slices(module, keep):
-            replace_tensor(module, item.name, getattr(module, item.name).index_fill(item.dim, local, 0.0))
+            replace_tensor(module, item.name, getattr(module, item.name).index_fill(item.dim, local, 0.0), places)
 
 
 @torch.no_grad()
 def zero_pruned_parameters(model: nn.Module, channel_keep: dict[tuple[str, str, int], torch.Tensor]) -> bool:
     """Zero the parameter slices pruned channels reach (``ChannelGraph.channel_parameter_keep``'s
-    ``{(module, parameter, dim): keep-vector}``), as new tensors. Whether anything changed."""
+    ``{(module, parameter, dim): keep-vector}``), as new tensors (shared ones stay shared). Whether anything changed."""
+    places = tensor_places(model)
     for (layer, param, dim), keep in channel_keep.items():
         module = model.get_submodule(layer)
         tensor = getattr(module, param)
-        replace_tensor(module, param, tensor.index_fill(dim, (~keep).nonzero().flatten().to(tensor.device), 0.0))
+        pruned = (~keep).nonzero().flatten().to(tensor.device)
+        replace_tensor(module, param, tensor.index_fill(dim, pruned, 0.0), places)
     return bool(channel_keep)
 
 

@@ -77,12 +77,35 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace the parameter or buffer ``name`` of ``module`` by ``value`` (a parameter stays a parameter)."""
+Places = dict[int, list[tuple[nn.Module, str]]]
+"""Tensor id -> every ``(module, name)`` holding it as a parameter or buffer (see :func:`tensor_places`)."""
+
+
+def tensor_places(model: nn.Module) -> Places:
+    """Where each of ``model``'s parameters and buffers is held: more than one place for a tensor two
+    modules share (``b.weight = a.weight``)."""
+    places: Places = {}
+    for module in model.modules():
+        for kind in (module._parameters, module._buffers):
+            for name, tensor in kind.items():
+                if tensor is not None:
+                    places.setdefault(id(tensor), []).append((module, name))
+    return places
+
+
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor, places: Places | None = None) -> None:
+    """Replace the parameter or buffer ``name`` of ``module`` by ``value`` (a parameter stays a parameter).
+
+    With ``places`` (from :func:`tensor_places`, kept up to date here), every other module holding the
+    same tensor gets the same new one, so a tie survives the replacement."""
+    old = module._parameters[name] if name in module._parameters else module._buffers[name]
     if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
-    else:
-        module._buffers[name] = value
+        value = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    holders = places.pop(id(old), [(module, name)]) if places is not None else [(module, name)]
+    for holder, attribute in holders:
+        (holder._parameters if attribute in holder._parameters else holder._buffers)[attribute] = value
+    if places is not None:
+        places[id(value)] = holders
 
 
-__all__ = ["copy_training_modes", "evaluating", "replace_tensor", "set_submodule"]
+__all__ = ["Places", "copy_training_modes", "evaluating", "replace_tensor", "set_submodule", "tensor_places"]

@@ -91,6 +91,7 @@ def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int =
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ValueError(f"round_to must be an int >= 1; got {round_to!r}.")
     notes: list[Note] = []
+    masks = shared_weight_masks(graph, masks, notes)
     reasons = list(graph.reasons)  # the graph's, then the plan's own, in the order first given
     keep, why = initial_keep(graph, masks, reasons, notes)
     calls = Counter(c.module for c in graph.trace.consumers)
@@ -134,6 +135,7 @@ def initial_keep(
     """Per group root: kept unless every member's mask prunes it and nothing blocks it; and why (an
     index into ``reasons``, which starts as the graph's and grows; ``-1`` where nothing keeps it)."""
     reasons = list(graph.reasons) if reasons is None else reasons
+    masks = shared_weight_masks(graph, masks)
     trace = graph.trace
     keep = np.zeros(trace.num_labels, dtype=bool)
     prune_vote = np.zeros(trace.num_labels, dtype=bool)
@@ -161,6 +163,26 @@ def initial_keep(
             reason = f"coupled with '{name}', which has no mask (a coupled group keeps the union of its masks)"
         why[group] = _code(reasons, reason)
     return keep | graph.blocked, why
+
+
+def shared_weight_masks(graph: ChannelGraph, masks: Masks, notes: list[Note] | None = None) -> Masks:
+    """``masks`` with those of layers sharing one weight (``b.weight = a.weight``) made one decision,
+    under the name the trace gives the weight: the union of what they keep, as a coupled group
+    keeps. With ``notes``, one per layer whose own mask prunes channels the union keeps."""
+    owners = {layer: graph.trace.shared.get((layer, "weight"), (layer,))[0] for layer in masks}
+    if all(owner == layer for layer, owner in owners.items()):
+        return masks
+    merged: Masks = {}
+    for layer, keep in masks.items():
+        owner = owners[layer]
+        merged[owner] = merged[owner] | keep if owner in merged else keep
+    for layer, keep in masks.items():
+        kept = int((merged[owners[layer]] & ~keep).sum())
+        sharers = sorted(other for other, owner in owners.items() if owner == owners[layer] and other != layer)
+        if notes is not None and kept:
+            why = f"it shares its weight with {sharers}, whose masks keep them; layers sharing a weight keep the union"
+            notes.append(Note(layer, kept, "kept", why))
+    return merged
 
 
 def grouped_conv_rows(graph: ChannelGraph) -> list[tuple[str, np.ndarray]]:
@@ -303,6 +325,12 @@ def _changes(graph: ChannelGraph, keep: np.ndarray, model: nn.Module, notes: lis
             )
         changes[axis.module].keep[(axis.param, axis.dim)] = (torch.from_numpy(np.flatnonzero(kept)), axis.groups)
         changes[axis.module].original_sizes[(axis.param, axis.dim)] = kept.size // axis.groups
+    for (module, param), (owner, owner_param) in graph.trace.shared.items():  # sliced as the tensor's first name
+        source = changes.get(owner, LayerChange())
+        for (name, dim), value in source.keep.items():
+            if name == owner_param:
+                changes[module].keep[(param, dim)] = value
+                changes[module].original_sizes[(param, dim)] = source.original_sizes[(name, dim)]
     for consumer in graph.trace.consumers:
         pruned, live, values = _pruned_inputs(graph, keep, consumer)
         if not (live.any() or (pruned.any() and consumer.kind == "layer_norm")):

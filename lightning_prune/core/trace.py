@@ -145,6 +145,9 @@ class ChannelTrace:
     deferred: list[Deferred] = field(default_factory=list)
     reshaped_inputs: set[str] = field(default_factory=set)  # layers that read a tensor a view gave another rank
     heads: dict[str, AttentionHeads] = field(default_factory=dict)  # attention module -> its heads
+    # a tensor held under several names (b.weight = a.weight): (module, name) -> the first name
+    # ``named_modules`` gives it, which the trace uses for it everywhere
+    shared: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     output: Any = None  # what the traced (masked) model returned
 
     def new_labels(self, owner: str | None, count: int) -> Tensor:
@@ -203,7 +206,9 @@ class Tracer:
             for kind in (module._parameters, module._buffers):
                 for p_name, tensor in kind.items():
                     if tensor is not None:
-                        self.params.setdefault(id(tensor), (mod_name, p_name))
+                        first = self.params.setdefault(id(tensor), (mod_name, p_name))
+                        if first != (mod_name, p_name):
+                            self.trace.shared[(mod_name, p_name)] = first
         self.warned: set[str] = set()
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)

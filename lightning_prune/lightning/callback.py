@@ -70,8 +70,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         example_input: a tensor, a tuple of positional inputs or a dict of keyword inputs (or a
             list of ints: the shape of a random tensor) for tracing; default: the module's
             ``example_input_array``, else the input of the first validation (or training) batch.
-        input_key: for dict batches, the key holding the model input, when the keys do not match
-            the parameters of the module's ``forward``.
+        input_key: for dict batches, the one key holding the model input: passed by that name when the
+            module's ``forward`` takes it (or ``**kwargs``), else positionally (:mod:`~lightning_prune.core.batches`).
         prune_on_epoch: ``0`` prunes when training starts (after any checkpoint is restored, so a
             resumed dense model is ranked on its trained weights); ``k`` trains dense for ``k`` epochs first.
         ranking: ``"uniform"`` (each layer, or each set of coupled layers, loses ``sparsity`` of its
