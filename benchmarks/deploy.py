@@ -18,11 +18,11 @@ are zeroed (whole channels, so nothing is kept for a constant) and the model exp
 
 Latency: eval mode, no grad, batch 1 and batch 8, in torch eager and in ONNX Runtime (CPU
 provider), every variant of one model timed in the same interleaved rounds
-(:func:`lightning_prune.core.report.compare_latency`: the order alternates per round, so the machine's
+(:func:`lightning_prune.core.verify.report.compare_latency`: the order alternates per round, so the machine's
 drifting load falls on every variant alike). Each cell is the median in ms with the interquartile
 range; "x" columns are the latency ratio exported/dense, to read against the MAC ratio. ONNX files
 come from torch's TorchScript exporter by default (5x faster to export than the dynamo exporter
-that :func:`lightning_prune.core.deploy.save_onnx` uses; ``--onnx-exporter dynamo`` times those files
+that :func:`lightning_prune.core.files.deploy.save_onnx` uses; ``--onnx-exporter dynamo`` times those files
 instead). Both runtimes use ``--threads`` intra-op threads, 1 by default: on a machine whose
 cores other processes share, two spinning OpenMP threads on two busy cores made torch eager 100x
 slower (mobilenet_v2 at 64x64: 1.6 s a call with 2 threads, 14 ms with 1), which measures the
@@ -59,9 +59,9 @@ from helpers import randomize, zero_norm_affine
 from transformer_export import torch_pruning_setup
 
 from lightning_prune import ChannelGraph, VerificationError, export, group_masks, verify_equivalence
-from lightning_prune.core.deploy import OnnxRuntimeModel, save_onnx
-from lightning_prune.core.importance import importance_masks
-from lightning_prune.core.report import Latency, compare_latency, count_macs, count_params
+from lightning_prune.core.files.deploy import OnnxRuntimeModel, save_onnx
+from lightning_prune.core.graph.importance import importance_masks
+from lightning_prune.core.verify.report import Latency, compare_latency, count_macs, count_params
 
 MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf", "densenet121", "vit_b_16"]
 QUICK_MODELS = ["resnet50", "mobilenet_v2"]

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import random_masks, randomize
 
 from lightning_prune import apply_masks, export, verify_equivalence
-from lightning_prune.core.report import count_macs, count_params
+from lightning_prune.core.verify.report import count_macs, count_params
 
 DEFAULT = [
     "resnet18",

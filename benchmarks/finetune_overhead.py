@@ -105,8 +105,8 @@ def main() -> None:
 
 def hold_seconds(module: pl.LightningModule, repeats: int = 50) -> float:
     """The hold's own cost per step, free of the step-to-step noise of a whole training step."""
-    from lightning_prune.core.hold import MaskHold
-    from lightning_prune.core.masks import is_prunable
+    from lightning_prune.core.graph.hold import MaskHold
+    from lightning_prune.core.graph.prunable import is_prunable
 
     masks = {
         n: torch.arange(m.weight.shape[0]) % 2 == 0

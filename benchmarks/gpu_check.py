@@ -11,7 +11,7 @@ GPU export matches the masked model and reloads from the checkpoint to the same 
 
 Part 2 prunes each model with 50% group masks at each ``round_to`` (as benchmarks/deploy.py does),
 then times dense and exported networks interleaved at batch 1 and 8: torch eager on the GPU, timed
-with CUDA events (:func:`lightning_prune.core.report.compare_latency` on CUDA inputs), and, where
+with CUDA events (:func:`lightning_prune.core.verify.report.compare_latency` on CUDA inputs), and, where
 onnxruntime offers the CUDA execution provider (the onnxruntime-gpu package), each ONNX file in
 ONNX Runtime on the GPU with inputs and outputs bound on the device (I/O binding: no host copies
 timed). Prints a table of median ms [IQR] and latency ratios against the MAC ratio.
@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune import PruneExportCallback, load_pruned_module, verify_equivalence
-from lightning_prune.core.report import format_report
+from lightning_prune.core.verify.report import format_report
 from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 
 

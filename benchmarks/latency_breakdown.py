@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from deploy import build_variants, machine, onnx_file
 
-from lightning_prune.core.report import count_macs
+from lightning_prune.core.verify.report import count_macs
 
 MODELS = ["mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "resnet50"]
 BETWEEN = "between modules"

@@ -161,7 +161,7 @@ def masks_for(name: str, variant: str, model: nn.Module, example: Any, cache: st
 
 def run_ours(name: str, variant: str, cache: str, stats: bool) -> dict[str, Any]:
     from lightning_prune import export
-    from lightning_prune.core.report import count_macs, count_params
+    from lightning_prune.core.verify.report import count_macs, count_params
 
     model, example = build(name)
     masks = masks_for(name, variant, model, example, cache)
@@ -247,7 +247,7 @@ def torch_pruning_setup(name: str, model: nn.Module) -> tuple[dict[nn.Module, in
 def run_torch_pruning(name: str, stats: bool) -> dict[str, Any]:
     import torch_pruning as tp
 
-    from lightning_prune.core.report import count_macs, count_params
+    from lightning_prune.core.verify.report import count_macs, count_params
 
     model, example = build(name)
     p0, embedding0, size = count_params(model), embedding_width(name, model), fp32_mb(model)
@@ -406,7 +406,7 @@ def profile(name: str, threads: int) -> None:
     import pstats
 
     import lightning_prune.core.export as ex
-    from lightning_prune.core.graph import ChannelGraph
+    from lightning_prune.core.graph.channel_graph import ChannelGraph
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)

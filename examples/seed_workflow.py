@@ -32,7 +32,7 @@ def core_workflow() -> None:
     from nni.compression.pruning import FPGMPruner
 
     from lightning_prune import export
-    from lightning_prune.core.report import count_params as count
+    from lightning_prune.core.verify.report import count_params as count
 
     module = DigitsCNN()
     with torch.no_grad():  # a trained network's norms: shifts and scales that are not the defaults

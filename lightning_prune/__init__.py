@@ -2,8 +2,6 @@
 
 from typing import Any
 
-from lightning_prune.core.checkpoint import load_pruned, load_pruned_module, save_pruned
-from lightning_prune.core.deploy import check_deployed, save_deployables, save_onnx, save_pt2
 from lightning_prune.core.errors import (
     CheckpointError,
     ConfigurationError,
@@ -16,13 +14,16 @@ from lightning_prune.core.errors import (
     VerificationError,
 )
 from lightning_prune.core.export import ExportResult, export, export_pruned_model
-from lightning_prune.core.graph import ChannelGraph
-from lightning_prune.core.groups import group_masks
-from lightning_prune.core.inplace_dict import format_inplace_dict, infer_inplace_dict
-from lightning_prune.core.masks import apply_masks, collect_masks
-from lightning_prune.core.op_rules import register_op_rule
-from lightning_prune.core.shrink import PrunedLayerNorm, register_shrinker, shrink_parameters
-from lightning_prune.core.verify import EquivalenceReport, verify_equivalence
+from lightning_prune.core.files.checkpoint import load_pruned, load_pruned_module, save_pruned
+from lightning_prune.core.files.deploy import check_deployed, save_deployables, save_onnx, save_pt2
+from lightning_prune.core.graph.channel_graph import ChannelGraph
+from lightning_prune.core.graph.groups import group_masks
+from lightning_prune.core.graph.inplace_dict import infer_inplace_dict
+from lightning_prune.core.graph.masks import apply_masks, collect_masks
+from lightning_prune.core.inplace_format import format_inplace_dict
+from lightning_prune.core.shrink.registry import PrunedLayerNorm, register_shrinker, shrink_parameters
+from lightning_prune.core.trace.op_rules import register_op_rule
+from lightning_prune.core.verify.equivalence import EquivalenceReport, verify_equivalence
 
 __all__ = [
     "ChannelGraph",

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from lightning_prune.core import files
 from lightning_prune.core.errors import CheckpointError
-from lightning_prune.core.files import atomic_save
+from lightning_prune.core.files import atomic
+from lightning_prune.core.files.atomic import atomic_save
 
 
 def payload(version: int) -> dict:
@@ -59,7 +59,7 @@ if __name__ == "__main__":
             def __exit__(self, *exc) -> None:
                 self.stream.close()
 
-        files.open = lambda *args, **kwargs: Stalling(open(*args, **kwargs))
+        atomic.open = lambda *args, **kwargs: Stalling(open(*args, **kwargs))
         atomic_save(payload(1), path)
     else:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
-from lightning_prune.core.masks import Masks, channel_tensors, is_prunable, out_channels, zero_pruned_parameters
+from lightning_prune.core.graph.masks import Masks, zero_pruned_parameters
+from lightning_prune.core.graph.prunable import channel_tensors, is_prunable, out_channels
 
 RTOL = 1e-5
 

@@ -17,8 +17,8 @@ from helpers import RTOL, randomize, zero_norm_affine
 from torch import nn
 
 from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
-from lightning_prune.core.attention import _UPDATERS, register_attention
-from lightning_prune.core.report import count_params
+from lightning_prune.core.shrink.attention import _UPDATERS, register_attention
+from lightning_prune.core.verify.report import count_params
 
 WIDTH, HEADS = 32, 4
 

@@ -12,7 +12,7 @@ from helpers import randomize
 from torch import nn
 
 from lightning_prune import CheckpointError, export, load_pruned, save_pruned
-from lightning_prune.core.checkpoint import FORMAT
+from lightning_prune.core.files.checkpoint import FORMAT
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 PRUNED = (

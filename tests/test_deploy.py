@@ -18,7 +18,7 @@ from helpers import images, random_masks, randomize, relative_error
 from torch import nn
 
 from lightning_prune import CheckpointError, ConfigurationError, VerificationError, export_pruned_model
-from lightning_prune.core.deploy import (
+from lightning_prune.core.files.deploy import (
     DEPLOY_FORMATS,
     OnnxRuntimeModel,
     check_deployed,
@@ -296,7 +296,7 @@ def test_a_failed_write_raises_and_keeps_the_previous_file(tmp_path) -> None:
     script = textwrap.dedent(
         """
         import resource, signal, sys, torch
-        from lightning_prune.core.deploy import save_pt2
+        from lightning_prune.core.files.deploy import save_pt2
         from lightning_prune.core.errors import CheckpointError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

@@ -24,9 +24,9 @@ from helpers import images, randomize, relative_error, zero_norm_affine
 from torch import nn
 
 from lightning_prune import ChannelGraph, ExportResult, export, group_masks, verify_equivalence
-from lightning_prune.core.deploy import DEPLOY_FORMATS, save_deployables
-from lightning_prune.core.masks import Masks
-from lightning_prune.core.report import count_params
+from lightning_prune.core.files.deploy import DEPLOY_FORMATS, save_deployables
+from lightning_prune.core.graph.masks import Masks
+from lightning_prune.core.verify.report import count_params
 
 # Exported parameters over dense (measured: whole_channel / plain export). Each bound holds with margin
 # and, but for EfficientNet (whose plain export is as small: 0.320), fails at the plain export's size.

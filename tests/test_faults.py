@@ -24,7 +24,7 @@ from lightning_prune import (
     load_pruned,
     save_pruned,
 )
-from lightning_prune.core.files import atomic_save, remove_stale_temporaries, temporary_path
+from lightning_prune.core.files.atomic import atomic_save, remove_stale_temporaries, temporary_path
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_writer.py")
 

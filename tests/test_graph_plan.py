@@ -11,8 +11,9 @@ from models import DepthwiseNet, ShuffleChunkNet
 
 from lightning_prune import ChannelGraph, InplaceDictMismatchError, apply_masks, export
 from lightning_prune.core import errors
-from lightning_prune.core.inplace_dict import check_inplace_dict, traced_inplace_dict
-from lightning_prune.core.plan import Plan, plan
+from lightning_prune.core.graph.changes import Plan
+from lightning_prune.core.graph.inplace_dict import check_inplace_dict, traced_inplace_dict
+from lightning_prune.core.graph.plan import plan
 
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -8,7 +8,7 @@ import torchvision
 from helpers import apply_masks, export_and_check, randomize, zero_norm_affine
 
 from lightning_prune import ChannelGraph, group_masks
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 
 @pytest.mark.parametrize(

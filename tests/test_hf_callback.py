@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_prune import PruneExportCallback, load_pruned, verify_equivalence
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
 

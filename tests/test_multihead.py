@@ -14,10 +14,10 @@ from helpers import RTOL, randomize, zero_norm_affine
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
-from lightning_prune.core.checkpoint import load_pruned, save_pruned
-from lightning_prune.core.deploy import check_deployed, save_onnx, save_pt2
-from lightning_prune.core.multihead import PrunedMultiheadAttention
-from lightning_prune.core.report import count_params
+from lightning_prune.core.files.checkpoint import load_pruned, save_pruned
+from lightning_prune.core.files.deploy import check_deployed, save_onnx, save_pt2
+from lightning_prune.core.shrink.multihead import PrunedMultiheadAttention
+from lightning_prune.core.verify.report import count_params
 
 
 class Attend(nn.Module):

@@ -13,8 +13,8 @@ from models import DepthwiseNet, UnprunedLast
 from torch import nn
 
 from lightning_prune import apply_masks
-from lightning_prune.core import op_rules
-from lightning_prune.core.masks import out_channels
+from lightning_prune.core.graph.prunable import out_channels
+from lightning_prune.core.trace import op_rules
 
 IMAGE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

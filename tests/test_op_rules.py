@@ -11,7 +11,7 @@ from helpers import export_and_check, randomize
 from torch import nn
 
 from lightning_prune import apply_masks, register_op_rule
-from lightning_prune.core import op_rules
+from lightning_prune.core.trace import op_rules
 
 IMAGE = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ from models import ConcatNet, Conv2dBetween3d, DepthwiseNet, OpsNet, SeedNet, SE
 from torch import nn
 
 from lightning_prune import apply_masks, export
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 g = torch.Generator().manual_seed(3)
 IMAGE = torch.randn(2, 3, 16, 16, generator=g)

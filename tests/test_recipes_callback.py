@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from user_modules import CausalLM, Images, PLClassifier, Sentences, small_cnn
 
 from lightning_prune import CheckpointError, PruneExportCallback, load_pruned, load_pruned_module, verify_equivalence
-from lightning_prune.core.report import format_report
+from lightning_prune.core.verify.report import format_report
 from lightning_prune.lightning.distill import distill_loss
 
 RTOL = 1e-5

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from user_modules import PLClassifier, images
 
 from lightning_prune import ConfigurationError, PruneExportCallback, export, load_pruned, save_pruned
-from lightning_prune.core.batches import split_batch
+from lightning_prune.core.verify.batches import split_batch
 
 # ------------------------------------------------------------------ input_key with keyword forwards
 

@@ -11,7 +11,7 @@ from torch import nn
 from user_modules import PLClassifier, loaders
 
 from lightning_prune import ChannelGraph, ConfigurationError, PruneExportCallback, verify_equivalence
-from lightning_prune.core.importance import TaylorScores, group_scores, importance_masks
+from lightning_prune.core.graph.importance import TaylorScores, group_scores, importance_masks
 
 IMAGE = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.core import report
-from lightning_prune.core.report import (
+from lightning_prune.core.verify import report
+from lightning_prune.core.verify.report import (
     Latency,
     compare_latency,
     count_macs,

@@ -128,7 +128,7 @@ class TinyEncoder(nn.Module):
 def test_heads_are_rounded_by_their_channels_not_their_count(ranking: str) -> None:
     """round_to=16 on 8 heads of 8 channels: 4 heads are 96 q/k/v channels, a multiple of 16, so half
     the heads go (rounding the head count itself up to 16 would keep every head)."""
-    from lightning_prune.core.importance import importance_masks
+    from lightning_prune.core.graph.importance import importance_masks
 
     torch.manual_seed(0)
     model = randomize(TinyEncoder())

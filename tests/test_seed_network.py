@@ -26,8 +26,8 @@ from lightning_prune import (
     verify_equivalence,
 )
 from lightning_prune.core.errors import InplaceDictMismatchError
-from lightning_prune.core.inplace_dict import load_inplace_dict
-from lightning_prune.core.report import count_params
+from lightning_prune.core.graph.inplace_dict import load_inplace_dict
+from lightning_prune.core.verify.report import count_params
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "data" / "seed_inplace_dict.py.txt"  # the dict exactly as the page prints it

@@ -12,7 +12,7 @@ from torch import nn
 from user_modules import CLASSIFIERS
 
 from lightning_prune import PruneExportCallback, load_pruned, verify_equivalence
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 
 class TinyViT(nn.Module):

@@ -34,8 +34,8 @@ from lightning_prune import (
     save_pruned,
     verify_equivalence,
 )
-from lightning_prune.core.attention import KEY_VALUE_HEADS, QUERY_HEADS
-from lightning_prune.core.report import count_params
+from lightning_prune.core.shrink.attention import KEY_VALUE_HEADS, QUERY_HEADS
+from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -328,9 +328,9 @@ def test_addmm_of_two_activations_keeps_channels() -> None:
 
 def test_conv1d_shrinker_adds_a_folded_bias_then_slices() -> None:
     """The Conv1D shrink function: rows kept along the (in, out) weight, a folded bias change added."""
-    from lightning_prune.core.hf import shrink_conv1d
-    from lightning_prune.core.plan import LayerChange
-    from lightning_prune.core.shrink import shrinker_for
+    from lightning_prune.core.graph.changes import LayerChange
+    from lightning_prune.core.shrink.hf import shrink_conv1d
+    from lightning_prune.core.shrink.registry import shrinker_for
 
     conv = transformers.pytorch_utils.Conv1D(4, 6)
     assert shrinker_for(conv) is shrink_conv1d

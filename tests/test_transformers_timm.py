@@ -32,8 +32,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
-from lightning_prune.core.attention import QUERY_HEADS
-from lightning_prune.core.report import count_params
+from lightning_prune.core.shrink.attention import QUERY_HEADS
+from lightning_prune.core.verify.report import count_params
 
 timm = pytest.importorskip("timm")
 from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block  # noqa: E402

@@ -16,7 +16,7 @@ import torchvision
 from helpers import RTOL, randomize, zero_norm_affine
 
 from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 # (image size, another size the model takes or None): ViT's position embedding fixes its size,
 # MaxViT's partitions need 224; Swin pads its windows, so it takes any multiple of 32.

@@ -15,7 +15,7 @@ from helpers import RTOL, random_masks, randomize, zero_norm_affine
 from torch import nn
 
 from lightning_prune import apply_masks, export, verify_equivalence
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

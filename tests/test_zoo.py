@@ -18,7 +18,7 @@ from helpers import RTOL, export_and_check, random_masks, randomize, zero_norm_a
 from torchvision import models
 
 from lightning_prune import verify_equivalence
-from lightning_prune.core.report import count_params
+from lightning_prune.core.verify.report import count_params
 
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 OVER_150M = {"convnext_large", "regnet_y_128gf"}  # 197.8M and 644.8M parameters

@@ -6,6 +6,8 @@ where there is one, what to do about it.
 
 from __future__ import annotations
 
+from lightning_prune.core.inplace_format import format_inplace_dict
+
 
 class PruneExportError(Exception):
     """Base class of every error this package raises on bad input or a failed export."""
@@ -33,8 +35,6 @@ class InplaceDictMismatchError(InplaceDictError):
     """
 
     def __init__(self, problems: dict[str, str], corrected: dict[str, tuple[str | int | None, ...]]) -> None:
-        from lightning_prune.core.inplace_dict import format_inplace_dict  # the format's home imports this module
-
         self.problems = dict(problems)
         self.corrected = dict(corrected)
         count = len(self.problems)

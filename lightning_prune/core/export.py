@@ -20,11 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.core.attention import load_integrations, update_heads, update_model
 from lightning_prune.core.errors import VerificationError
-from lightning_prune.core.graph import ChannelGraph, Override
-from lightning_prune.core.inplace_dict import InplaceDict, check_inplace_dict, load_inplace_dict, traced_inplace_dict
-from lightning_prune.core.masks import (
+from lightning_prune.core.graph.changes import Note, Plan
+from lightning_prune.core.graph.channel_graph import ChannelGraph, Override
+from lightning_prune.core.graph.inplace_dict import (
+    InplaceDict,
+    check_inplace_dict,
+    load_inplace_dict,
+    traced_inplace_dict,
+)
+from lightning_prune.core.graph.masks import (
     Masks,
     MaskSource,
     collect_masks,
@@ -33,11 +38,13 @@ from lightning_prune.core.masks import (
     zero_pruned_channels,
     zero_pruned_parameters,
 )
+from lightning_prune.core.graph.plan import plan
+from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules, tensor_places
-from lightning_prune.core.plan import Note, Plan, plan
-from lightning_prune.core.shrink import shrinker_for
-from lightning_prune.core.trace import call_model
-from lightning_prune.core.verify import compare_outputs
+from lightning_prune.core.shrink.attention import update_heads, update_model
+from lightning_prune.core.shrink.registry import shrinker_for
+from lightning_prune.core.trace.records import call_model
+from lightning_prune.core.verify.equivalence import compare_outputs
 
 _RESHAPED_WRONG = (
     "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"

@@ -1,7 +1,7 @@
 """PruneExportCallback: prune, fine-tune masked, export, verify, save and log, from one callback.
 
-Thin Lightning glue over the core (:mod:`~lightning_prune.core.masks`, :mod:`~lightning_prune.core.export`,
-:mod:`~lightning_prune.core.verify`, :mod:`~lightning_prune.core.checkpoint`)::
+Thin Lightning glue over the core (:mod:`~lightning_prune.core.graph.masks`, :mod:`~lightning_prune.core.export`,
+:mod:`~lightning_prune.core.verify.equivalence`, :mod:`~lightning_prune.core.files.checkpoint`)::
 
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
     trainer.fit(module, datamodule)   # prune -> masked fine-tune -> export -> verify -> save
@@ -21,21 +21,21 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_prune.core.batches import split_batch
-from lightning_prune.core.checkpoint import replay_shrink, save_pruned, shrink_record
-from lightning_prune.core.deploy import save_deployables
 from lightning_prune.core.errors import ConfigurationError, InplaceDictError, MaskError, PruneExportError
 from lightning_prune.core.export import export
-from lightning_prune.core.files import remove_stale_temporaries, temporary_path
-from lightning_prune.core.graph import ChannelGraph
-from lightning_prune.core.groups import group_masks
-from lightning_prune.core.hold import MaskHold
-from lightning_prune.core.importance import IMPORTANCES, TaylorScores, importance_masks
-from lightning_prune.core.inplace_dict import check_inplace_dict, load_inplace_dict
-from lightning_prune.core.masks import Masks, collect_masks, make_pruning_permanent
-from lightning_prune.core.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
-from lightning_prune.core.report import compare_models, format_report
-from lightning_prune.core.verify import verify_on_batches
+from lightning_prune.core.files.atomic import remove_stale_temporaries, temporary_path
+from lightning_prune.core.files.checkpoint import replay_shrink, save_pruned, shrink_record
+from lightning_prune.core.files.deploy import save_deployables
+from lightning_prune.core.graph.channel_graph import ChannelGraph
+from lightning_prune.core.graph.groups import group_masks
+from lightning_prune.core.graph.hold import MaskHold
+from lightning_prune.core.graph.importance import IMPORTANCES, TaylorScores, importance_masks
+from lightning_prune.core.graph.inplace_dict import check_inplace_dict, load_inplace_dict
+from lightning_prune.core.graph.masks import Masks, collect_masks, make_pruning_permanent
+from lightning_prune.core.graph.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
+from lightning_prune.core.verify.batches import split_batch
+from lightning_prune.core.verify.equivalence import verify_on_batches
+from lightning_prune.core.verify.report import compare_models, format_report
 from lightning_prune.lightning.checks import NNI_NAMES, is_sharded, validate_arguments, writable_problem
 from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
 from lightning_prune.lightning.data import first_batches
@@ -50,7 +50,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     Args:
         pruner: ``"auto"`` (the masks given in ``masks``, else ``"fpgm"``); this package's own
-            importance measures, each scoring whole coupled groups (:mod:`~lightning_prune.core.importance`):
+            importance measures, each scoring whole coupled groups (:mod:`~lightning_prune.core.graph.importance`):
             ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"`` or ``"taylor"`` (gradients of the training
             steps before each pruning step, so it needs ``prune_on_epoch >= 1`` or a schedule starting
             at epoch 1 or later); ``"nni-fpgm"``, ``"nni-l1"``, ``"nni-l2"`` (NNI 3.0's per-layer one-shot
@@ -71,7 +71,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             list of ints: the shape of a random tensor) for tracing; default: the module's
             ``example_input_array``, else the input of the first validation (or training) batch.
         input_key: for dict batches, the one key holding the model input: passed by that name when the
-            module's ``forward`` takes it (or ``**kwargs``), else positionally (:mod:`~lightning_prune.core.batches`).
+            module's ``forward`` takes it (or ``**kwargs``), else positionally (:mod:`~lightning_prune.core.verify.batches`).
         prune_on_epoch: ``0`` prunes when training starts (after any checkpoint is restored, so a
             resumed dense model is ranked on its trained weights); ``k`` trains dense for ``k`` epochs first.
         ranking: ``"uniform"`` (each layer, or each set of coupled layers, loses ``sparsity`` of its

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from lightning_prune.core.capture import ONNX_PACKAGES
-from lightning_prune.core.deploy import DEPLOY_FORMATS
 from lightning_prune.core.errors import ConfigurationError
-from lightning_prune.core.importance import IMPORTANCES, RANKINGS
-from lightning_prune.core.pruners import PRUNERS, check_config_list
+from lightning_prune.core.files.capture import ONNX_PACKAGES
+from lightning_prune.core.files.deploy import DEPLOY_FORMATS
+from lightning_prune.core.graph.importance import IMPORTANCES, RANKINGS
+from lightning_prune.core.graph.pruners import PRUNERS, check_config_list
 from lightning_prune.lightning.distill import distill_settings
 from lightning_prune.lightning.schedule import Schedule
 

@@ -1,0 +1,201 @@
+"""Hugging Face ``transformers``: what an exported model needs beyond sliced parameters.
+
+Imported only once ``transformers`` is (:func:`~lightning_prune.core.integrations.load_integrations`);
+the package does not depend on it. It registers:
+
+- a shrink function for ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections, whose weight
+  is ``(in, out)`` and whose ``forward`` sizes its output from ``nf``);
+- a head updater for ``GPT2Attention`` (and its copies in Decision Transformer and ImageGPT),
+  whose ``forward`` splits the fused query/key/value projection by ``split_size``. The other
+  Hugging Face attention classes in this release size their views as ``(..., -1, head_dim)``; the
+  attributes they keep (``num_attention_heads``, ``all_head_size``, ``n_heads``,
+  ``num_key_value_heads``) are set by :func:`~lightning_prune.core.shrink.attention.update_head_attributes`,
+  and LLaMA-style ``num_key_value_groups`` stays valid because whole key/value groups go with their
+  query heads;
+- a model updater that re-ties input and output embeddings the export untied, and makes each
+  ``PreTrainedModel``'s ``config`` say the exported sizes where one config can: the same heads,
+  key/value heads, ``head_dim`` and MLP width in every layer, in a model that reads ``head_dim``
+  from its config. It checks this by building the model from the new config on the meta device and
+  comparing every parameter's shape with the exported one; where they differ (widths that differ
+  per layer, ``head_dim`` derived from ``hidden_size`` as in BERT), the config is left as it was
+  and a ``"not described by the config"`` note says to reload with :func:`~lightning_prune.load_pruned`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note
+from lightning_prune.core.graph.prunable import register_prunable
+from lightning_prune.core.shrink.attention import register_attention, register_model_updater, update_head_attributes
+from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
+
+if TYPE_CHECKING:
+    from lightning_prune.core.graph.changes import Plan
+
+MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
+"""Config fields that hold the MLP width (the first fitting one with an int value is updated)."""
+
+
+register_prunable(Conv1D, out_channel_dim=1)
+
+
+@register_shrinker(Conv1D)
+def shrink_conv1d(module: Conv1D, change: LayerChange) -> nn.Module:
+    """Slice the ``(nx, nf)`` weight and the bias, then set ``nx``/``nf`` (``forward`` views by ``nf``).
+    A bias change the plan folded in (constants of pruned inputs) is added first."""
+    if change.bias_delta is not None:
+        with torch.no_grad():
+            module.bias = nn.Parameter(module.bias + change.bias_delta.to(module.bias))
+    shrink_parameters(module, change)
+    module.nx, module.nf = module.weight.shape
+    return module
+
+
+SPLIT_ATTENTIONS = (
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
+    ("transformers.models.decision_transformer.modeling_decision_transformer", "DecisionTransformerGPT2Attention"),
+    ("transformers.models.imagegpt.modeling_imagegpt", "ImageGPTAttention"),
+)
+"""GPT-2-style attentions: ``c_attn`` (a Conv1D) gives query, key and value, split by ``split_size``."""
+
+
+def _classes(names: tuple[tuple[str, str], ...]) -> list[type[nn.Module]]:
+    """The classes of ``(module, class name)`` pairs this transformers release has."""
+    found = []
+    for module, name in names:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def update_split_attention(module: nn.Module, counts: HeadCounts) -> None:
+    """``num_heads``, and ``split_size``: the width of each of the query, key and value thirds."""
+    update_head_attributes(module, counts)
+    if module.split_size == counts.query_before * counts.head_dim:
+        module.split_size = counts.query * counts.head_dim
+
+
+register_attention(*_classes(SPLIT_ATTENTIONS))(update_split_attention)
+
+
+@register_model_updater
+def update_transformers(model: nn.Module, plan: Plan) -> None:
+    """Re-tie embeddings and update the config of every ``PreTrainedModel`` inside ``model`` (the
+    outermost one holding each config)."""
+    outermost: dict[int, tuple[str, PreTrainedModel]] = {}
+    for prefix, module in model.named_modules():  # outer modules come first
+        if isinstance(module, PreTrainedModel):
+            outermost.setdefault(id(module.config), (prefix, module))
+    for prefix, module in outermost.values():
+        _retie_embeddings(module)
+        note = _update_config(module, _under(plan, prefix))
+        if note is not None:
+            count, action, reason, unit = note
+            line = Note(prefix or type(module).__name__, count, action, reason, unit=unit)
+            if line not in plan.notes:  # the same plan applied again (load_pruned into an exported model)
+                plan.notes.append(line)
+
+
+def _under(plan: Plan, prefix: str) -> Plan:
+    """The part of ``plan`` inside the submodule ``prefix``, with names relative to it."""
+    start = f"{prefix}." if prefix else ""
+
+    def inside(items: dict) -> dict:
+        return {name[len(start) :]: value for name, value in items.items() if name.startswith(start)}
+
+    return replace(plan, changes=inside(plan.changes), heads=inside(plan.heads), notes=[])
+
+
+@torch.no_grad()
+def _retie_embeddings(model: PreTrainedModel) -> None:
+    """Tied input and output embeddings that export sliced or cloned apart, tied again where equal."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(inputs, "weight", None)
+    if outputs is None or weight is None or outputs.weight is weight:
+        return
+    if outputs.weight.shape == weight.shape and torch.equal(outputs.weight, weight):
+        outputs.weight = weight
+
+
+def _update_config(model: PreTrainedModel, plan: Plan) -> tuple[int, str, str, str] | None:
+    """Give ``model`` a config with its exported sizes where one config describes them. For the note:
+    ``(count, action, reason, unit)``; ``None`` where nothing changed."""
+    if not plan.changes and not plan.heads:
+        return None
+    config = model.config
+    fields = _changed_fields(config, plan, model)
+    candidate = copy.deepcopy(config)
+    for name, value in fields.items():
+        setattr(candidate, name, value)
+    shapes = _shapes(model)
+    built = _built_shapes(model, candidate)
+    if fields and built == shapes:
+        for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
+            if getattr(module, "config", None) is config:
+                module.config = candidate
+        said = ", ".join(f"{name}={value}" for name, value in fields.items())
+        return len(fields), "updated in the config", f"{said}; save_pretrained / from_pretrained rebuild it", "size(s)"
+    unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
+    why = (
+        f"no {type(config).__name__} builds them (widths that differ per layer, a head_dim the model derives "
+        f"from hidden_size, a corrected norm): the config keeps the original sizes; save with save_pruned and "
+        f"rebuild with load_pruned(path, {type(model).__name__}(original_config))"
+    )
+    return unexplained, "not described by the config", why, "parameter shape(s)"
+
+
+def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int]:
+    """The config values the plan suggests: heads every changed attention agrees on, the MLP width
+    every resized axis of that width agrees on, the embedding width. :func:`_update_config` checks them."""
+    fields: dict[str, int] = {}
+    heads = {(c.query, c.key_value, c.head_dim) for c in plan.heads.values()}
+    if len(heads) == 1:
+        ((query, key_value, head_dim),) = heads
+        fields["num_attention_heads"] = query
+        if getattr(config, "num_key_value_heads", None) is not None:
+            fields["num_key_value_heads"] = key_value
+        fields["head_dim"] = head_dim
+    resized: dict[int, set[int]] = {}  # size before -> sizes after, over every sliced axis
+    for change in plan.changes.values():
+        for key, (index, groups) in change.keep.items():
+            if groups == 1 and key in change.original_sizes:
+                resized.setdefault(change.original_sizes[key], set()).add(int(index.numel()))
+    for name in MLP_WIDTHS:
+        width = getattr(config, name, None)
+        if isinstance(width, int) and len(resized.get(width, ())) == 1:
+            fields[name] = next(iter(resized[width]))
+            break
+    embeddings = model.get_input_embeddings()
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.weight.shape[1] != hidden:
+        fields["hidden_size"] = embeddings.weight.shape[1]
+    return fields
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
+    try:
+        with torch.device("meta"):
+            return _shapes(type(model)(config))
+    except Exception:  # a config the model refuses (heads that do not divide hidden_size)
+        return None
+
+
+__all__ = ["MLP_WIDTHS", "SPLIT_ATTENTIONS", "shrink_conv1d", "update_split_attention", "update_transformers"]

@@ -1,0 +1,213 @@
+"""Rules for the layers export resizes: conv, transposed conv and linear (producers of channels) and
+the norms and PReLU (per-channel parameters).
+
+Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.trace.op_rules`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_prune.core.trace.records import Consumer, Deferred, Rep
+
+if TYPE_CHECKING:
+    from lightning_prune.core.trace.bookkeeping import Bookkeeping
+    from lightning_prune.core.trace.records import OpCall
+
+COMPUTED_WEIGHT = "uses a computed weight, which export cannot slice"
+COMPUTED_BIAS = "their layer adds a computed bias, which export cannot slice"
+
+
+def register_producer(t: Bookkeeping, call: OpCall, channel_dim: int, count: int) -> tuple[str, Tensor, Tensor] | None:
+    """What conv and linear share: the layer their weight names, its input labels along ``channel_dim``
+    (recorded as the layer's input) and its ``count`` output labels (created on the first call, the
+    same on every later one). ``None`` for a computed weight (weight standardisation): export
+    cannot slice it, so labelled input is blocked."""
+    data, weight = call.args[0], call.arg(1, "weight")
+    owner = t.param_name(weight)
+    if owner is None:
+        if t.rep(data) is not None:
+            t.give_up(call, COMPUTED_WEIGHT)
+        return None
+    module = owner[0]
+    in_labels = _channel_labels(t, data, channel_dim, module)
+    _layer_input(t, module, data, in_labels)
+    out_labels = t.trace.producers.get(module)
+    if out_labels is None:
+        out_labels = t.trace.new_labels(module, count)
+        t.trace.producers[module] = out_labels
+    bias = call.arg(2, "bias")
+    if isinstance(bias, Tensor) and t.param_name(bias) is None and not t.slice_parameter(bias, 0, out_labels):
+        t.block(out_labels, COMPUTED_BIAS)  # BEiT's cat of three biases; a clone of one (Swin V2) is sliced
+    return module, in_labels, out_labels
+
+
+def conv(t: Bookkeeping, call: OpCall, transposed: bool = False) -> None:
+    """Conv1d/2d/3d, grouped and depthwise: a producer; a depthwise conv's channels are its input's."""
+    data, weight, bias, out = call.args[0], call.arg(1, "weight"), call.arg(2, "bias"), call.out
+    spatial = weight.ndim - 2
+    channel_dim = data.ndim - spatial - 1
+    produced = register_producer(t, call, channel_dim, out.shape[channel_dim])
+    if produced is None:
+        return
+    module, in_labels, out_labels = produced
+    groups = call.arg(6, "groups", 1)
+    padding = call.arg(4, "padding", 0)
+    n_in = data.shape[channel_dim]
+    n_out = out.shape[channel_dim]
+    if groups == n_in == n_out:  # depthwise: one input channel per output channel
+        t.couple(in_labels, out_labels)
+        t.trace.followers.add(module)
+        t.add_axis(weight, 0, out_labels)  # (channels, 1, *kernel) for conv and transposed conv
+    else:
+        if transposed:
+            t.add_axis(weight, 0, in_labels)
+            t.add_axis(weight, 1, out_labels, groups)
+        else:
+            t.add_axis(weight, 1, in_labels, groups)
+            t.add_axis(weight, 0, out_labels)
+        if groups > 1:
+            t.trace.even_groups.append((module, in_labels, groups))
+            t.trace.even_groups.append((module, out_labels, groups))
+        no_padding = padding == "valid" or all(p == 0 for p in _as_tuple(padding))
+        t.trace.consumers.append(
+            Consumer(
+                module,
+                "conv_transpose" if transposed else "conv",
+                in_labels,
+                _constants(data, channel_dim),
+                foldable=not transposed and no_padding,
+                groups=groups,
+            )
+        )
+    if bias is not None:
+        t.add_axis(bias, 0, out_labels)
+    t.set_rep(out, Rep((channel_dim,), out_labels))
+
+
+def conv_transpose(t: Bookkeeping, call: OpCall) -> None:
+    """ConvTranspose1d/2d/3d: as :func:`conv`, with the weight's in and out dims swapped."""
+    conv(t, call, transposed=True)
+
+
+def linear(t: Bookkeeping, call: OpCall) -> None:
+    """Linear over the last dim: a producer, and a consumer whose pruned constant inputs fold into its bias."""
+    data, weight, bias, out = call.args[0], call.arg(1, "weight"), call.arg(2, "bias"), call.out
+    produced = register_producer(t, call, data.ndim - 1, out.shape[-1])
+    if produced is None:
+        return
+    module, in_labels, out_labels = produced
+    t.add_axis(weight, 1, in_labels)
+    t.add_axis(weight, 0, out_labels)
+    if bias is not None:
+        t.add_axis(bias, 0, out_labels)
+    t.trace.consumers.append(Consumer(module, "linear", in_labels, _constants(data, data.ndim - 1), True))
+    t.set_rep(out, Rep((out.ndim - 1,), out_labels))
+
+
+def batch_norm(t: Bookkeeping, call: OpCall) -> None:
+    """BatchNorm: statistics and affine parameters sliced with the channels."""
+    names = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+    _per_channel(t, call, [call.arg(i, n) for i, n in names])
+
+
+def instance_norm(t: Bookkeeping, call: OpCall) -> None:
+    """InstanceNorm: the same signature as batch norm, per-channel statistics too."""
+    batch_norm(t, call)
+
+
+def prelu(t: Bookkeeping, call: OpCall) -> None:
+    """PReLU: a per-channel slope is sliced with the channels; one shared slope stays."""
+    weight = call.arg(1, "weight")
+    _per_channel(t, call, [weight] if weight.numel() > 1 else [])
+
+
+def group_norm(t: Bookkeeping, call: OpCall) -> None:
+    """GroupNorm: statistics are per group, so only whole groups may go (each group's channels coupled)."""
+    num_groups = call.arg(1, "num_groups")
+    weight, bias = call.arg(2, "weight"), call.arg(3, "bias")
+    if weight is None:  # without affine parameters nothing names the layer to resize
+        return t.give_up(call, "has no affine parameters that name the layer to resize")
+    labels = _per_channel(t, call, [weight, bias])
+    if labels is not None:  # statistics are per group: only whole groups may go
+        per_group = labels.reshape(num_groups, -1)
+        t.couple(per_group, per_group[:, :1].expand_as(per_group), f"op '{call.op}' normalises them in groups")
+
+
+def layer_norm(t: Bookkeeping, call: OpCall) -> None:
+    """LayerNorm over the last dim: parameters sliced, and a consumer (its statistics count pruned channels)."""
+    data = call.args[0]
+    rep = t.rep(data)
+    shape = call.arg(1, "normalized_shape")
+    weight, bias = call.arg(2, "weight"), call.arg(3, "bias")
+    normalised = set(range(data.ndim - len(shape), data.ndim))
+    if not normalised & set(rep.dims):
+        t.set_rep(call.out, rep)
+        return
+    owner = t.param_name(weight)
+    if len(shape) == 1 and len(rep.dims) > 1 and rep.dims[-1] == data.ndim - 1:
+        # over head_dim (a query/key norm): its weight is shared by all heads, exact where whole heads go
+        why = f"op '{call.op}' normalises them together with channels it cannot prune with them"
+        t.trace.deferred.append(Deferred("within", rep.labels, why, axes=(len(rep.dims) - 1,)))
+        t.set_rep(call.out, rep)
+        return
+    if len(shape) != 1 or rep.dims != (data.ndim - 1,) or owner is None:
+        return t.give_up(call, "normalises them together with other dims, or without the model's parameters")
+    labels = _per_channel(t, call, [weight, bias], dim=-1)
+    t.trace.consumers.append(Consumer(owner[0], "layer_norm", labels, _constants(data, data.ndim - 1), False))
+
+
+def _per_channel(t: Bookkeeping, call: OpCall, params: list, dim: int = 1) -> Tensor | None:
+    """Shared by norms with per-channel parameters: slice ``params`` along the channel labels."""
+    data = call.args[0]
+    rep = t.rep(data)
+    channel_dim = dim % data.ndim
+    if rep.dims != (channel_dim,):
+        t.give_up(call, "sees them along a dim other than its channel dim")
+        return None
+    for tensor in params:
+        if tensor is None:
+            continue
+        owner = t.param_name(tensor)
+        if owner is None:
+            t.give_up(call, "uses parameters that are not the model's, which export cannot slice")
+            return None
+        t.add_axis(tensor, 0, rep.labels)
+        _layer_input(t, owner[0], data, rep.labels)
+    t.set_rep(call.out, rep)
+    return rep.labels
+
+
+def _channel_labels(t: Bookkeeping, data: Tensor, channel_dim: int, module: str) -> Tensor:
+    """Labels along ``channel_dim`` of a consumer's input; labels on other dims are blocked."""
+    rep = t.rep(data)
+    if rep is None:
+        return torch.full((data.shape[channel_dim],), -1, dtype=torch.long)
+    if rep.dims == (channel_dim,):
+        return rep.labels
+    t.block(rep.labels, f"'{module}' reads them along a dim other than its channel dim (a view it cannot shrink)")
+    return torch.full((data.shape[channel_dim],), -1, dtype=torch.long)
+
+
+def _layer_input(t: Bookkeeping, module: str, data: Tensor, labels: Tensor) -> None:
+    t.trace.layer_inputs.setdefault(module, labels)
+    rep = t.rep(data)
+    if rep is not None and rep.from_view:
+        t.trace.reshaped_inputs.add(module)
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _constants(data: Tensor, dim: int) -> Tensor:
+    """Per position along ``dim``: its value if the same everywhere else, else NaN (float64, CPU)."""
+    flat = data.detach().movedim(dim, 0).reshape(data.shape[dim], -1)
+    if flat.shape[1] == 0:
+        return torch.full((data.shape[dim],), math.nan, dtype=torch.float64)
+    low, high = torch.aminmax(flat, dim=1)  # one pass: this runs on every conv and linear input
+    return torch.where(low == high, low, torch.full_like(low, math.nan)).double().cpu()

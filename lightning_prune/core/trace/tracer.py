@@ -1,0 +1,261 @@
+"""Record how channels flow through a model during one real forward pass.
+
+Why a ``TorchFunctionMode`` rather than ``torch.fx`` or the autograd graph: the mode sees every
+``torch`` function, ``Tensor`` method and ``torch.nn.functional`` call as it really runs, with
+real tensors and real arguments, so Python control flow, dict/tuple inputs and outputs,
+functional calls, reused modules and in-place ops need no special handling, and the parameters
+an op uses identify the layer (and the layer's call site) without any module bookkeeping. The
+autograd graph loses in-place ops and anything under ``no_grad``; fx fails on control flow.
+
+Every channel of every producer (a conv or linear layer's output channel, or a channel of the
+network input) gets an integer *label*. Each traced tensor carries a :class:`Rep`: the tensor
+dims along which labels vary, and the labels there. The :class:`Tracer` runs the model, keeps
+that bookkeeping and hands each call to its rule (:mod:`lightning_prune.core.trace.op_rules`). Rules move
+labels through ops, *couple* labels that must share a keep decision (residual adds, gates,
+concatenated views), *block* labels that must be kept (model outputs, unknown ops; each block
+carries the reason export reports), and record which parameter dims hold which labels (what
+export will slice) and the values that reach each channel-mixing consumer (to find pruned
+channels that carry a nonzero constant).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from lightning_prune.core.errors import ExampleInputError
+from lightning_prune.core.modules import evaluating, running_modules
+from lightning_prune.core.trace import op_rules
+from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
+from lightning_prune.core.trace.records import ChannelTrace, OpCall, Rep, call_model, components, storage_key
+
+
+def trace_channels(model: nn.Module, example_input: Any) -> ChannelTrace:
+    """Run ``model`` once on ``example_input`` (eval mode, no grad) and record its channel flow."""
+    tracer = Tracer(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracer.run(example_input)
+    for message in tracer.trace.warnings:
+        warnings.warn(message, stacklevel=2)
+    return tracer.trace
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracer.record(func, args, kwargs, out)
+        return out
+
+
+class Tracer(Bookkeeping):
+    """Runs a model under the mode and dispatches every call to its rule; the bookkeeping the rules use
+    is :class:`~lightning_prune.core.trace.bookkeeping.Bookkeeping`'s."""
+
+    # ----------------------------------------------------------------- running
+    def run(self, example_input: Any) -> None:
+        """Label the example input's channels, run the model once, block what reaches the output."""
+        hooks = [
+            module.register_forward_pre_hook(self._norm_pre_hook(name))
+            for name, module in self.model.named_modules()
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+        ]
+        try:
+            for tensor in tree_leaves(example_input):
+                if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim >= 1:
+                    dim = 1 if tensor.ndim >= 2 else 0
+                    labels = self.trace.new_labels(None, tensor.shape[dim])
+                    self.trace.input_labels.append(labels)
+                    self.trace.blocked.append((labels, "they are tied to the network input"))
+                    self.set_rep(tensor, Rep((dim,), labels))
+            try:  # which of the model's modules is running: attention ops report heads to it
+                with running_modules(self.model, self._entered) as self.module_stack:
+                    with torch.no_grad(), evaluating(self.model), _Mode(self):
+                        output = call_model(self.model, example_input)
+            except Exception as err:
+                raise ExampleInputError(
+                    f"{type(self.model).__name__} rejected the example input "
+                    f"({_describe(example_input)}): {type(err).__name__}: {err}"
+                ) from err
+            self.trace.output = output
+            for tensor in tree_leaves(output):
+                if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
+                    self.block(rep.labels, "they reach the model output")
+            self.resolve_deferred()
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _entered(self, name: str, args: tuple) -> None:
+        if name not in self.trace.module_inputs:  # the labels of its first call's inputs
+            labels = [rep.labels.flatten() for x in tree_leaves(args) if (rep := self.rep(x)) is not None]
+            self.trace.module_inputs[name] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+
+    def resolve_deferred(self) -> None:
+        """Decide what :class:`Deferred` left open, now that the attention ops have named the heads.
+
+        A split whose labels all belong to heads is not coupled across heads (the heads dim is the
+        one that shrinks, and export updates the module's head count); any other split gets
+        :func:`movement`'s guess. Then a ``"within"`` or ``"fixed_part"`` block is dropped where
+        it only concerns positions inside whole heads, and applied otherwise.
+        """
+        trace = self.trace
+        in_head = torch.zeros(trace.num_labels, dtype=torch.bool)
+        for units in trace.head_units:
+            in_head[units[units >= 0]] = True
+
+        def all_in_heads(labels: Tensor) -> bool:
+            labels = labels[labels >= 0]
+            return bool(in_head[labels].all())
+
+        for item in trace.deferred:
+            if item.kind == "split" and not all_in_heads(item.labels):
+                couple_split(self, item.labels, item.reason)
+        root = torch.from_numpy(components(trace.num_labels, trace.edges))
+        for item in trace.deferred:
+            labels = item.labels
+            if item.kind == "within":
+                fine = all_in_heads(labels) and all(_constant_along(root, labels, axis) for axis in item.axes)
+            elif item.kind == "in_heads":
+                fine = all_in_heads(labels)
+            elif item.kind == "fixed_part":
+                live = labels[labels >= 0]
+                fine = all_in_heads(live) and bool(torch.isin(root[live], root[item.survivors]).all())
+            else:
+                continue
+            if not fine:
+                self.block(labels, item.reason)
+
+    def _norm_pre_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], Tensor) and (rep := self.rep(args[0])) and len(rep.dims) == 1:
+                self.trace.norm_channel_dim[name] = rep.dims[0] - args[0].ndim
+
+        return hook
+
+    # ------------------------------------------------------------- dispatch
+    def record(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        """Called by the mode after every op: find its rule and run it when channels are involved."""
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property such as Tensor.T or Tensor.data
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        op = op_rules.normalise_op_name(name)
+        rule = op_rules.rule_for(op)
+        call = OpCall(op, name, func, args, kwargs, out)
+        self.op = op
+        if rule in op_rules.TRACKS_MEMORY:  # they follow fresh and written tensors, labelled or not
+            return self.dispatch(rule, call)
+        if self.fresh and _in_place(name) and args and isinstance(args[0], Tensor):
+            self.fresh.pop(storage_key(args[0]), None)  # its fresh elements now hold data
+        labeled = any(self.rep(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor))
+        if not labeled:
+            self.outputs_unlabeled(out)
+            if rule in op_rules.PRODUCERS:  # a producer even of unlabelled input
+                self.dispatch(rule, call)
+            elif rule in op_rules.FOLLOWS_PARAMETERS:
+                self.follow_parameter(call)
+            return
+        if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
+            return
+        if rule is None:
+            self.warn_unknown(op, (args, kwargs))
+            self.outputs_unlabeled(out)
+            return
+        self.dispatch(rule, call)
+
+    def dispatch(self, rule: Rule, call: OpCall) -> None:
+        """Run ``rule`` on ``call``; a rule that cannot make sense of a call keeps its channels."""
+        try:
+            rule(self, call)
+        except Exception as err:
+            self.rule_failed(call.op, err, call.inputs, call.out)
+
+    def warn_unknown(self, op: str, args: Any) -> None:
+        """An op without a rule: keep the channels that reach it, and warn once per op."""
+        self.block_inputs(args, f"op '{op}' is not understood by the tracer")
+        if op not in self.warned:
+            self.warned.add(op)
+            self.trace.warnings.append(
+                f"lightning_prune: op '{op}' is not understood; the channels that reach it are kept."
+            )
+
+    def rule_failed(self, op: str, err: Exception, args: Any, out: Any) -> None:
+        """A rule raised: our bug or a call form it does not know; keep the channels, say so plainly."""
+        what = f"op '{op}' could not be traced (rule raised {type(err).__name__}: {err})"
+        self.block_inputs(args, what)
+        for tensor in tree_leaves(out):  # an in-place op's output is one of its inputs
+            if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
+                self.block(rep.labels, what)
+        self.outputs_unlabeled(out)
+        if what not in self.warned:
+            self.warned.add(what)
+            self.trace.warnings.append(f"lightning_prune: {what}; its channels are kept.")
+
+    def follow_parameter(self, call: OpCall) -> None:
+        """A view or index of a parameter: remember which parameter element each output element is."""
+        source = call.args[0] if call.args else None
+        origin = self.parameter_origin(source)
+        if origin is None:
+            return
+        parameter, index = origin
+        rule = op_rules.rule_for(call.op)
+        if rule is op_rules.RULES["elementwise"]:  # exp(scale), clamp(scale, max=...): element by element
+            others = [x for x in tree_leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
+            if any(x.numel() != 1 for x in others):
+                return
+        if rule is not op_rules.RULES["movement"]:
+            results = [index if tensor.shape == source.shape else None for tensor in tree_leaves(call.out)]
+        else:
+            try:
+                results = tree_leaves(call.func(index, *call.args[1:], **call.kwargs))
+            except Exception:  # an op that needs real values (a float index, a boolean mask of data)
+                return
+        for tensor, result in zip(tree_leaves(call.out), results, strict=False):
+            if isinstance(tensor, Tensor) and isinstance(result, Tensor) and result.shape == tensor.shape:
+                self.derived[id(tensor)] = (tensor, parameter, result)
+
+
+def couple_split(t: Tracer, labels: Tensor, reason: str) -> None:
+    """A view spread channels over several dims (``labels`` is at least 2-D): couple them along every
+    dim but the one the model's code will shrink, taken to be the largest (the model recomputes one
+    factor of the view from the tensor size: ShuffleNet's ``view(b, groups, c // groups, ...)``, a
+    stack of a few tensors)."""
+    sizes = list(labels.shape)
+    shrinking = len(sizes) - 1 - sizes[::-1].index(max(sizes))
+    for axis in range(labels.ndim):
+        if axis != shrinking:
+            t.couple(labels, labels.narrow(axis, 0, 1).expand_as(labels), reason)
+
+
+def _constant_along(root: Tensor, labels: Tensor, axis: int) -> bool:
+    """Whether, along ``axis`` of ``labels``, every label lies in one coupled group."""
+    groups = root[labels.clamp(min=0)]
+    return bool((groups == groups.narrow(axis, 0, 1)).all())
+
+
+_IN_PLACE_DUNDER = re.compile(r"__i(add|sub|mul|truediv|floordiv|div|mod|pow|and|or|xor|lshift|rshift|matmul)__")
+
+
+def _in_place(name: str) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or bool(_IN_PLACE_DUNDER.fullmatch(name))
+
+
+def _describe(example_input: Any) -> str:
+    leaves = tree_leaves(example_input)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in leaves]
+    return f"{type(example_input).__name__} of {shapes}"
+
+
+__all__ = ["Tracer", "couple_split", "trace_channels"]
