@@ -36,7 +36,7 @@ from lightning_prune.core.masks import Masks, collect_masks, make_pruning_perman
 from lightning_prune.core.pruners import build_config_list, layers_to_prune, masks_from_pruner, nni_masks
 from lightning_prune.core.report import compare_models, format_report
 from lightning_prune.core.verify import verify_on_batches
-from lightning_prune.lightning.checks import NNI_NAMES, is_sharded, validate_arguments, writable_problem
+from lightning_prune.lightning.checks import NNI_NAMES, check_epochs, is_sharded, validate_arguments, writable_problem
 from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
 from lightning_prune.lightning.data import first_batches
 from lightning_prune.lightning.distill import Distiller, distill_settings
@@ -59,7 +59,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``ModelPruning`` leaves them, or zeroed filters).
         sparsity: fraction of channels to prune in each targeted layer (named pruners only; a
             pruner object or given masks keep their own amount). With ``ranking="global"``: the
-            fraction of all targeted channel groups, spread over the layers by score.
+            fraction of all targeted channel groups, spread over the layers by score: after a
+            schedule's last step, that amount (within ``round_to / 2`` groups when rounding).
         op_types, op_names, exclude_op_names: which layers a named pruner prunes (names are paths
             from the LightningModule, as ``named_modules()`` gives them); ``exclude_op_names`` are the
             layers to skip. A coupled group is pruned only when all its layers are targeted.
@@ -283,6 +284,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_epochs(trainer, self.schedule, self.prune_on_epoch)
         if self._module is not None and self._module() is not pl_module:
             self._reset()  # a new model: the masks and figures of the previous fit are not its own
         self._module = weakref.ref(pl_module)
@@ -388,9 +390,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 "pruning steps; exporting the masks reached so far.",
             )
         if self.masks is None:
-            warn(
-                trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported."
-            )
+            where = "the schedule's 'start_epoch'" if self.schedule is not None else "`prune_on_epoch`"
+            warn(trainer, f"PruneExportCallback: training ended before pruning (see {where}); nothing exported.")
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
         error = self._save_masked(trainer, masked_path)  # every rank takes part; saved before export starts
