@@ -81,12 +81,13 @@ CASES = {
     "callback-distill-keys": lambda t: PruneExportCallback(distill={"alpha": 0.5}),
     "callback-schedule-steps": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 0}),
     "callback-schedule-epochs": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "end_epoch": 2, "steps": 5}),
+    "callback-schedule-no-end": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 3}),
     "callback-schedule-ramp": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 2, "ramp": "exp"}),
     "callback-schedule-pruner": lambda t: PruneExportCallback(
-        pruner="nni-fpgm", schedule={"start_epoch": 1, "steps": 2}
+        pruner="nni-fpgm", schedule={"start_epoch": 1, "end_epoch": 2, "steps": 2}
     ),
     "callback-schedule-and-prune-on-epoch": lambda t: PruneExportCallback(
-        prune_on_epoch=2, schedule={"start_epoch": 1, "steps": 2}
+        prune_on_epoch=2, schedule={"start_epoch": 1, "end_epoch": 2, "steps": 2}
     ),
     "callback-taylor-at-start": lambda t: PruneExportCallback(pruner="taylor"),
     "mask-unknown-layer": lambda t: collect_masks({"9": keep()}, model()),

@@ -46,7 +46,17 @@ class Recorder(pl.Callback):
         self.losses.append(float(loss.detach()))
 
 
-def fit(tmp_path, callback, max_epochs=4, ckpt_path=None, checkpoints=False, module=None):
+class StopAfter(pl.Callback):
+    """An interruption after ``epochs`` epochs (a run that has ``max_epochs`` for the whole schedule)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.current_epoch + 1 >= self.epochs
+
+
+def fit(tmp_path, callback, max_epochs=4, ckpt_path=None, checkpoints=False, module=None, stop_after=None):
     pl.seed_everything(0, verbose=False)
     module = module if module is not None else PLClassifier(lr=0.05)
     recorder = Recorder(callback)
@@ -55,7 +65,7 @@ def fit(tmp_path, callback, max_epochs=4, ckpt_path=None, checkpoints=False, mod
     )
     trainer = pl.Trainer(
         max_epochs=max_epochs,
-        callbacks=[callback, recorder, *extra],
+        callbacks=[callback, recorder, *extra, *([StopAfter(stop_after)] if stop_after else [])],
         logger=False,
         enable_checkpointing=checkpoints,
         enable_progress_bar=False,
@@ -120,7 +130,7 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path) -> None:
     whole_callback = make()
     whole, _ = fit(tmp_path / "a", whole_callback, max_epochs=5)
     first = make()
-    fit(tmp_path / "b", first, max_epochs=2, checkpoints=True)  # stops between the two steps
+    fit(tmp_path / "b", first, max_epochs=5, checkpoints=True, stop_after=2)  # stops between the two steps
     assert first.steps_done == 1 and first.taylor.steps == 3  # epoch 1's gradients, for step 2
     resumed_callback = make()
     resumed, _ = fit(tmp_path / "b", resumed_callback, max_epochs=5, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")

@@ -65,10 +65,19 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
 
 def copy_training_modes(source: nn.Module, target: nn.Module) -> None:
     """Give each submodule of ``target`` the train/eval mode of the ``source`` submodule at the same path
-    (a module the export put in place of another takes that one's mode)."""
+    (a module the export put in place of another takes that one's mode), and each parameter its
+    ``requires_grad``: a frozen layer stays frozen, including a bias the export gave it (a folded constant)."""
     modes = {name: module.training for name, module in source.named_modules()}
     for name, module in target.named_modules():
         module.training = modes.get(name, module.training)
+    trainable = {name: p.requires_grad for name, p in source.named_parameters(remove_duplicate=False)}
+    owner_trainable: dict[str, bool] = {}
+    for name, value in trainable.items():
+        owner = name.rpartition(".")[0]
+        owner_trainable[owner] = owner_trainable.get(owner, False) or value
+    for name, parameter in target.named_parameters(remove_duplicate=False):
+        default = owner_trainable.get(name.rpartition(".")[0], parameter.requires_grad)
+        parameter.requires_grad_(trainable.get(name, default))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -36,7 +36,7 @@ from lightning_prune.core.graph.pruners import build_config_list, layers_to_prun
 from lightning_prune.core.verify.batches import split_batch
 from lightning_prune.core.verify.equivalence import verify_on_batches
 from lightning_prune.core.verify.report import compare_models, format_report
-from lightning_prune.lightning.checks import NNI_NAMES, is_sharded, validate_arguments, writable_problem
+from lightning_prune.lightning.checks import NNI_NAMES, check_epochs, is_sharded, validate_arguments, writable_problem
 from lightning_prune.lightning.compat import Handoff, callback_bases, info, warn
 from lightning_prune.lightning.data import first_batches
 from lightning_prune.lightning.distill import Distiller, distill_settings
@@ -59,7 +59,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``ModelPruning`` leaves them, or zeroed filters).
         sparsity: fraction of channels to prune in each targeted layer (named pruners only; a
             pruner object or given masks keep their own amount). With ``ranking="global"``: the
-            fraction of all targeted channel groups, spread over the layers by score.
+            fraction of all targeted channel groups, spread over the layers by score: after a
+            schedule's last step, that amount (within ``round_to / 2`` groups when rounding).
         op_types, op_names, exclude_op_names: which layers a named pruner prunes (names are paths
             from the LightningModule, as ``named_modules()`` gives them); ``exclude_op_names`` are the
             layers to skip. A coupled group is pruned only when all its layers are targeted.
@@ -291,6 +292,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_epochs(trainer, self.schedule, self.prune_on_epoch)
         if self._module is not None and self._module() is not pl_module:
             self._reset()  # a new model: the masks and figures of the previous fit are not its own
         self._module = weakref.ref(pl_module)
@@ -410,9 +412,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
                 "the report says `schedule_complete: False`.",
             )
         if self.masks is None:
-            warn(
-                trainer, "PruneExportCallback: training ended before pruning (see `prune_on_epoch`); nothing exported."
-            )
+            where = "the schedule's 'start_epoch'" if self.schedule is not None else "`prune_on_epoch`"
+            warn(trainer, f"PruneExportCallback: training ended before pruning (see {where}); nothing exported.")
             return
         masked_path = os.path.join(self.export_dir, "masked.ckpt")
         # fast_dev_run: Lightning writes no checkpoint, and neither do we (a real run's files stay)

@@ -225,3 +225,37 @@ def is_sharded(strategy: Any) -> bool:
     return any(
         cls.__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy") for cls in type(strategy).__mro__
     )
+
+
+def check_epochs(trainer: Any, schedule: Schedule | None, prune_on_epoch: int) -> None:
+    """Raise in ``setup`` when a pruning step's epoch is one the trainer never starts.
+
+    A step at epoch ``e`` prunes at the start of epoch ``e``, so it needs ``e < max_epochs`` (the
+    epochs are ``0 .. max_epochs - 1``), leaving the epochs after the last step for fine-tuning.
+    ``max_epochs=-1`` (a ``max_steps``-only trainer) and ``fast_dev_run`` do not say how many epochs
+    run: nothing is checked, and a run that ends before the last step warns at its end.
+    """
+    limit = trainer.max_epochs
+    if limit is None or limit < 0 or trainer.fast_dev_run:
+        return
+    if schedule is None:
+        if prune_on_epoch >= limit:
+            raise _fail(
+                "prune_on_epoch",
+                prune_on_epoch,
+                f"is not an epoch of this run: the trainer's max_epochs={limit} runs epochs 0 to {limit - 1}, so "
+                "nothing would be pruned or exported. HINT: lower `prune_on_epoch` or raise `max_epochs`.",
+            )
+        return
+    if schedule.end_epoch < limit:
+        return
+    shown = {"start_epoch": schedule.start_epoch, "end_epoch": schedule.end_epoch, "steps": schedule.steps}
+    key = "start_epoch" if schedule.start_epoch >= limit else "end_epoch"
+    runs = len(schedule.due(limit - 1, 0))
+    raise _fail(
+        "schedule",
+        shown,
+        f"has '{key}': {shown[key]}, but the trainer's max_epochs={limit} runs epochs 0 to {limit - 1}: only {runs} "
+        f"of its {schedule.steps} steps would run and a partly pruned model would be exported. HINT: raise "
+        "`max_epochs` past 'end_epoch' (the epochs after it fine-tune at the final sparsity) or end the schedule sooner.",
+    )

@@ -4,7 +4,9 @@
 at the start of epochs spread evenly from ``start_epoch`` to ``end_epoch`` (both included). The
 fraction of the final sparsity reached after step ``k`` of ``n`` is ``1 - (1 - k/n)**3`` on the cubic
 ramp (Zhu & Gupta's AGP: large steps while the network is still redundant, small ones near the end)
-or ``k/n`` on the linear one. A one-shot prune is the schedule of one step.
+or ``k/n`` on the linear one. A one-shot prune is the schedule of one step. ``end_epoch`` is
+required when ``steps > 1``; every step's epoch must come before the trainer's ``max_epochs``
+(checked in ``setup``, :func:`~lightning_prune.lightning.checks.check_epochs`).
 
 >>> s = Schedule.from_argument({"start_epoch": 1, "end_epoch": 5, "steps": 3})
 >>> [s.epoch_of(k) for k in (1, 2, 3)], [round(s.fraction(k), 3) for k in (1, 2, 3)]
@@ -54,16 +56,21 @@ class Schedule:
             raise fail("needs 'start_epoch', an int >= 0 (the epoch whose start the first step comes at).")
         if not _int(steps) or steps < 1:
             raise fail("needs 'steps', an int >= 1 (how many times to prune).")
+        if ramp not in RAMPS:
+            raise fail(f"has 'ramp': {ramp!r}; choose one of {list(RAMPS)}.")
+        if end is None and steps > 1:  # where the ramp ends is the schedule's main choice: not guessed
+            raise fail(
+                f"needs 'end_epoch', the epoch of the last of its {steps} steps (an int >= start_epoch + steps - 1 = "
+                f"{start + steps - 1}), e.g. {{'start_epoch': {start}, 'end_epoch': {start + 2 * steps - 2}, 'steps': {steps}}}."
+            )
         if end is None:
-            end = start + steps - 1
+            end = start
         if not _int(end) or end < start + steps - 1:
             raise fail(
                 f"needs 'end_epoch', an int >= start_epoch + steps - 1 = {start + steps - 1}: each step gets an epoch of its own."
             )
         if steps == 1 and end != start:
             raise fail("prunes once ('steps': 1), at 'start_epoch'; set 'end_epoch' equal to it or leave it out.")
-        if ramp not in RAMPS:
-            raise fail(f"has 'ramp': {ramp!r}; choose one of {list(RAMPS)}.")
         return cls(start, end, steps, ramp)
 
     def epoch_of(self, step: int) -> int:

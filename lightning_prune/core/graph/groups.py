@@ -165,6 +165,37 @@ def _family_step(roots: list[int], members: Mapping[int, list[tuple[str, int]]],
     return math.lcm(*steps)
 
 
+def _round_kept_counts(
+    kept: dict, order: Mapping, sizes: Mapping, steps: Mapping, fewest: Mapping, scores: Mapping[int, float]
+) -> None:
+    """Round each pruned family's kept count to a multiple of its step: first down, then back up
+    where that brings the model's total nearer the amount chosen (the best groups restored first).
+
+    ``kept``: family -> how many of its best groups it keeps (changed in place); ``order``: family ->
+    its groups that may still be pruned, best first; ``sizes``: family -> its number of groups;
+    ``steps`` and ``fewest``: its rounding step and the fewest groups it may keep. The total ends
+    within half of the largest step of the amount chosen."""
+    excess, choices = 0, []  # excess: groups pruned beyond the chosen amount
+    for family, count in kept.items():
+        step, available = steps[family], len(order[family])
+        if step == 1 or count == sizes[family] or count % step == 0:
+            continue
+        down = count // step * step if count // step * step >= fewest[family] else None
+        up = min(-(-count // step) * step, sizes[family])
+        up = up if up <= available else None
+        if down is None and up is None:
+            continue
+        kept[family] = down if down is not None else up
+        excess += count - kept[family]
+        if down is not None and up is not None:
+            restored = [scores[root] for root in order[family][down:up]]
+            choices.append((-sum(restored) / len(restored), family, up - down))
+    for _, family, width in sorted(choices):
+        if 2 * excess > width:
+            kept[family] += width
+            excess -= width
+
+
 def _balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[int, float], round_to: int = 1) -> None:
     """A grouped conv needs the same number of channels pruned in each of its groups: re-pick
     within each group by score (the same total, spread evenly), rather than let export widen

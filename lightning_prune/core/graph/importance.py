@@ -10,14 +10,17 @@ concatenation, a grouped conv's rows. Each measure scores the group as one:
     each member filter's summed distance to the other filters of its layer (FPGM, He et al. 2019:
     a filter close to its layer's geometric median is the most replaceable);
 ``"bn_scale"``
-    the absolute scale (``weight``) of the norms the group feeds (Network Slimming); a group that
-    feeds no norm has no such score and is kept;
+    the mean absolute scale (``weight``) of the norms the group feeds (Network Slimming); a group
+    that feeds no norm has no such score and is kept;
 
 ``"taylor"``
     first-order Taylor (Molchanov et al. 2019): ``|sum of weight x grad|`` over every parameter
     slice the group owns (filters, biases, norm scales and shifts, the consumers' input slices),
     one estimate of the loss change per optimizer step, summed over the steps since the last
-    pruning step (:class:`TaylorScores`).
+    pruning step (:class:`TaylorScores`). A frozen layer (``requires_grad=False``) has no gradient
+    of its own and cannot recover by fine-tuning, so a group whose layers are all frozen has no
+    estimate: it is kept, with a warning naming the layers. The magnitude measures score frozen
+    weights as they are: freezing changes nothing for them.
 
 For ``"l1"``, ``"l2"`` and ``"fpgm"`` each layer's channel scores are divided by their layer's mean
 first, so a group spanning several layers weighs each layer alike and groups of different layers
@@ -27,7 +30,8 @@ a filter weight of their own; a group with none (only attention heads, say) is k
 
 :func:`importance_masks` draws masks from the scores: ``ranking="uniform"`` prunes the same
 fraction of each family (the groups spanning the same layers), ``"global"`` ranks every group of
-the model together, so a layer whose channels matter keeps more. ``previous`` masks only grow.
+the model together, so a layer whose channels matter keeps more; either way the model loses the
+asked amount (within rounding) after the last step of a schedule. ``previous`` masks only grow.
 
 >>> import torch
 >>> from torch import nn
@@ -41,6 +45,7 @@ the model together, so a layer whose channels matter keeps more. ``previous`` ma
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -49,7 +54,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.graph.channel_graph import ChannelGraph
-from lightning_prune.core.graph.groups import _balance_grouped_convs, _family_step, _rounded_kept
+from lightning_prune.core.graph.groups import _balance_grouped_convs, _family_step, _round_kept_counts, _rounded_kept
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.graph.prunable import filters
 
@@ -73,11 +78,11 @@ def group_scores(
             raise ValueError(
                 "importance='taylor' needs gradients: accumulate a TaylorScores over training steps first."
             )
-        per_root = taylor.per_root(graph)
-        return {root: float(per_root[root]) for root in members}
+        per_root, trainable = taylor.per_root(graph), taylor.trainable(graph)
+        return {root: float(per_root[root]) for root in members if trainable[root]}
     if importance == "bn_scale":
         scale = np.zeros(graph.trace.num_labels)
-        fed = np.zeros(graph.trace.num_labels, dtype=bool)
+        fed = np.zeros(graph.trace.num_labels)
         for axis in graph.axes:
             module = model.get_submodule(axis.module)
             if isinstance(module, _NORMS) and axis.param == "weight" and axis.groups == 1:
@@ -86,8 +91,8 @@ def group_scores(
                 roots = graph.root[labels[valid]]
                 values = getattr(module, axis.param).detach().abs().float().cpu().numpy().ravel()[valid]
                 np.add.at(scale, roots, values)
-                fed[roots] = True
-        return {root: float(scale[root]) for root in members if fed[root]}
+                np.add.at(fed, roots, 1.0)
+        return {root: float(scale[root] / fed[root]) for root in members if fed[root]}
     channel = {}
     for layer, labels in graph.producers.items():
         scores = _channel_scores(model.get_submodule(layer), importance)
@@ -131,6 +136,7 @@ class TaylorScores:
 
     def __init__(self) -> None:
         self.totals: np.ndarray | None = None
+        self.signal: np.ndarray | None = None  # per group: a trainable parameter in some step (not frozen)
         self.steps = 0
 
     @torch.no_grad()
@@ -151,8 +157,14 @@ class TaylorScores:
                 continue
             valid = labels >= 0
             np.add.at(step, graph.root[labels[valid]], product.cpu().double().numpy()[valid])
-        totals = self.totals if self.totals is not None and self.totals.size == step.size else np.zeros_like(step)
-        self.totals = totals + np.abs(step)
+        signal = np.zeros(graph.trace.num_labels, dtype=bool)
+        for layer, labels in graph.producers.items():  # a group is trainable when one of its layers is
+            if any(p.requires_grad for p in model.get_submodule(layer).parameters(recurse=False)):
+                labels = labels.numpy().ravel()
+                signal[graph.root[labels[labels >= 0]]] = True
+        fresh = self.totals is None or self.totals.size != step.size
+        self.totals = (np.zeros_like(step) if fresh else self.totals) + np.abs(step)
+        self.signal = signal | (False if fresh or self.signal is None else self.signal)
         self.steps += 1
 
     def per_root(self, graph: ChannelGraph) -> np.ndarray:
@@ -160,15 +172,27 @@ class TaylorScores:
             return np.zeros(graph.trace.num_labels)
         return self.totals / max(self.steps, 1)
 
+    def trainable(self, graph: ChannelGraph) -> np.ndarray:
+        """Per group root: whether one of its layers had a trainable parameter of its own in an
+        accumulated step. A group of frozen layers (``requires_grad=False``) is not fine-tuned and has
+        no Taylor estimate of its own (not a zero one): it is kept."""
+        if self.signal is None or self.signal.size != graph.trace.num_labels:
+            return np.ones(graph.trace.num_labels, dtype=bool)  # saved before this was recorded
+        return self.signal
+
     def reset(self) -> None:
-        self.totals, self.steps = None, 0
+        self.totals, self.signal, self.steps = None, None, 0
 
     def state_dict(self) -> dict:
-        return {"totals": None if self.totals is None else torch.from_numpy(self.totals.copy()), "steps": self.steps}
+        def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+            return None if array is None else torch.from_numpy(array.copy())
+
+        return {"totals": tensor(self.totals), "signal": tensor(self.signal), "steps": self.steps}
 
     def load_state_dict(self, state: Mapping) -> None:
-        totals = state.get("totals")
+        totals, signal = state.get("totals"), state.get("signal")
         self.totals = None if totals is None else totals.double().numpy().copy()
+        self.signal = None if signal is None else signal.bool().numpy().copy()
         self.steps = int(state.get("steps", 0))
 
 
@@ -187,22 +211,40 @@ def importance_masks(
     """Masks that prune whole coupled groups by ``importance``.
 
     ``sparsity`` maps each layer that may be pruned to its fraction; a group can be pruned only
-    when every member lies in such a layer, and a family (groups spanning the same layers) prunes
-    the mean fraction of its layers. ``ranking="uniform"`` prunes that many of each family's
-    lowest groups; ``"global"`` prunes the same total number of groups, chosen across all
-    families by score. Every family keeps at least ``min_channels`` groups (and at least one),
-    its kept count rounded down to a multiple of ``round_to``. Groups pruned in ``previous``
-    stay pruned and count towards the amount (masks only grow).
+    when every member lies in such a layer, and a family (groups spanning the same layers) is asked
+    for ``floor(f x n)`` of its ``n`` groups, ``f`` the mean fraction of its layers. Every family
+    keeps at least ``min_channels`` groups (and at least one). Groups pruned in ``previous`` stay
+    pruned and count towards the amount (masks only grow).
+
+    ``ranking="uniform"`` prunes each family's asked amount, its lowest groups, the kept count
+    rounded down to a multiple of ``round_to``. ``"global"`` prunes the sum of the families' asked
+    amounts, chosen across the families by score, however ``previous`` spread it: after the last
+    step of a schedule the model has lost the asked amount, not more. With ``round_to``, each family
+    keeps at least ``round_to`` (or all its groups, when it has no more) and its kept count is then
+    rounded down or up to a multiple, whichever keeps the model's total nearest the asked amount:
+    the total is within half of the largest family's step (``round_to / 2`` groups for one-channel
+    groups) of it.
+
+    A family whose groups all score the same (``bn_scale`` on norms never trained) cannot be ranked:
+    it is pruned by position, its own asked amount, with a warning, and global ranking takes nothing
+    more from it. Under ``"taylor"``, a group whose parameters are all frozen has no score and is
+    kept, with a warning naming its layers.
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}; got {ranking!r}.")
     scores = group_scores(graph, model, importance, taylor)
     members = graph.group_members()
-    candidates = {
-        root: group
-        for root, group in members.items()
-        if root in scores and all(layer in sparsity for layer, _ in group)
-    }
+    eligible = {root: group for root, group in members.items() if all(layer in sparsity for layer, _ in group)}
+    candidates = {root: group for root, group in eligible.items() if root in scores}
+    if importance == "taylor" and len(candidates) < len(eligible):
+        frozen = sorted({layer for root, group in eligible.items() if root not in scores for layer, _ in group})
+        warnings.warn(
+            f"importance='taylor' leaves the channels of {frozen} unpruned: these layers are frozen "
+            "(requires_grad=False), so they have no gradient to estimate with and could not recover by fine-tuning. HINT: to prune "
+            "them, choose a magnitude measure ('l1', 'l2', 'fpgm', 'bn_scale'), which scores frozen weights as they "
+            "are; to silence this, leave them out (`exclude_op_names`).",
+            stacklevel=2,
+        )
     was_pruned = {
         root
         for root, group in candidates.items()
@@ -211,40 +253,21 @@ def importance_masks(
     families: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for root, group in candidates.items():
         families[tuple(sorted({layer for layer, _ in group}))].append(root)
-    quota, cap = {}, {}
+    tied = _tied_families(families, scores, importance)
+    ranked = {family: roots for family, roots in families.items() if ranking == "global" and family not in tied}
+    pruned: set[int] = set(was_pruned)
     for family, roots in families.items():
-        fraction = sum(sparsity[layer] for layer in family) / len(family)
+        if family in ranked:
+            continue
         most = max(len(roots) - max(min_channels, 1), 0)
-        count = min(math.floor(fraction * len(roots)), most)
+        count = min(math.floor(_fraction(sparsity, family) * len(roots)), most)
         if count > 0 and round_to > 1:
             step = _family_step(roots, candidates, round_to)
             count = min(len(roots) - _rounded_kept(len(roots) - count, len(roots), step), most)
-        already = sum(root in was_pruned for root in roots)
-        quota[family] = max(count, already)
-        cap[family] = max(most, already)  # the most groups this family may lose
-    pruned: set[int] = set(was_pruned)
-    if ranking == "uniform":
-        for family, roots in families.items():
-            order = sorted((r for r in roots if r not in was_pruned), key=scores.__getitem__)
-            pruned.update(order[: quota[family] - sum(r in was_pruned for r in roots)])
-    else:
-        budget = sum(quota.values()) - len(was_pruned)
-        lost = {family: sum(r in was_pruned for r in roots) for family, roots in families.items()}
-        family_of = {root: family for family, roots in families.items() for root in roots}
-        for root in sorted((r for r in candidates if r not in was_pruned), key=scores.__getitem__):
-            if budget <= 0:
-                break
-            family = family_of[root]
-            if lost[family] < cap[family]:
-                pruned.add(root)
-                lost[family] += 1
-                budget -= 1
-        if round_to > 1:  # round each family's kept count down, taking the lowest scores
-            for roots in families.values():
-                kept = [r for r in roots if r not in pruned]
-                target = _rounded_kept(len(kept), len(roots), _family_step(roots, candidates, round_to))
-                if len(kept) < len(roots) and target < len(kept):
-                    pruned.update(sorted(kept, key=scores.__getitem__)[: len(kept) - target])
+        order = sorted((r for r in roots if r not in was_pruned), key=scores.__getitem__)
+        pruned.update(order[: max(count - sum(r in was_pruned for r in roots), 0)])
+    if ranked:
+        pruned |= _rank_globally(ranked, candidates, scores, sparsity, was_pruned, min_channels, round_to)
     balance = {root: scores[root] - (1e30 if root in was_pruned else 0.0) for root in candidates}
     _balance_grouped_convs(graph, pruned, balance, round_to)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
@@ -255,6 +278,63 @@ def importance_masks(
         if layer in masks and keep.numel() == masks[layer].numel():
             masks[layer] &= keep.to(torch.bool).cpu()
     return {layer: keep for layer, keep in masks.items() if not bool(keep.all())}
+
+
+def _fraction(sparsity: Mapping[str, float], family: tuple[str, ...]) -> float:
+    return sum(sparsity[layer] for layer in family) / len(family)
+
+
+def _tied_families(families: Mapping[tuple[str, ...], list[int]], scores: Mapping[int, float], importance: str) -> set:
+    """The families whose groups all score the same (to 1e-6), with a warning naming their layers."""
+    tied = set()
+    for family, roots in families.items():
+        values = [scores[root] for root in roots]
+        if len(values) > 1 and max(values) - min(values) <= 1e-6 * max(abs(max(values)), abs(min(values))):
+            tied.add(family)
+    if tied:
+        layers = sorted({layer for family in tied for layer in family})
+        warnings.warn(
+            f"importance={importance!r} cannot rank the channels of {layers}: every channel of each scores the same "
+            "(as with 'bn_scale' on norms never trained, every scale 1). They are pruned by position, the asked "
+            "fraction of each, and ranking='global' takes no more from them. HINT: prune a trained model, or choose "
+            "another measure ('l1', 'fpgm', 'taylor').",
+            stacklevel=3,
+        )
+    return tied
+
+
+def _rank_globally(
+    families: Mapping[tuple[str, ...], list[int]],
+    candidates: Mapping[int, list[tuple[str, int]]],
+    scores: Mapping[int, float],
+    sparsity: Mapping[str, float],
+    was_pruned: set[int],
+    min_channels: int,
+    round_to: int,
+) -> set[int]:
+    """The groups ``ranking="global"`` prunes (besides ``was_pruned``): the families' asked amounts
+    in all, the lowest scores of the model first, each family's kept count then rounded."""
+    order, steps, fewest, asked = {}, {}, {}, 0
+    for family, roots in families.items():
+        size = len(roots)
+        steps[family] = step = _family_step(roots, candidates, round_to) if round_to > 1 else 1
+        least = min(size, max(min_channels, 1))
+        fewest[family] = size if size <= step else min(size, -(-least // step) * step)
+        asked += min(math.floor(_fraction(sparsity, family) * size), size - fewest[family])
+        order[family] = sorted((r for r in roots if r not in was_pruned), key=scores.__getitem__, reverse=True)
+    kept = {family: len(best) for family, best in order.items()}  # each family keeps its best `kept`
+    budget = asked - sum(len(roots) - kept[family] for family, roots in families.items())
+    family_of = {root: family for family, best in order.items() for root in best}
+    for root in sorted(family_of, key=scores.__getitem__):
+        if budget <= 0:
+            break
+        if kept[family_of[root]] > fewest[family_of[root]]:
+            kept[family_of[root]] -= 1
+            budget -= 1
+    if round_to > 1:
+        sizes = {family: len(roots) for family, roots in families.items()}
+        _round_kept_counts(kept, order, sizes, steps, fewest, scores)
+    return {root for family, best in order.items() for root in best[kept[family] :]}
 
 
 __all__ = ["IMPORTANCES", "RANKINGS", "TaylorScores", "group_scores", "importance_masks"]
