@@ -12,62 +12,13 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from user_modules import VOCAB, CausalLM, Sentences
 
 from lightning_prune import PruneExportCallback, load_pruned, verify_equivalence
 from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 64
-
-
-def tiny_llama() -> torch.nn.Module:
-    """A LLaMA with grouped-query attention: 4 query heads, 2 key/value heads."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_hidden_layers=2,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-class Sentences(Dataset):
-    """Token sequences of one length, labelled for next-token prediction (``labels`` = ``input_ids``)."""
-
-    def __init__(self, count: int, length: int, seed: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-class CausalLM(L.LightningModule):
-    """A user's module: ``self.model`` is the Hugging Face model, which computes its own loss."""
-
-    def __init__(self, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = tiny_llama()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(**batch).loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.model(**batch).loss)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
 @pytest.mark.parametrize("pruner", [pytest.param("auto", id="ours"), pytest.param("nni-l1", id="nni-l1")])
@@ -77,7 +28,7 @@ def test_causal_lm_through_the_callback(tmp_path, pruner: str) -> None:
     if pruner.startswith("nni-"):
         pytest.importorskip("nni")
     L.seed_everything(0, verbose=False)
-    module = CausalLM()
+    module = CausalLM(tie=False)  # the LM head its own tensor; tied heads: test_recipes_callback.py
     callback = PruneExportCallback(pruner=pruner, op_types=["Linear"], export_dir=str(tmp_path / "out"))
     trainer = L.Trainer(
         max_steps=4,
@@ -100,7 +51,7 @@ def test_causal_lm_through_the_callback(tmp_path, pruner: str) -> None:
     assert verify_equivalence(module.model, network, other, rtol=1e-5).passed  # another batch size and length
     assert count_params(network) < count_params(module.model)
     assert any("head(s) removed" in note for note in report["notes"]), report["notes"]
-    rebuilt = load_pruned(report["path"], CausalLM()).model.eval()
+    rebuilt = load_pruned(report["path"], CausalLM(tie=False)).model.eval()
     assert verify_equivalence(network, rebuilt, other, rtol=1e-5).passed
     network.save_pretrained(tmp_path / "hf")  # uniform ranking: every layer keeps the same widths
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()

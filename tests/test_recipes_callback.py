@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from user_modules import CausalLM, Images, PLClassifier, Sentences, small_cnn
+from user_modules import CausalLM, Images, PLClassifier, Sentences, quiet_trainer, small_cnn
 
 from lightning_prune import CheckpointError, PruneExportCallback, load_pruned, load_pruned_module, verify_equivalence
 from lightning_prune.core.verify.report import format_report
@@ -33,15 +33,14 @@ def sentences() -> tuple[DataLoader, DataLoader]:
 
 
 def trainer(namespace, tmp_path, callbacks, max_epochs: int = 2, checkpoints: bool = False, logger=False, **kwargs):
-    return namespace.Trainer(
+    return quiet_trainer(
+        namespace,
+        tmp_path,
+        callbacks,
         max_epochs=max_epochs,
-        callbacks=callbacks,
         logger=logger,
         enable_checkpointing=checkpoints,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
         **kwargs,
     )
 
@@ -181,13 +180,7 @@ def test_fast_dev_run_leaves_a_real_runs_files(tmp_path) -> None:
     assert sorted(written) == ["masked.ckpt", "pruned.ckpt"]
     dry = PruneExportCallback(pruner="l1", export_dir=out)
     module = PLClassifier()
-    pl.Trainer(
-        fast_dev_run=True,
-        callbacks=[dry],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(module, *images())
+    quiet_trainer(pl, tmp_path, [dry], fast_dev_run=True, logger=True, enable_checkpointing=True).fit(module, *images())
     now = {name: hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest() for name in os.listdir(out)}
     assert now == written
     assert dry.report["path"] is None and dry.report["max_relative_error"] <= RTOL  # verified in memory

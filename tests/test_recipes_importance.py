@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import export_and_check, randomize
 from torch import nn
-from user_modules import PLClassifier, loaders
+from user_modules import PLClassifier, loaders, quiet_trainer
 
 from lightning_prune import (
     ChannelGraph,
@@ -63,17 +63,8 @@ def fit(tmp_path, module=None, max_epochs=4, max_steps=-1, **kwargs):
     pl.seed_everything(0, verbose=False)
     module = module if module is not None else Classifier()
     callback = PruneExportCallback(export_dir=str(tmp_path / "out"), verify_batches=1, **kwargs)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        pl, tmp_path, [callback], max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=2, limit_val_batches=1
     )
     trainer.fit(module, *loaders("tuple"))
     return callback, module

@@ -17,7 +17,7 @@ from helpers import RTOL, randomize, relative_error, zero_norm_affine
 from test_callback_everyday import VAL, run
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from user_modules import PLClassifier, images
+from user_modules import PLClassifier, images, quiet_trainer
 
 from lightning_prune import ConfigurationError, PruneExportCallback, export, load_pruned, save_pruned
 from lightning_prune.core.verify.batches import split_batch
@@ -63,16 +63,7 @@ def test_input_key_with_a_keyword_forward(tmp_path, module_class) -> None:
     callback = PruneExportCallback(pruner="l1", input_key="image", export_dir=str(tmp_path / "out"))
     pl.seed_everything(0, verbose=False)
     module = module_class()
-    trainer = pl.Trainer(
-        max_steps=6,
-        limit_val_batches=3,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(pl, tmp_path, [callback], max_steps=6, limit_val_batches=3)
     train = DataLoader(ImageBatches(96, seed=0), batch_size=16, shuffle=True)
     trainer.fit(module, train, DataLoader(ImageBatches(48, seed=1), batch_size=16))
     report = callback.report

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-from user_modules import Images, PLClassifier
+from user_modules import Images, PLClassifier, quiet_trainer
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned, load_pruned_module, verify_equivalence
 from lightning_prune.lightning.demo import DigitsCNN
@@ -63,15 +63,13 @@ def fit(tmp_path, callback, max_epochs=4, ckpt_path=None, checkpoints=False, mod
     extra = (
         [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True)] if checkpoints else []
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
+        pl,
+        tmp_path,
+        [callback, recorder, *extra, *([StopAfter(stop_after)] if stop_after else [])],
         max_epochs=max_epochs,
-        callbacks=[callback, recorder, *extra, *([StopAfter(stop_after)] if stop_after else [])],
-        logger=False,
         enable_checkpointing=checkpoints,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
     )
     trainer.fit(module, *data(), ckpt_path=ckpt_path)
     return module, recorder

@@ -19,6 +19,18 @@ NAMESPACES = {"pytorch_lightning": pl, "lightning.pytorch": L}
 BATCH_KINDS = ("tensor", "tuple", "dict")
 
 
+def quiet_trainer(namespace, root, callbacks, **settings):
+    """A real ``namespace.Trainer`` writing under ``root``, with no logger, checkpoints, progress bar or
+    model summary unless ``settings`` ask for them."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return namespace.Trainer(default_root_dir=root, callbacks=callbacks, **{**quiet, **settings})
+
+
 def images(count: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(count, 3, 8, 8, generator=generator)
