@@ -21,7 +21,7 @@ from lightning_prune.core.graph.masks import Masks
 from lightning_prune.lightning.distill import Distiller
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: a state is one fit's, never compared
 class PruneState:
     """The state of one fit; :meth:`reset` starts afresh when the callback meets a new model."""
 
