@@ -1,18 +1,12 @@
 """What the callback needs from Lightning itself, whichever namespace is installed
-(``pytorch_lightning`` or ``lightning.pytorch``): base classes, rank-zero messages, and a way
-back from spawned workers."""
+(``pytorch_lightning`` or ``lightning.pytorch``): base classes, rank-zero messages, and whether
+the trainer runs in processes of its own."""
 
 from __future__ import annotations
 
-import copy
 import importlib
-import os
-import tempfile
-import uuid
 from types import ModuleType
 from typing import Any
-
-import torch
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
@@ -53,28 +47,3 @@ def launched_in_new_processes(trainer: Any) -> bool:
     launching process holds another copy of each callback."""
     launcher = getattr(trainer.strategy, "launcher", None)
     return type(launcher).__name__ == "_MultiProcessingLauncher"
-
-
-class Handoff:
-    """Carries rank zero's results from a spawned worker back to the launching process.
-
-    Under ``ddp_spawn`` the callback that runs is a copy; the launching process's copy reads
-    what the worker left at :attr:`path` (a file in the temporary directory, removed once read).
-    """
-
-    def __init__(self) -> None:
-        self.path = os.path.join(tempfile.gettempdir(), f"lightning-prune-handoff-{uuid.uuid4().hex}.pt")
-
-    def send(self, trainer: Any, report: dict[str, Any], model: torch.nn.Module | None, network_prefix: str) -> None:
-        if not (trainer.is_global_zero and launched_in_new_processes(trainer)):
-            return
-        model = copy.deepcopy(model).cpu() if model is not None else None
-        torch.save({"report": report, "model": model, "network_prefix": network_prefix}, self.path + ".part")
-        os.replace(self.path + ".part", self.path)
-
-    def receive(self) -> dict[str, Any] | None:
-        if not os.path.isfile(self.path):
-            return None
-        data = torch.load(self.path, weights_only=False)  # our own worker wrote it a moment ago
-        os.remove(self.path)
-        return data

@@ -105,6 +105,15 @@ class Distiller:
         self._original: Any = None
         self.last_loss: float | None = None
 
+    @property
+    def attached(self) -> bool:
+        """Whether the recording hook is on the network (between :meth:`attach` and :meth:`detach`)."""
+        return self._handle is not None
+
+    def network_of(self, pl_module: Any) -> nn.Module:
+        """The network inside ``pl_module`` whose outputs are distilled."""
+        return pl_module.get_submodule(self.network_name) if self.network_name else pl_module
+
     def where(self) -> str:
         return f"the network '{self.network_name}'" if self.network_name else "the LightningModule"
 
@@ -135,8 +144,7 @@ class Distiller:
         """Hook the network and wrap the instance's ``training_step`` (idempotent)."""
         if self._original is not None:
             return
-        network = pl_module.get_submodule(self.network_name) if self.network_name else pl_module
-        self._handle = network.register_forward_hook(self._record, with_kwargs=True)
+        self._handle = self.network_of(pl_module).register_forward_hook(self._record, with_kwargs=True)
         original = pl_module.training_step
         self._original = (pl_module, original, "training_step" in vars(pl_module))
 

@@ -73,6 +73,11 @@ class Schedule:
             raise fail("prunes once ('steps': 1), at 'start_epoch'; set 'end_epoch' equal to it or leave it out.")
         return cls(start, end, steps, ramp)
 
+    @classmethod
+    def of(cls, schedule: Schedule | None, prune_on_epoch: int) -> Schedule:
+        """The schedule in effect: ``schedule``, else the one-shot prune, one step at ``prune_on_epoch``."""
+        return schedule or cls(prune_on_epoch, prune_on_epoch, 1, "linear")
+
     def epoch_of(self, step: int) -> int:
         """The epoch at whose start step ``step`` (1-based) prunes."""
         if self.steps == 1:
