@@ -188,6 +188,17 @@ def test_fast_dev_run_leaves_a_real_runs_files(tmp_path) -> None:
 
 
 # -------------------------------------------------------------- EarlyStopping
+class EpochMasks(pl.Callback):
+    """The pruning masks in effect at the start of each training epoch (``None`` before the first step)."""
+
+    def __init__(self) -> None:
+        self.at_start: list[dict[str, torch.Tensor] | None] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        masks = next(c for c in trainer.callbacks if isinstance(c, PruneExportCallback)).masks
+        self.at_start.append(None if masks is None else {k: v.clone() for k, v in masks.items()})
+
+
 def test_early_stopping_mid_schedule_says_so_in_the_report(tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
     callback = PruneExportCallback(
@@ -195,13 +206,18 @@ def test_early_stopping_mid_schedule_says_so_in_the_report(tmp_path) -> None:
     )
     stop = pl.callbacks.EarlyStopping(monitor="val_loss", stopping_threshold=1e9)  # stops once min_epochs allow
     logger = pl.loggers.CSVLogger(tmp_path, name="logs")
-    with pytest.warns(UserWarning, match="after 2 of the schedule's 4 pruning steps"):
-        run = trainer(pl, tmp_path, [callback, stop], max_epochs=6, min_epochs=2, logger=logger)
+    epochs = EpochMasks()
+    with pytest.warns(UserWarning, match="after 1 of the schedule's 4 pruning steps"):
+        run = trainer(pl, tmp_path, [callback, stop, epochs], max_epochs=6, min_epochs=2, logger=logger)
         run.fit(PLClassifier(), *images())
     report = callback.report
-    assert (report["schedule_complete"], report["pruning_steps_done"], report["pruning_steps_planned"]) == (False, 2, 4)
-    assert "| pruning steps | | 2 of 4: schedule NOT complete" in format_report(report)
+    assert (report["schedule_complete"], report["pruning_steps_done"], report["pruning_steps_planned"]) == (False, 1, 4)
+    # the run stopped after epoch 1, so step 2 (due at epoch 2) is not taken: what is exported was fine-tuned
+    first, second = epochs.at_start
+    assert first is None and second.keys() == callback.masks.keys()
+    assert all(torch.equal(second[k], callback.masks[k]) for k in second)
+    assert "| pruning steps | | 1 of 4: schedule NOT complete" in format_report(report)
     assert torch.load(report["path"], weights_only=True)["report"]["schedule_complete"] is False
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     column = logged[0].split(",").index("prune/pruning_steps_done")
-    assert [row.split(",")[column] for row in logged[1:] if row.split(",")[column]] == ["2.0"]
+    assert [row.split(",")[column] for row in logged[1:] if row.split(",")[column]] == ["1.0"]

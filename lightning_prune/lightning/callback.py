@@ -6,8 +6,7 @@ Hooks only, a few lines each; the work is in one unit per concern beside this mo
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
     trainer.fit(module, datamodule)   # prune -> masked fine-tune -> export -> verify -> save
 
-The class derives from the ``Callback`` of every Lightning namespace installed
-(``pytorch_lightning`` and ``lightning.pytorch``), so either ``Trainer`` accepts it.
+Derived from the ``Callback`` of each Lightning namespace installed, so either ``Trainer`` accepts it.
 """
 
 from __future__ import annotations
@@ -244,7 +243,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._prune_due(trainer, pl_module, trainer.current_epoch + 1)  # the start of the next epoch
+        if not trainer.fit_loop.done:  # else no next epoch (EarlyStopping): a step now would never be fine-tuned
+            self._prune_due(trainer, pl_module, trainer.current_epoch + 1)  # the start of the next epoch
 
     def _prune_due(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         for step in self._pruning.due(epoch):
