@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.graph.channel_graph import ChannelGraph
-from lightning_prune.core.graph.groups import _balance_grouped_convs, _family_step, _round_kept_counts, _rounded_kept
+from lightning_prune.core.graph.families import balance_grouped_convs, family_step, round_kept_counts, rounded_kept
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.graph.prunable import filters
 
@@ -262,14 +262,14 @@ def importance_masks(
         most = max(len(roots) - max(min_channels, 1), 0)
         count = min(math.floor(_fraction(sparsity, family) * len(roots)), most)
         if count > 0 and round_to > 1:
-            step = _family_step(roots, candidates, round_to)
-            count = min(len(roots) - _rounded_kept(len(roots) - count, len(roots), step), most)
+            step = family_step(roots, candidates, round_to)
+            count = min(len(roots) - rounded_kept(len(roots) - count, len(roots), step), most)
         order = sorted((r for r in roots if r not in was_pruned), key=scores.__getitem__)
         pruned.update(order[: max(count - sum(r in was_pruned for r in roots), 0)])
     if ranked:
         pruned |= _rank_globally(ranked, candidates, scores, sparsity, was_pruned, min_channels, round_to)
     balance = {root: scores[root] - (1e30 if root in was_pruned else 0.0) for root in candidates}
-    _balance_grouped_convs(graph, pruned, balance, round_to)
+    balance_grouped_convs(graph, pruned, balance, round_to)
     masks: Masks = {layer: torch.ones(labels.numel(), dtype=torch.bool) for layer, labels in graph.producers.items()}
     for root in pruned | was_pruned:
         for layer, channel in candidates[root]:
@@ -317,7 +317,7 @@ def _rank_globally(
     order, steps, fewest, asked = {}, {}, {}, 0
     for family, roots in families.items():
         size = len(roots)
-        steps[family] = step = _family_step(roots, candidates, round_to) if round_to > 1 else 1
+        steps[family] = step = family_step(roots, candidates, round_to) if round_to > 1 else 1
         least = min(size, max(min_channels, 1))
         fewest[family] = size if size <= step else min(size, -(-least // step) * step)
         asked += min(math.floor(_fraction(sparsity, family) * size), size - fewest[family])
@@ -333,7 +333,7 @@ def _rank_globally(
             budget -= 1
     if round_to > 1:
         sizes = {family: len(roots) for family, roots in families.items()}
-        _round_kept_counts(kept, order, sizes, steps, fewest, scores)
+        round_kept_counts(kept, order, sizes, steps, fewest, scores)
     return {root for family, best in order.items() for root in best[kept[family] :]}
 
 
