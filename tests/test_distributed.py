@@ -79,7 +79,7 @@ def test_ddp_spawn_results_reach_the_launching_process(tmp_path) -> None:
 
 
 def test_failed_masked_checkpoint_write_reaches_every_rank(tmp_path) -> None:
-    result = run(tmp_path, 2, "fullwrite", timeout=120)  # a hang would time out here
+    result = run(tmp_path, 2, "fullwrite", timeout=180)  # a hang would time out here (start-up included)
     assert result.returncode != 0
     for rank in (0, 1):
         message = (tmp_path / f"error-rank{rank}.txt").read_text()
@@ -98,7 +98,7 @@ def test_one_and_two_processes_export_the_same_model(two_and_one) -> None:
 
 
 def test_rank_zero_failure_reaches_every_rank(tmp_path) -> None:
-    result = run(tmp_path, 2, "fail", timeout=60)  # a hang would time out here
+    result = run(tmp_path, 2, "fail", timeout=180)  # a hang would time out here (start-up included)
     assert result.returncode != 0
     for rank in (0, 1):
         message = (tmp_path / f"error-rank{rank}.txt").read_text()
