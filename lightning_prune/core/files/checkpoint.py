@@ -60,7 +60,7 @@ def layer_shapes(plan: Plan) -> dict[str, dict[str, Any]]:
                 for (param, dim), (index, groups) in change.keep.items()
             },
             "bias_added": change.bias_delta is not None,
-            "norm": [change.norm.channels, change.norm.pruned] if change.norm is not None else None,
+            "norm": [*astuple(change.norm)] if change.norm is not None else None,
             "channel_dim": change.channel_dim,
         }
     return shapes
@@ -376,7 +376,7 @@ def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -
     if info["bias_added"]:
         change.bias_delta = torch.zeros(module.weight.shape[0])
     if info["norm"] is not None:
-        change.norm = NormConstants(channels=info["norm"][0], pruned=info["norm"][1], sum=0.0, sum_sq=0.0)
+        change.norm = NormConstants(*info["norm"]) if len(info["norm"]) > 2 else NormConstants(*info["norm"], 0.0, 0.0)
     return change
 
 

@@ -38,12 +38,14 @@ class Note:
 
 @dataclass
 class NormConstants:
-    """What a LayerNorm over channels must still count for channels it no longer sees."""
+    """What a norm over channels must still count for channels it no longer sees: a LayerNorm
+    (``kind="layer_norm"``) or an RMS norm (``"rms_norm"``, which needs only ``sum_sq``)."""
 
     channels: int  # the original number of channels (the divisor)
     pruned: int
     sum: float  # sum of the pruned channels' constant values
     sum_sq: float
+    kind: str = "layer_norm"
 
 
 @dataclass

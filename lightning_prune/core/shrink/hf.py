@@ -37,10 +37,13 @@ from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note
 from lightning_prune.core.graph.prunable import register_prunable
 from lightning_prune.core.shrink.attention import register_attention, register_model_updater, update_head_attributes
 from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
+from lightning_prune.core.trace.op_rules.norms import rms_form
 
 if TYPE_CHECKING:
     from lightning_prune.core.graph.changes import Plan
 
+EPS_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps")
+"""Config fields that hold the norms' ``eps`` (the first float one is updated where RMS norms lost channels)."""
 MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
 """Config fields that hold the MLP width (the first fitting one with an int value is updated)."""
 
@@ -151,16 +154,16 @@ def _update_config(model: PreTrainedModel, plan: Plan) -> tuple[int, str, str, s
     unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
     why = (
         f"no {type(config).__name__} builds them (widths that differ per layer, a head_dim the model derives "
-        f"from hidden_size, a corrected norm): the config keeps the original sizes; save with save_pruned and "
-        f"rebuild with load_pruned(path, {type(model).__name__}(original_config))"
+        f"from hidden_size, a corrected norm, a scale computed from the original width): the config keeps the "
+        f"original sizes; save with save_pruned and rebuild with load_pruned(path, {type(model).__name__}(original_config))"
     )
-    return unexplained, "not described by the config", why, "parameter shape(s)"
+    return unexplained, "not described by the config", why, "size(s)"
 
 
-def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int]:
+def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int | float]:
     """The config values the plan suggests: heads every changed attention agrees on, the MLP width
     every resized axis of that width agrees on, the embedding width. :func:`_update_config` checks them."""
-    fields: dict[str, int] = {}
+    fields: dict[str, int | float] = {}
     heads = {(c.query, c.key_value, c.head_dim) for c in plan.heads.values()}
     if len(heads) == 1:
         ((query, key_value, head_dim),) = heads
@@ -182,15 +185,34 @@ def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel
     hidden = getattr(config, "hidden_size", None)
     if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.weight.shape[1] != hidden:
         fields["hidden_size"] = embeddings.weight.shape[1]
+        if isinstance(getattr(config, "head_dim", None), int):  # else derived from hidden_size
+            fields.setdefault("head_dim", config.head_dim)
+    eps = {_eps(module) for module in model.modules()} - {None}
+    field = next((name for name in EPS_FIELDS if isinstance(getattr(config, name, None), float)), None)
+    if len(eps) == 1 and field is not None and eps != {getattr(config, field)}:
+        fields[field] = eps.pop()  # every RMS norm rescaled alike (the residual width's)
     return fields
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+def _eps(module: nn.Module) -> float | None:
+    """An RMS norm's ``eps`` (``None`` for any other module)."""
+    form = rms_form(module) if "weight" in module._parameters and not any(True for _ in module.children()) else None
+    return getattr(module, form.eps_attribute) if form is not None else None
 
 
-def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
-    """The parameter shapes ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...] | float]:
+    """Every tensor's shape, and every float a module keeps (a norm's ``eps``, Gemma's embedding
+    scale computed from ``hidden_size``): what a config must reproduce."""
+    found: dict[str, tuple[int, ...] | float] = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    for name, module in model.named_modules():
+        for attribute, value in vars(module).items():
+            if isinstance(value, float):
+                found[f"{name}.{attribute}"] = value
+    return found
+
+
+def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...] | float] | None:
+    """The parameter shapes (and module floats) ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
     try:
         with torch.device("meta"):
             return _shapes(type(model)(config))

@@ -32,6 +32,7 @@ from lightning_prune.core.trace.op_rules.layers import (
     batch_norm,
     conv,
     conv_transpose,
+    embedding,
     group_norm,
     instance_norm,
     layer_norm,
@@ -40,6 +41,7 @@ from lightning_prune.core.trace.op_rules.layers import (
 )
 from lightning_prune.core.trace.op_rules.movement import movement, split
 from lightning_prune.core.trace.op_rules.multihead import multi_head_attention_forward
+from lightning_prune.core.trace.op_rules.norms import mean, rms_norm
 from lightning_prune.core.trace.op_rules.writes import factory, fill, write
 
 RULES: dict[str, Rule] = {
@@ -59,10 +61,13 @@ RULES: dict[str, Rule] = {
         conv,
         conv_transpose,
         linear,
+        embedding,  # a lookup: a producer of the weight's columns
         batch_norm,
         instance_norm,
         group_norm,
         layer_norm,
+        rms_norm,
+        mean,  # a reduction, or the statistic of an RMS norm module over the channels
         prelu,
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
         einsum,
@@ -81,7 +86,7 @@ FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity, elementwise
 """Ops the tracer follows on a parameter (views, indexing, per-element math): what they make may later
 be sliced with the channels it meets (a class token, a per-head table, Swin V2's logit scale)."""
 
-PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward, addmm})
+PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, embedding, multi_head_attention_forward, addmm})
 """Rules the tracer runs on unlabelled input too: their layers give out new channels."""
 
 _ELEMENTWISE = """
@@ -151,6 +156,9 @@ TABLE.update(
         "instance_norm": instance_norm,
         "group_norm": group_norm,
         "layer_norm": layer_norm,
+        "rms_norm": rms_norm,
+        "mean": mean,
+        "embedding": embedding,
         "prelu": prelu,
         "matmul": matmul,
         "bmm": matmul,

@@ -1,5 +1,5 @@
-"""Rules for the layers export resizes: conv, transposed conv and linear (producers of channels) and
-the norms and PReLU (per-channel parameters).
+"""Rules for the layers export resizes: conv, transposed conv, linear and embedding (producers of
+channels) and the norms and PReLU (per-channel parameters).
 
 Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.trace.op_rules`.
 """
@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.core.trace.records import Consumer, Deferred, Rep
 
@@ -94,9 +94,44 @@ def conv_transpose(t: Bookkeeping, call: OpCall) -> None:
     conv(t, call, transposed=True)
 
 
+def embedding(t: Bookkeeping, call: OpCall) -> None:
+    """An embedding lookup: a producer of its weight's columns (the residual width of a language model,
+    with position and token-type embeddings added to it). ``max_norm`` renormalises rows across the
+    columns, so an embedding that uses it produces no prunable channel."""
+    weight, out = call.arg(1, "weight"), call.out
+    owner = t.param_name(weight)
+    if owner is None or call.arg(3, "max_norm") is not None or weight.ndim != 2:
+        return t.outputs_unlabeled(out)
+    out_labels = t.trace.producers.get(owner[0])
+    if out_labels is None:
+        out_labels = t.trace.producers[owner[0]] = t.trace.new_labels(owner[0], weight.shape[1])
+    t.add_axis(weight, 1, out_labels)
+    t.set_rep(out, Rep((out.ndim - 1,), out_labels))
+
+
+def _tied_output(t: Bookkeeping, call: OpCall, embedding: str) -> None:
+    """A linear whose weight is an input embedding's (tied input and output embeddings): its input
+    channels are the embedding's columns, sliced with them; its output (the vocabulary) carries no
+    prunable channel. A constant input folds into the bias of the calling module when that module
+    holds the weight (``lm_head``); read as a weight anywhere else, the channels are kept."""
+    data, weight = call.args[0], call.arg(1, "weight")
+    module = t.current_module
+    in_labels = _channel_labels(t, data, data.ndim - 1, module)
+    t.add_axis(weight, 1, in_labels)
+    if getattr(t.model.get_submodule(module), "weight", None) is weight:
+        _layer_input(t, module, data, in_labels)
+        t.trace.consumers.append(Consumer(module, "linear", in_labels, _constants(data, data.ndim - 1), True))
+    else:
+        t.block(in_labels, f"'{module}' reads the embedding '{embedding}' as a weight outside a Linear module")
+    t.outputs_unlabeled(call.out)
+
+
 def linear(t: Bookkeeping, call: OpCall) -> None:
     """Linear over the last dim: a producer, and a consumer whose pruned constant inputs fold into its bias."""
     data, weight, bias, out = call.args[0], call.arg(1, "weight"), call.arg(2, "bias"), call.out
+    owner = t.param_name(weight)
+    if owner is not None and isinstance(t.model.get_submodule(owner[0]), nn.Embedding):
+        return _tied_output(t, call, owner[0])
     produced = register_producer(t, call, data.ndim - 1, out.shape[-1])
     if produced is None:
         return
