@@ -5,7 +5,7 @@ included. Over the kept ``C'`` of ``C`` channels, with ``S2`` the pruned channel
 (zero when they are pruned to zero), ``(sum' + S2) / C + eps = (C' / C) (sum' / C' + eps')`` with
 ``eps' = eps C / C' + S2 / C'``: the same norm over the kept channels, its ``eps`` changed and its
 scale multiplied by ``sqrt(C / C')``, is exact. So an RMS norm keeps its class (``save_pretrained``
-still describes it); :mod:`lightning_prune.core.shrink.norms` makes that change.
+still describes it); :mod:`lightning_prune.core.shrink.residual` makes that change.
 
 That needs to know the module's form: :func:`rms_form` checks it numerically, once per class, on a
 copy with a random weight and a large ``eps``: ``(offset + weight) * x * rsqrt(mean(x^2) + eps)``

@@ -1,4 +1,5 @@
-"""RMS norms that lost channels: the same module, its ``eps`` and scale changed so it stays exact.
+"""The residual stream of a language model: embeddings that lost columns, and RMS norms that lost
+channels (the same module, its ``eps`` and scale changed so it stays exact).
 
 Over the kept ``C'`` of ``C`` channels, with ``S2`` the pruned channels' constant squares,
 ``rsqrt((sum' + S2) / C + eps) = sqrt(C / C') rsqrt(sum' / C' + eps')`` with
@@ -26,6 +27,14 @@ from torch import nn
 from lightning_prune.core.graph.changes import LayerChange
 from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
 from lightning_prune.core.trace.op_rules.norms import rms_form
+
+
+@register_shrinker(nn.Embedding)
+def shrink_embedding(module: nn.Embedding, change: LayerChange) -> nn.Module:
+    """Slice the columns (the embedding width) and say the new width."""
+    shrink_parameters(module, change)
+    module.num_embeddings, module.embedding_dim = module.weight.shape
+    return module
 
 
 @register_shrinker(nn.Module)
@@ -70,4 +79,4 @@ def _resized(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["shrink_module", "shrink_rms_norm"]
+__all__ = ["shrink_embedding", "shrink_module", "shrink_rms_norm"]
