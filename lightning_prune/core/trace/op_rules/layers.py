@@ -120,7 +120,8 @@ def _tied_output(t: Bookkeeping, call: OpCall, embedding: str) -> None:
     t.add_axis(weight, 1, in_labels)
     if getattr(t.model.get_submodule(module), "weight", None) is weight:
         _layer_input(t, module, data, in_labels)
-        t.trace.consumers.append(Consumer(module, "linear", in_labels, _constants(data, data.ndim - 1), True))
+        constants = consumer_constants(t, data, data.ndim - 1, in_labels)
+        t.trace.consumers.append(Consumer(module, "linear", in_labels, constants, True))
     else:
         t.block(in_labels, f"'{module}' reads the embedding '{embedding}' as a weight outside a Linear module")
     t.outputs_unlabeled(call.out)
@@ -140,7 +141,8 @@ def linear(t: Bookkeeping, call: OpCall) -> None:
     t.add_axis(weight, 0, out_labels)
     if bias is not None:
         t.add_axis(bias, 0, out_labels)
-    t.trace.consumers.append(Consumer(module, "linear", in_labels, _constants(data, data.ndim - 1), True))
+    constants = consumer_constants(t, data, data.ndim - 1, in_labels)
+    t.trace.consumers.append(Consumer(module, "linear", in_labels, constants, True))
     t.set_rep(out, Rep((out.ndim - 1,), out_labels))
 
 
@@ -237,6 +239,24 @@ def _layer_input(t: Bookkeeping, module: str, data: Tensor, labels: Tensor) -> N
 
 def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def consumer_constants(t: Bookkeeping, data: Tensor, dim: int, labels: Tensor) -> Tensor:
+    """:func:`_constants`, and where attention made a channel exactly constant (a value channel
+    averaged by weights that sum to one: ``trace.exact_constants``) and the data agree to rounding,
+    that value: the weighted sum is exact in arithmetic, only its rounding varies."""
+    constants = _constants(data, dim)
+    exact = t.trace.exact_constants
+    if not exact:
+        return constants
+    for i in torch.nonzero(constants.isnan()).flatten().tolist():
+        value = exact.get(int(labels[i]))
+        if value is None:
+            continue
+        low, high = (float(v) for v in torch.aminmax(data.detach().select(dim, i).double()))
+        if max(abs(low - value), abs(high - value)) <= 1e-5 * max(abs(value), 1e-3):
+            constants[i] = value
+    return constants
 
 
 def _constants(data: Tensor, dim: int) -> Tensor:
