@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import replace
+from dataclasses import astuple, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note
+from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note, layer_shapes
 from lightning_prune.core.graph.prunable import register_prunable
 from lightning_prune.core.shrink.attention import register_attention, register_model_updater, update_head_attributes
 from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
@@ -42,6 +42,10 @@ from lightning_prune.core.trace.op_rules.norms import rms_form
 if TYPE_CHECKING:
     from lightning_prune.core.graph.changes import Plan
 
+SHRINK_RECORD = "lightning_prune_shrink"
+"""The config entry that says how to shrink a model built from the config's original sizes (plain
+JSON: per changed layer its kept sizes, per attention its head counts), read by
+:func:`lightning_prune.core.files.pretrained.from_pretrained`."""
 EPS_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps")
 """Config fields that hold the norms' ``eps`` (the first float one is updated where RMS norms lost channels)."""
 MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
@@ -140,24 +144,36 @@ def _update_config(model: PreTrainedModel, plan: Plan) -> tuple[int, str, str, s
         return None
     config = model.config
     fields = _changed_fields(config, plan, model)
-    candidate = copy.deepcopy(config)
+    candidate = _fresh(config)
     for name, value in fields.items():
         setattr(candidate, name, value)
     shapes = _shapes(model)
     built = _built_shapes(model, candidate)
+    if not (fields and built == shapes):  # the original sizes, and how to shrink a model built from them
+        candidate = _fresh(config)
+        heads = {name: list(astuple(counts)) for name, counts in plan.heads.items()}
+        setattr(candidate, SHRINK_RECORD, {"layers": layer_shapes(plan), "heads": heads})
+    for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
+        if getattr(module, "config", None) is config:
+            module.config = candidate
     if fields and built == shapes:
-        for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
-            if getattr(module, "config", None) is config:
-                module.config = candidate
         said = ", ".join(f"{name}={value}" for name, value in fields.items())
         return len(fields), "updated in the config", f"{said}; save_pretrained / from_pretrained rebuild it", "size(s)"
     unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
     why = (
         f"no {type(config).__name__} builds them (widths that differ per layer, a head_dim the model derives "
         f"from hidden_size, a corrected norm, a scale computed from the original width): the config keeps the "
-        f"original sizes; save with save_pruned and rebuild with load_pruned(path, {type(model).__name__}(original_config))"
+        f"original sizes and says how to shrink them ('{SHRINK_RECORD}'); save_pretrained writes both, and "
+        f"lightning_prune.from_pretrained(directory) rebuilds it"
     )
     return unexplained, "not described by the config", why, "size(s)"
+
+
+def _fresh(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of ``config`` without a shrink record (one replayed already describes nothing further)."""
+    fresh = copy.deepcopy(config)
+    fresh.__dict__.pop(SHRINK_RECORD, None)
+    return fresh
 
 
 def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int | float]:
@@ -220,4 +236,11 @@ def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str,
         return None
 
 
-__all__ = ["MLP_WIDTHS", "SPLIT_ATTENTIONS", "shrink_conv1d", "update_split_attention", "update_transformers"]
+__all__ = [
+    "MLP_WIDTHS",
+    "SHRINK_RECORD",
+    "SPLIT_ATTENTIONS",
+    "shrink_conv1d",
+    "update_split_attention",
+    "update_transformers",
+]
