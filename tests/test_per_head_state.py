@@ -1,0 +1,90 @@
+"""Attention whose heads carry state of their own: the state is sliced with the heads that go.
+
+Cohere's query/key norm has a ``(heads, head_dim)`` weight; GPT-J and Cohere rotate queries and
+keys in interleaved pairs (``x[..., ::2]``, ``x[..., 1::2]``, stacked and flattened), which gives
+half of a head's channels labels of their own. At 50% group masks both lose heads, exactly on a
+second input of another batch size and length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import pytest
+import torch
+from helpers import RTOL, randomize, zero_norm_affine
+from torch import nn
+
+from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
+from lightning_prune.core.verify.report import count_params
+
+transformers = pytest.importorskip("transformers")
+T = transformers
+
+VOCAB = 100
+
+
+def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[-1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+BUILDS: dict[str, Callable[[], nn.Module]] = {
+    "cohere-qk-norm": lambda: T.CohereForCausalLM(
+        T.CohereConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            use_qk_norm=True,
+        )
+    ),
+    "gpt-j": lambda: T.GPTJForCausalLM(
+        T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=32)
+    ),
+}
+
+
+@torch.no_grad()
+def randomize_head_norms(model: nn.Module) -> nn.Module:
+    """Cohere's query/key norm weights away from one, so a wrong slice shows."""
+    generator = torch.Generator().manual_seed(2)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    return model
+
+
+@functools.cache
+def exported(name: str) -> tuple[nn.Module, nn.Module, object]:
+    torch.manual_seed(0)
+    model = randomize_head_norms(randomize(BUILDS[name]()))
+    masks = group_masks(ChannelGraph.from_model(model, tokens(2, 7, 0)), 0.5, model=model)
+    result = export(model, masks, tokens(2, 7, 0), whole_channel=True)
+    return model, zero_norm_affine(model, masks, tokens(2, 7, 0)), result
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_heads_with_their_own_state_go_exactly(name: str) -> None:
+    model, reference, result = exported(name)
+    assert not verify_equivalence(model, reference, tokens(2, 7, 0), rtol=RTOL).passed
+    for x in (tokens(2, 7, 0), tokens(3, 11, 1)):
+        report = verify_equivalence(reference, result.model, x, rtol=RTOL)
+        assert report.passed, str(report)
+    assert result.plan.heads and all(c.query < c.query_before for c in result.plan.heads.values())
+    assert count_params(result.model) < count_params(model)
+
+
+def test_per_head_norm_weight_is_sliced_by_heads() -> None:
+    """Cohere's (heads, head_dim) query norm weight loses the rows of the heads that go."""
+    model, _, result = exported("cohere-qk-norm")
+    name = next(iter(result.plan.heads))
+    counts = result.plan.heads[name]
+    weight = result.model.get_submodule(name).q_norm.weight
+    assert weight.shape == (counts.query, counts.head_dim)
+    assert model.get_submodule(name).q_norm.weight.shape == (counts.query_before, counts.head_dim)
