@@ -69,6 +69,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, lo
     "qwen3": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**GQA, head_dim=16)), True),
     "olmo2": (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**GQA, eos_token_id=1, pad_token_id=0)), True),
     "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**GQA, head_dim=16)), True),
+    # a LayerNorm without bias written out by hand (mean, then variance of x - mean): a PrunedLayerNorm
+    "cohere": (lambda: T.CohereForCausalLM(T.CohereConfig(**GQA, use_qk_norm=True)), True),
     "gpt2": (
         lambda: T.GPT2LMHeadModel(
             T.GPT2Config(
@@ -111,7 +113,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, lo
 
 @torch.no_grad()
 def randomize_rms_norms(model: nn.Module) -> nn.Module:
-    """Trained-like RMS norm weights (LLaMA's start at one, Gemma's ``1 + weight`` at zero)."""
+    """Trained-like RMS norm weights (LLaMA's start at one, Gemma's ``1 + weight`` at zero), Cohere's
+    hand-written LayerNorms too."""
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if (form := rms_form(module)) is not None and module.weight is not None:
@@ -142,6 +145,8 @@ def embedding(model: nn.Module) -> nn.Embedding:
 @pytest.mark.parametrize("name", list(CASES))
 def test_residual_width_goes_exactly(name: str) -> None:
     """Half the embedding width goes with heads and MLP width; exact on a second input of other sizes."""
+    if name == "cohere":  # its hand-written LayerNorms become PrunedLayerNorms that count the pruned channels
+        assert any(type(m).__name__ == "PrunedLayerNorm" for m in export_case(name)[2].model.modules())
     model, reference, result, masks = export_case(name)
     exported = result.model
     assert any(isinstance(model.get_submodule(layer), nn.Embedding) for layer in masks)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.graph.changes import LayerChange
-from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
+from lightning_prune.core.shrink.registry import PrunedLayerNorm, register_shrinker, shrink_parameters
 from lightning_prune.core.trace.op_rules.norms import rms_form
 
 
@@ -43,6 +43,12 @@ def shrink_module(module: nn.Module, change: LayerChange) -> nn.Module:
     module has its parameters and buffers sliced."""
     if change.norm is not None and change.norm.kind == "rms_norm":
         return shrink_rms_norm(module, change)
+    form = rms_form(module) if change.norm is not None else None
+    if form is not None and form.centred:  # a LayerNorm written by hand: the one that keeps the divisor
+        shrink_parameters(module, change)
+        source = nn.LayerNorm(module.weight.shape, eps=getattr(module, form.eps_attribute), bias=False)
+        source.weight = nn.Parameter(module.weight.detach() + form.offset, requires_grad=module.weight.requires_grad)
+        return PrunedLayerNorm(source, change.norm, -1)
     return shrink_parameters(module, change)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lightning_prune.core.trace.op_rules.elementwise import reduce
 from lightning_prune.core.trace.op_rules.layers import _constants, _layer_input
-from lightning_prune.core.trace.records import Consumer, Deferred
+from lightning_prune.core.trace.records import Consumer, Deferred, storage_key
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -39,27 +39,29 @@ EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "rms_norm_eps")
 
 @dataclass(frozen=True)
 class RmsForm:
-    """How an RMS norm module computes: ``(offset + weight) * x * rsqrt(mean(x^2) + eps)``, ``eps``
-    held in the attribute ``eps_attribute``."""
+    """How a norm module computes: ``(offset + weight) * x * rsqrt(mean(x^2) + eps)``, ``eps`` held in
+    the attribute ``eps_attribute``; ``centred``: of ``x - mean(x)`` (a LayerNorm without bias written
+    out by hand, as Cohere's)."""
 
     eps_attribute: str
     offset: float
+    centred: bool = False
 
 
-_FORMS: dict[type, RmsForm | None] = {}
+_FORMS: dict[tuple[type, int | None], RmsForm | None] = {}
 
 
 def rms_form(module: nn.Module) -> RmsForm | None:
     """``module``'s :class:`RmsForm` if it is an RMS norm over its last dim, else ``None``."""
     if isinstance(module, nn.RMSNorm):
         return RmsForm("eps", 0.0)
-    cls = type(module)
-    if cls not in _FORMS:
-        weight = module._parameters.get("weight")
-        if weight is not None and weight.is_meta:  # nothing to probe with (a model built on the meta device)
-            return None
-        _FORMS[cls] = _probe(module)
-    return _FORMS[cls]
+    weight = module._parameters.get("weight")
+    if weight is not None and weight.is_meta:  # nothing to probe with (a model built on the meta device)
+        return None
+    key = (type(module), weight.ndim if weight is not None else None)  # Cohere's class norms heads too, by a 2-D weight
+    if key not in _FORMS:
+        _FORMS[key] = _probe(module)
+    return _FORMS[key]
 
 
 @torch.no_grad()
@@ -80,11 +82,13 @@ def _probe(module: nn.Module) -> RmsForm | None:
         out = type(probe).forward(probe, x)  # no hooks: the tracer's must not see the probe
     except Exception:  # a forward that needs other arguments is no plain norm
         return None
-    normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 0.5)
-    for offset in (0.0, 1.0):
-        expected = (offset + probe.weight) * normalised
-        if isinstance(out, Tensor) and out.shape == x.shape and torch.allclose(out, expected, rtol=1e-5, atol=1e-6):
-            return RmsForm(attribute, offset)
+    for centred in (False, True):
+        y = x - x.mean(-1, keepdim=True) if centred else x
+        normalised = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 0.5)
+        for offset in (0.0, 1.0):
+            expected = (offset + probe.weight) * normalised
+            if isinstance(out, Tensor) and out.shape == x.shape and torch.allclose(out, expected, rtol=1e-5, atol=1e-6):
+                return RmsForm(attribute, offset, centred)
     return None
 
 
@@ -107,7 +111,14 @@ def mean(t: Bookkeeping, call: OpCall) -> None:
             and holder.weight.numel() == data.shape[last]
         ):
             _layer_input(t, module, data, rep.labels)
-            t.trace.consumers.append(Consumer(module, "rms_norm", rep.labels, _constants(data, last), False))
+            if not form.centred:
+                t.trace.consumers.append(Consumer(module, "rms_norm", rep.labels, _constants(data, last), False))
+            elif not any(c.module == module and c.labels is rep.labels for c in t.trace.consumers):
+                # the mean, not the variance after it: a LayerNorm's statistics, counted by PrunedLayerNorm
+                t.trace.consumers.append(Consumer(module, "layer_norm", rep.labels, _constants(data, last), False))
+                t.trace.tainted.append(rep.labels)  # x - mean(x) gives a pruned channel a data-dependent value
+            if form.centred:  # the statistic is subtracted from the channels: a value of the norm, not data
+                t.fresh[storage_key(call.out)] = (call.out, None)
             return t.outputs_unlabeled(call.out)
     reduce(t, call)
 
