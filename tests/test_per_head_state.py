@@ -2,7 +2,8 @@
 
 Cohere's query/key norm has a ``(heads, head_dim)`` weight; GPT-J and Cohere rotate queries and
 keys in interleaved pairs (``x[..., ::2]``, ``x[..., 1::2]``, stacked and flattened), which gives
-half of a head's channels labels of their own. At 50% group masks both lose heads, exactly on a
+half of a head's channels labels of their own; DeBERTa-v2's disentangled attention picks its
+relative-position scores per query with ``torch.gather``. At 50% group masks both lose heads, exactly on a
 second input of another batch size and length.
 """
 
@@ -16,7 +17,7 @@ import torch
 from helpers import RTOL, randomize, zero_norm_affine
 from torch import nn
 
-from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
+from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
 from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
@@ -42,6 +43,19 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
             intermediate_size=128,
             num_hidden_layers=2,
             use_qk_norm=True,
+        )
+    ),
+    "deberta-v2": lambda: T.DebertaV2ForSequenceClassification(
+        T.DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            max_position_embeddings=32,
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            position_buckets=8,
         )
     ),
     "gpt-j": lambda: T.GPTJForCausalLM(
@@ -88,3 +102,23 @@ def test_per_head_norm_weight_is_sliced_by_heads() -> None:
     weight = result.model.get_submodule(name).q_norm.weight
     assert weight.shape == (counts.query, counts.head_dim)
     assert model.get_submodule(name).q_norm.weight.shape == (counts.query_before, counts.head_dim)
+
+
+def test_gather_along_the_channels_keeps_them() -> None:
+    """torch.gather that picks along the channels themselves cannot follow them: they are kept, with a note."""
+
+    class Pick(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.first(x)
+            return self.second(torch.gather(y, -1, torch.arange(7, -1, -1).expand_as(y)))
+
+    masks = {"first": torch.arange(8) < 4}
+    model = Pick().eval()
+    result = export(model, masks, torch.randn(3, 4))
+    assert result.model.first.out_features == 8
+    assert any("op 'gather' gathers along their dim" in note.reason for note in result.notes)
+    assert verify_equivalence(apply_masks(model, masks), result.model, torch.randn(5, 4), rtol=RTOL).passed

@@ -39,7 +39,7 @@ from lightning_prune.core.trace.op_rules.layers import (
     linear,
     prelu,
 )
-from lightning_prune.core.trace.op_rules.movement import movement, split
+from lightning_prune.core.trace.op_rules.movement import gather, movement, split
 from lightning_prune.core.trace.op_rules.multihead import multi_head_attention_forward
 from lightning_prune.core.trace.op_rules.norms import mean, rms_norm
 from lightning_prune.core.trace.op_rules.writes import factory, fill, write
@@ -51,6 +51,7 @@ RULES: dict[str, Rule] = {
         identity,  # same tensor layout out as in (dtype/device moves, copies)
         movement,  # rearranges elements (view, permute, cat, getitem, ...): labels follow the elements
         split,  # chunk/split/unbind
+        gather,  # torch.gather along a dim without channels
         spatial,  # acts on trailing spatial dims only (pooling, interpolation, padding)
         reduce,  # reduction over given dims
         softmax,  # normalises along one dim
@@ -159,6 +160,7 @@ TABLE.update(
         "rms_norm": rms_norm,
         "mean": mean,
         "embedding": embedding,
+        "gather": gather,
         "prelu": prelu,
         "matmul": matmul,
         "bmm": matmul,
