@@ -3,7 +3,8 @@
 Cohere's query/key norm has a ``(heads, head_dim)`` weight; GPT-J and Cohere rotate queries and
 keys in interleaved pairs (``x[..., ::2]``, ``x[..., 1::2]``, stacked and flattened), which gives
 half of a head's channels labels of their own; DeBERTa-v2's disentangled attention picks its
-relative-position scores per query with ``torch.gather``. At 50% group masks both lose heads, exactly on a
+relative-position scores per query with ``torch.gather``; BLOOM's model builds ALiBi biases for all
+its heads once per forward, which each attention must cut to the heads it kept. At 50% group masks both lose heads, exactly on a
 second input of another batch size and length.
 """
 
@@ -58,6 +59,7 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
             position_buckets=8,
         )
     ),
+    "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_head=4, n_layer=2)),
     "gpt-j": lambda: T.GPTJForCausalLM(
         T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=32)
     ),
@@ -122,3 +124,19 @@ def test_gather_along_the_channels_keeps_them() -> None:
     assert result.model.first.out_features == 8
     assert any("op 'gather' gathers along their dim" in note.reason for note in result.notes)
     assert verify_equivalence(apply_masks(model, masks), result.model, torch.randn(5, 4), rtol=RTOL).passed
+
+
+def test_bloom_generates_and_round_trips_with_its_alibi_heads(tmp_path) -> None:
+    """BLOOM's pruned attentions keep the ALiBi slopes of their own heads: generate through the cache
+    matches the masked model, and from_pretrained(dir) rebuilds it (the config never says fewer heads:
+    the model would build other slopes from it)."""
+    from lightning_prune import from_pretrained
+
+    _, reference, result = exported("bloom")
+    prompt = {"input_ids": torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))}
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(result.model.generate(**prompt, **settings), reference.generate(**prompt, **settings))
+    assert result.model.config.n_head == 4
+    result.model.save_pretrained(tmp_path)
+    rebuilt = from_pretrained(tmp_path)
+    assert verify_equivalence(result.model, rebuilt, tokens(3, 11, 1), rtol=RTOL).passed

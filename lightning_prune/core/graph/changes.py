@@ -21,6 +21,12 @@ class HeadCounts:
     head_dim: int
     query_before: int
     key_value_before: int
+    # the query heads kept, numbered as before (for per-head state a model builds each forward); two
+    # counts are equal whichever heads they keep
+    kept: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kept", tuple(int(h) for h in self.kept))  # a checkpoint gives a list
 
 
 @dataclass

@@ -74,10 +74,11 @@ def _heads(graph: ChannelGraph, keep: np.ndarray, notes: list[Note]) -> dict[str
         # unique labels: key/value heads repeated for their query heads (repeat_kv) count once
         query, key_value = (heads.query.unique(), heads.key_value.unique())
         before = (query.numel(), key_value.numel())
-        query, key_value = (int(graph.kept(keep, labels).sum()) for labels in (query, key_value))
+        kept = np.flatnonzero(graph.kept(keep, query))  # unique labels are sorted: the heads in order
+        query, key_value = len(kept), int(graph.kept(keep, key_value).sum())
         if (query, key_value) == before:
             continue
-        result[module] = HeadCounts(query, key_value, heads.head_dim, *before)
+        result[module] = HeadCounts(query, key_value, heads.head_dim, *before, kept=tuple(kept.tolist()))
         why = f"{query} of {before[0]} query heads and {key_value} of {before[1]} key/value heads kept"
         notes.append(Note(module, before[0] - query, "removed", why, unit="head(s)"))
     return result

@@ -95,6 +95,28 @@ def update_split_attention(module: nn.Module, counts: HeadCounts) -> None:
 
 register_attention(*_classes(SPLIT_ATTENTIONS))(update_split_attention)
 
+ALIBI_ATTENTIONS = (("transformers.models.bloom.modeling_bloom", "BloomAttention"),)
+"""Attentions handed ALiBi biases for every head, built once per forward from the model's head count."""
+
+
+def update_alibi_attention(module: nn.Module, counts: HeadCounts) -> None:
+    """Head counts, and a pre-hook that keeps the ALiBi biases (``alibi``, ``(batch * heads, 1, keys)``)
+    of the heads kept: the model still builds them for all its original heads, slopes by head index."""
+    update_head_attributes(module, counts)
+    kept = torch.tensor(counts.kept, dtype=torch.long)
+
+    def keep_heads(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        alibi = kwargs.get("alibi")
+        if isinstance(alibi, torch.Tensor) and alibi.shape[0] % counts.query_before == 0 and kept.numel():
+            per_head = alibi.view(-1, counts.query_before, *alibi.shape[1:])
+            kwargs["alibi"] = per_head[:, kept.to(alibi.device)].reshape(-1, *alibi.shape[1:])
+        return args, kwargs
+
+    module.register_forward_pre_hook(keep_heads, with_kwargs=True)
+
+
+register_attention(*_classes(ALIBI_ATTENTIONS))(update_alibi_attention)
+
 
 @register_model_updater
 def update_transformers(model: nn.Module, plan: Plan) -> None:
@@ -181,7 +203,8 @@ def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel
     every resized axis of that width agrees on, the embedding width. :func:`_update_config` checks them."""
     fields: dict[str, int | float] = {}
     heads = {(c.query, c.key_value, c.head_dim) for c in plan.heads.values()}
-    if len(heads) == 1:
+    alibi = tuple(_classes(ALIBI_ATTENTIONS))
+    if len(heads) == 1 and not any(isinstance(module, alibi) for module in model.modules()):
         ((query, key_value, head_dim),) = heads
         fields["num_attention_heads"] = query
         if getattr(config, "num_key_value_heads", None) is not None:
@@ -237,10 +260,12 @@ def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str,
 
 
 __all__ = [
+    "ALIBI_ATTENTIONS",
     "MLP_WIDTHS",
     "SHRINK_RECORD",
     "SPLIT_ATTENTIONS",
     "shrink_conv1d",
+    "update_alibi_attention",
     "update_split_attention",
     "update_transformers",
 ]
