@@ -4,7 +4,8 @@ Cohere's query/key norm has a ``(heads, head_dim)`` weight; GPT-J and Cohere rot
 keys in interleaved pairs (``x[..., ::2]``, ``x[..., 1::2]``, stacked and flattened), which gives
 half of a head's channels labels of their own; DeBERTa-v2's disentangled attention picks its
 relative-position scores per query with ``torch.gather``; BLOOM's model builds ALiBi biases for all
-its heads once per forward, which each attention must cut to the heads it kept. At 50% group masks both lose heads, exactly on a
+its heads once per forward, which each attention must cut to the heads it kept; StableLM's
+``qk_layernorm`` is one LayerNorm module per head, applied through a split into one piece per head. At 50% group masks both lose heads, exactly on a
 second input of another batch size and length.
 """
 
@@ -60,6 +61,17 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
         )
     ),
     "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_head=4, n_layer=2)),
+    "stablelm-qk-layernorm": lambda: T.StableLmForCausalLM(
+        T.StableLmConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            qk_layernorm=True,
+        )
+    ),
     "gpt-j": lambda: T.GPTJForCausalLM(
         T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=32)
     ),
@@ -126,17 +138,23 @@ def test_gather_along_the_channels_keeps_them() -> None:
     assert verify_equivalence(apply_masks(model, masks), result.model, torch.randn(5, 4), rtol=RTOL).passed
 
 
-def test_bloom_generates_and_round_trips_with_its_alibi_heads(tmp_path) -> None:
-    """BLOOM's pruned attentions keep the ALiBi slopes of their own heads: generate through the cache
-    matches the masked model, and from_pretrained(dir) rebuilds it (the config never says fewer heads:
-    the model would build other slopes from it)."""
+@pytest.mark.parametrize("name", ["bloom", "stablelm-qk-layernorm"])
+def test_generate_and_round_trip_with_per_head_state(tmp_path, name: str) -> None:
+    """BLOOM's pruned attentions keep the ALiBi slopes of their own heads, StableLM's the norms of their
+    own heads: generate through the cache matches the masked model, and from_pretrained(dir) rebuilds
+    the model (BLOOM's config never says fewer heads: the model would build other slopes from it)."""
     from lightning_prune import from_pretrained
 
-    _, reference, result = exported("bloom")
+    model, reference, result = exported(name)
     prompt = {"input_ids": torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))}
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(result.model.generate(**prompt, **settings), reference.generate(**prompt, **settings))
-    assert result.model.config.n_head == 4
+    if name == "bloom":
+        assert result.model.config.n_head == model.config.n_head
+    else:  # one norm module per kept head, in order
+        counts = next(iter(result.plan.heads.values()))
+        norms = next(m for n, m in result.model.named_modules() if n.endswith("self_attn")).q_layernorm.norms
+        assert len(norms) == counts.query
     result.model.save_pretrained(tmp_path)
     rebuilt = from_pretrained(tmp_path)
     assert verify_equivalence(result.model, rebuilt, tokens(3, 11, 1), rtol=RTOL).passed

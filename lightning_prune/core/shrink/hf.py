@@ -117,6 +117,24 @@ def update_alibi_attention(module: nn.Module, counts: HeadCounts) -> None:
 
 register_attention(*_classes(ALIBI_ATTENTIONS))(update_alibi_attention)
 
+PER_HEAD_NORMS = (("transformers.models.stablelm.modeling_stablelm", "StableLmAttention"),)
+"""Attentions whose query/key norms are one module per head (``q_layernorm.norms``, ``k_layernorm.norms``)."""
+
+
+def update_per_head_norms(module: nn.Module, counts: HeadCounts) -> None:
+    """Head counts, and the per-head norms of the heads kept, in order (``forward`` zips them with the heads)."""
+    update_head_attributes(module, counts)
+    per_group = counts.query_before // counts.key_value_before
+    kept_kv = sorted({head // per_group for head in counts.kept})
+    for name, kept in (("q_layernorm", counts.kept), ("k_layernorm", kept_kv)):
+        norms = getattr(module, name, None)
+        if norms is not None and kept and len(norms.norms) > len(kept):
+            norms.norms = nn.ModuleList([norms.norms[head] for head in kept])
+            norms.num_heads = len(kept)
+
+
+register_attention(*_classes(PER_HEAD_NORMS))(update_per_head_norms)
+
 
 @register_model_updater
 def update_transformers(model: nn.Module, plan: Plan) -> None:
@@ -262,10 +280,12 @@ def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str,
 __all__ = [
     "ALIBI_ATTENTIONS",
     "MLP_WIDTHS",
+    "PER_HEAD_NORMS",
     "SHRINK_RECORD",
     "SPLIT_ATTENTIONS",
     "shrink_conv1d",
     "update_alibi_attention",
+    "update_per_head_norms",
     "update_split_attention",
     "update_transformers",
 ]

@@ -179,6 +179,14 @@ def split(t: Bookkeeping, call: OpCall) -> None:
             t.set_rep(tensor, Rep(dims, labels))
         return
     sizes = {tensor.shape[dim] for tensor in outs}
+    if len(rep.dims) > 1 and sizes == {1} and axis < len(rep.dims) - 1:
+        # one piece per head (StableLM's per-head norms): exact where whole heads go, once the module
+        # applying them keeps the kept heads' own (its updater); export checks the pieces' count
+        t.trace.deferred.append(Deferred("in_heads", rep.labels, f"op '{op}' splits them into one piece each"))
+        t.size_guess(rep.labels.flatten())
+        for index, tensor in enumerate(outs):
+            t.set_rep(tensor, Rep(rep.dims, rep.labels.narrow(axis, index, 1)))
+        return
     if len(rep.dims) > 1 and (op != "chunk" or len(sizes) != 1):
         # pieces of fixed sizes along head_dim (LeViT's q, k, v): exact where whole heads go
         reason = f"op '{op}' splits them into pieces of fixed sizes"
