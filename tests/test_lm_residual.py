@@ -299,3 +299,30 @@ def test_embedding_mask_of_the_wrong_length_names_the_layer() -> None:
     model = TinyLM()
     with pytest.raises(MaskError, match=r"Mask for layer 'embed' has 50 channels, .* has 16 output channels"):
         export(model, {"embed": torch.ones(50, dtype=torch.bool)}, torch.randint(0, 50, (2, 4)))
+
+
+class TiedNamedAfterTheHead(nn.Module):
+    """nanoGPT's tie written the other way round: the embedding takes the output layer's weight, and
+    the output layer comes first in ``named_modules``, so the shared weight is named after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 50, bias=False)
+        self.embed = nn.Embedding(50, 16)
+        self.embed.weight = self.head.weight
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.head(x + self.mlp(x))
+
+
+def test_a_tie_named_after_the_output_layer_keeps_the_width() -> None:
+    """Its columns are then no producer's: the width stays (as before this release), exactly."""
+    torch.manual_seed(0)
+    model = randomize(TiedNamedAfterTheHead())
+    masks = {"mlp": torch.arange(16) % 2 == 0}
+    result = export(model, masks, torch.randint(0, 50, (2, 6)))
+    assert result.model.embed.weight.shape == (50, 16) and result.model.head.weight is result.model.embed.weight
+    reference = zero_norm_affine(model, masks, torch.randint(0, 50, (2, 6)))
+    assert verify_equivalence(reference, result.model, torch.randint(0, 50, (3, 9)), rtol=RTOL).passed

@@ -102,6 +102,8 @@ def embedding(t: Bookkeeping, call: OpCall) -> None:
     owner = t.param_name(weight)
     if owner is None or call.arg(3, "max_norm") is not None or weight.ndim != 2:
         return t.outputs_unlabeled(out)
+    if not isinstance(t.model.get_submodule(owner[0]), nn.Embedding):  # a tie named after the output layer
+        return t.outputs_unlabeled(out)
     out_labels = t.trace.producers.get(owner[0])
     if out_labels is None:
         out_labels = t.trace.producers[owner[0]] = t.trace.new_labels(owner[0], weight.shape[1])
