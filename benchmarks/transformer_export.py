@@ -13,7 +13,8 @@ Masks: ``group_masks(ChannelGraph.from_model(model, x), 0.5, model=model)`` (L1 
 computed once per model and variant, outside the timing. Two variants:
 
 - ``all``: every coupled group may go, so half the heads, half the MLP width and half the embedding
-  (residual) width, wherever the tracer couples them;
+  (residual) width, wherever the tracer couples them (LLaMA's: the token embedding's columns, every
+  ``o_proj`` and ``down_proj``, each RMSNorm rescaled to stay exact, the LM head's columns);
 - ``heads+mlp``: ``layers=`` the query/key/value and first MLP layers only, so the embedding width stays.
 
 "export s" times ``lightning_prune.export(model, masks, x, whole_channel=True)``, trace included
@@ -67,9 +68,7 @@ INNER = {  # the query/key/value projections and the MLP's first layers: what `h
     "bert-base": r"\.attention\.self\.(query|key|value)$|\.intermediate\.dense$",
     "llama-1.1b": r"\.self_attn\.[qkv]_proj$|\.mlp\.(gate|up)_proj$",
 }
-SKIP = {  # (model, tool): why it is not run
-    ("llama-1.1b", "heads+mlp"): "not run: RMSNorm keeps LLaMA's residual width, so `all` is already heads+mlp",
-}
+SKIP: dict[tuple[str, str], str] = {}  # (model, tool): why it is not run
 LLAMA = dict(
     hidden_size=2048,
     num_hidden_layers=22,

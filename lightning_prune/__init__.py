@@ -16,6 +16,7 @@ from lightning_prune.core.errors import (
 from lightning_prune.core.export import ExportResult, export, export_pruned_model
 from lightning_prune.core.files.checkpoint import load_pruned, load_pruned_module, save_pruned
 from lightning_prune.core.files.deploy import check_deployed, save_deployables, save_onnx, save_pt2
+from lightning_prune.core.files.pretrained import from_pretrained
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.groups import group_masks
 from lightning_prune.core.graph.inplace_dict import infer_inplace_dict
@@ -49,6 +50,7 @@ __all__ = [
     "export",
     "export_pruned_model",
     "format_inplace_dict",
+    "from_pretrained",
     "group_masks",
     "infer_inplace_dict",
     "register_op_rule",

@@ -115,6 +115,13 @@ CASES = {
     ),
     "example-input-shape": lambda t: export(model(), {}, torch.randn(1, 5, 8, 8)),
     "example-input-type": lambda t: export(model(), {}, "an image"),
+    "pretrained-no-config": lambda t: lightning_prune.from_pretrained(t),
+    "pretrained-pickle": lambda t: lightning_prune.from_pretrained(
+        Path(write(t, "config.json", '{"model_type": "gpt2"}')).parent, write(t, "pytorch_model.bin", {})
+    ),
+    "mask-embedding-rows": lambda t: collect_masks(
+        {"embed": torch.ones(50, dtype=torch.bool)}, nn.ModuleDict({"embed": nn.Embedding(50, 16)})
+    ),
     "checkpoint-missing": lambda t: load_pruned(t / "missing.ckpt", model()),
     "checkpoint-truncated": lambda t: load_pruned(
         write(t, "cut.ckpt", Path(checkpoint(t)).read_bytes()[:300]), model()

@@ -57,3 +57,33 @@ def test_causal_lm_through_the_callback(tmp_path, pruner: str) -> None:
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert reloaded.config.num_attention_heads < module.model.config.num_attention_heads
     assert verify_equivalence(network, reloaded, other, rtol=1e-5).passed
+
+
+def test_causal_lm_residual_width_through_the_callback(tmp_path) -> None:
+    """`op_types` naming "Embedding" as well prunes the residual width (the embedding's columns with every
+    projection that writes the stream); the exported model generates what the masked one does."""
+    L.seed_everything(0, verbose=False)
+    module = CausalLM()
+    callback = PruneExportCallback(
+        pruner="l1", sparsity=0.5, op_types=["Linear", "Embedding"], export_dir=str(tmp_path / "out")
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        module, DataLoader(Sentences(16, 8, seed=0), batch_size=8), DataLoader(Sentences(8, 8, seed=1), batch_size=8)
+    )
+    network = callback.exported_network
+    assert network.get_input_embeddings().weight.shape[1] < module.model.config.hidden_size
+    assert network.lm_head.in_features == network.get_input_embeddings().weight.shape[1]
+    other = {"input_ids": torch.randint(0, VOCAB, (3, 13)), "attention_mask": torch.ones(3, 13, dtype=torch.long)}
+    assert verify_equivalence(module.model, network, other, rtol=1e-5).passed
+    prompt = {"input_ids": torch.randint(0, VOCAB, (2, 4)), "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(network.generate(**prompt), module.model.generate(**prompt))

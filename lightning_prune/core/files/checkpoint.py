@@ -45,26 +45,9 @@ from lightning_prune.core.errors import CheckpointError
 from lightning_prune.core.export import ExportResult, shrink_model
 from lightning_prune.core.files.atomic import atomic_save
 from lightning_prune.core.files.names import find_mapping
-from lightning_prune.core.graph.changes import HeadCounts, LayerChange, NormConstants, Plan
+from lightning_prune.core.graph.changes import HeadCounts, LayerChange, NormConstants, Plan, layer_shapes
 
 FORMAT = "lightning-prune/1"
-
-
-def layer_shapes(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Per changed layer, what :func:`load_pruned` needs to shrink a fresh model the same way:
-    for each sliced axis its kept size, groups and original size (to recognise another architecture)."""
-    shapes = {}
-    for name, change in plan.changes.items():
-        shapes[name] = {
-            "keep": {
-                f"{param}:{dim}": [int(index.numel()), int(groups), int(change.original_sizes.get((param, dim), -1))]
-                for (param, dim), (index, groups) in change.keep.items()
-            },
-            "bias_added": change.bias_delta is not None,
-            "norm": [change.norm.channels, change.norm.pruned] if change.norm is not None else None,
-            "channel_dim": change.channel_dim,
-        }
-    return shapes
 
 
 def shrink_record(result: ExportResult) -> dict[str, Any]:
@@ -265,7 +248,7 @@ def _change_for(module: nn.Module, info: dict[str, Any], path: str, name: str) -
     if info["bias_added"]:
         change.bias_delta = torch.zeros(module.weight.shape[0])
     if info["norm"] is not None:
-        change.norm = NormConstants(channels=info["norm"][0], pruned=info["norm"][1], sum=0.0, sum_sq=0.0)
+        change.norm = NormConstants(*info["norm"]) if len(info["norm"]) > 2 else NormConstants(*info["norm"], 0.0, 0.0)
     return change
 
 

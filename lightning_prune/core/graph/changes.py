@@ -6,7 +6,8 @@ checkpoint stores it, so a pruned model is rebuilt without pickled code).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -20,6 +21,12 @@ class HeadCounts:
     head_dim: int
     query_before: int
     key_value_before: int
+    # the query heads kept, numbered as before (for per-head state a model builds each forward); two
+    # counts are equal whichever heads they keep
+    kept: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kept", tuple(int(h) for h in self.kept))  # a checkpoint gives a list
 
 
 @dataclass
@@ -38,12 +45,14 @@ class Note:
 
 @dataclass
 class NormConstants:
-    """What a LayerNorm over channels must still count for channels it no longer sees."""
+    """What a norm over channels must still count for channels it no longer sees: a LayerNorm
+    (``kind="layer_norm"``) or an RMS norm (``"rms_norm"``, which needs only ``sum_sq``)."""
 
     channels: int  # the original number of channels (the divisor)
     pruned: int
     sum: float  # sum of the pruned channels' constant values
     sum_sq: float
+    kind: str = "layer_norm"
 
 
 @dataclass
@@ -67,4 +76,21 @@ class Plan:
     heads: dict[str, HeadCounts] = field(default_factory=dict)  # attention module -> heads, where some go
 
 
-__all__ = ["HeadCounts", "LayerChange", "NormConstants", "Note", "Plan"]
+def layer_shapes(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Per changed layer, what :func:`load_pruned` needs to shrink a fresh model the same way:
+    for each sliced axis its kept size, groups and original size (to recognise another architecture)."""
+    shapes = {}
+    for name, change in plan.changes.items():
+        shapes[name] = {
+            "keep": {
+                f"{param}:{dim}": [int(index.numel()), int(groups), int(change.original_sizes.get((param, dim), -1))]
+                for (param, dim), (index, groups) in change.keep.items()
+            },
+            "bias_added": change.bias_delta is not None,
+            "norm": list(astuple(change.norm)) if change.norm is not None else None,
+            "channel_dim": change.channel_dim,
+        }
+    return shapes
+
+
+__all__ = ["HeadCounts", "LayerChange", "NormConstants", "Note", "Plan", "layer_shapes"]

@@ -230,7 +230,14 @@ def shared_weight_masks(graph: ChannelGraph, masks: Masks, notes: list[Note] | N
     """``masks`` with those of layers sharing one weight (``b.weight = a.weight``) made one decision,
     under the name the trace gives the weight: the union of what they keep, as a coupled group
     keeps. With ``notes``, one per layer whose own mask prunes channels the union keeps."""
-    owners = {layer: graph.trace.shared.get((layer, "weight"), (layer,))[0] for layer in masks}
+
+    def owner_of(layer: str, keep: Tensor) -> str:
+        owner = graph.trace.shared.get((layer, "weight"), (layer,))[0]
+        produced = graph.trace.producers.get(owner)  # a weight shared in another role (a tied output
+        # embedding's vocabulary rows) shares none of its channels
+        return owner if produced is None or produced.numel() == keep.numel() else layer
+
+    owners = {layer: owner_of(layer, keep) for layer, keep in masks.items()}
     if all(owner == layer for layer, owner in owners.items()):
         return masks
     merged: Masks = {}

@@ -122,7 +122,7 @@ def _validated(masks: Masks, model: nn.Module | None) -> Masks:
         if not is_prunable(module):
             raise MaskError(
                 f"Mask given for layer '{name}', a {type(module).__name__}; masks apply to the output "
-                "channels of Conv, ConvTranspose, Linear and MultiheadAttention layers."
+                "channels of Conv, ConvTranspose, Linear, Embedding (its columns) and MultiheadAttention layers."
             )
         expected = out_channels(module)
         if keep.numel() != expected:

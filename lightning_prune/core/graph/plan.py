@@ -28,6 +28,9 @@ from lightning_prune.core.graph.channel_graph import ChannelGraph, initial_keep,
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.trace.records import Consumer
 
+_NORMS = ("layer_norm", "rms_norm")
+"""Consumers whose statistics span their channels: a pruned channel is counted, never folded."""
+
 
 def plan(graph: ChannelGraph, masks: Masks, model: nn.Module, *, round_to: int = 1) -> Plan:
     """Decide which channels go, which stay (and why), and how each layer changes.
@@ -71,10 +74,11 @@ def _heads(graph: ChannelGraph, keep: np.ndarray, notes: list[Note]) -> dict[str
         # unique labels: key/value heads repeated for their query heads (repeat_kv) count once
         query, key_value = (heads.query.unique(), heads.key_value.unique())
         before = (query.numel(), key_value.numel())
-        query, key_value = (int(graph.kept(keep, labels).sum()) for labels in (query, key_value))
+        kept = np.flatnonzero(graph.kept(keep, query))  # unique labels are sorted: the heads in order
+        query, key_value = len(kept), int(graph.kept(keep, key_value).sum())
         if (query, key_value) == before:
             continue
-        result[module] = HeadCounts(query, key_value, heads.head_dim, *before)
+        result[module] = HeadCounts(query, key_value, heads.head_dim, *before, kept=tuple(kept.tolist()))
         why = f"{query} of {before[0]} query heads and {key_value} of {before[1]} key/value heads kept"
         notes.append(Note(module, before[0] - query, "removed", why, unit="head(s)"))
     return result
@@ -220,10 +224,16 @@ def _changes(graph: ChannelGraph, keep: np.ndarray, model: nn.Module, notes: lis
                 changes[module].original_sizes[(param, dim)] = source.original_sizes[(name, dim)]
     for consumer in graph.trace.consumers:
         pruned, live, values = _pruned_inputs(graph, keep, consumer)
-        if not (live.any() or (pruned.any() and consumer.kind == "layer_norm")):
+        if not (live.any() or (pruned.any() and consumer.kind in _NORMS)):
             continue
         constants = torch.from_numpy(np.where(live, values, 0.0))
-        if consumer.kind == "layer_norm":
+        if consumer.kind == "rms_norm":  # its constants are the squares whose mean the norm takes
+            changes[consumer.module].norm = NormConstants(
+                len(values), int(pruned.sum()), 0.0, float(constants.sum()), kind="rms_norm"
+            )
+            why_counted = "RMS norm statistics span the pruned channels; the exported norm's eps and scale keep them"
+            notes.append(Note(consumer.module, int(pruned.sum()), "counted in the norm", why_counted))
+        elif consumer.kind == "layer_norm":
             changes[consumer.module].channel_dim = graph.trace.norm_channel_dim.get(consumer.module, -1)
             changes[consumer.module].norm = NormConstants(
                 channels=len(values),
@@ -250,7 +260,7 @@ def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, cal
         return "scaled by input-dependent values, so their constant cannot be folded"
     if calls[consumer.module] > 1:
         return "carrying a constant, and the layer is called more than once, so it cannot be folded per call"
-    if consumer.kind == "layer_norm" or consumer.foldable:
+    if consumer.kind in _NORMS or consumer.foldable:
         return None
     if consumer.kind == "conv_transpose":
         return "carrying a constant, which a transposed conv cannot absorb exactly"

@@ -1,7 +1,8 @@
 """The layers a mask prunes, and the tensors of each that hold its output channels.
 
-Conv, transposed conv, linear and ``nn.MultiheadAttention`` layers are prunable; an integration
-registers a library's own (:func:`register_prunable`: Hugging Face's ``Conv1D``).
+Conv, transposed conv, linear, embedding (its columns: a language model's residual width) and
+``nn.MultiheadAttention`` layers are prunable; an integration registers a library's own
+(:func:`register_prunable`: Hugging Face's ``Conv1D``).
 
 >>> from torch import nn
 >>> layer = nn.ConvTranspose2d(4, 6, 3, groups=2)
@@ -18,8 +19,13 @@ from torch import nn
 
 from lightning_prune.core.integrations import load_integrations
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
-OUT_CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.modules.conv._ConvTransposeNd: 1}
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Embedding,
+    nn.MultiheadAttention,
+)
+OUT_CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.modules.conv._ConvTransposeNd: 1, nn.Embedding: 1}
 """Prunable layer types whose ``weight`` holds the output channels along another dim than 0."""
 
 
@@ -34,13 +40,13 @@ def register_prunable(cls: type[nn.Module], out_channel_dim: int = 0) -> None:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    """Whether ``module`` has output channels a mask can prune (conv, transposed conv, linear)."""
+    """Whether ``module`` has output channels a mask can prune (conv, transposed conv, linear, embedding)."""
     load_integrations()  # layers of libraries the model uses (transformers' Conv1D)
     return isinstance(module, PRUNABLE_TYPES)
 
 
 def out_channel_dim(module: nn.Module) -> int:
-    """The weight dimension that indexes output channels (1 for transposed convs, else 0)."""
+    """The weight dimension that indexes output channels (1 for transposed convs and embeddings, else 0)."""
     return next((dim for cls, dim in OUT_CHANNEL_DIMS.items() if isinstance(module, cls)), 0)
 
 

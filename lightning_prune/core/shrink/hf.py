@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import replace
+from dataclasses import astuple, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,14 +33,21 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note
+from lightning_prune.core.graph.changes import HeadCounts, LayerChange, Note, layer_shapes
 from lightning_prune.core.graph.prunable import register_prunable
 from lightning_prune.core.shrink.attention import register_attention, register_model_updater, update_head_attributes
 from lightning_prune.core.shrink.registry import register_shrinker, shrink_parameters
+from lightning_prune.core.trace.op_rules.norms import rms_form
 
 if TYPE_CHECKING:
     from lightning_prune.core.graph.changes import Plan
 
+SHRINK_RECORD = "lightning_prune_shrink"
+"""The config entry that says how to shrink a model built from the config's original sizes (plain
+JSON: per changed layer its kept sizes, per attention its head counts), read by
+:func:`lightning_prune.core.files.pretrained.from_pretrained`."""
+EPS_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps")
+"""Config fields that hold the norms' ``eps`` (the first float one is updated where RMS norms lost channels)."""
 MLP_WIDTHS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
 """Config fields that hold the MLP width (the first fitting one with an int value is updated)."""
 
@@ -87,6 +94,46 @@ def update_split_attention(module: nn.Module, counts: HeadCounts) -> None:
 
 
 register_attention(*_classes(SPLIT_ATTENTIONS))(update_split_attention)
+
+ALIBI_ATTENTIONS = (("transformers.models.bloom.modeling_bloom", "BloomAttention"),)
+"""Attentions handed ALiBi biases for every head, built once per forward from the model's head count."""
+
+
+def update_alibi_attention(module: nn.Module, counts: HeadCounts) -> None:
+    """Head counts, and a pre-hook that keeps the ALiBi biases (``alibi``, ``(batch * heads, 1, keys)``)
+    of the heads kept: the model still builds them for all its original heads, slopes by head index."""
+    update_head_attributes(module, counts)
+    kept = torch.tensor(counts.kept, dtype=torch.long)
+
+    def keep_heads(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        alibi = kwargs.get("alibi")
+        if isinstance(alibi, torch.Tensor) and alibi.shape[0] % counts.query_before == 0 and kept.numel():
+            per_head = alibi.view(-1, counts.query_before, *alibi.shape[1:])
+            kwargs["alibi"] = per_head[:, kept.to(alibi.device)].reshape(-1, *alibi.shape[1:])
+        return args, kwargs
+
+    module.register_forward_pre_hook(keep_heads, with_kwargs=True)
+
+
+register_attention(*_classes(ALIBI_ATTENTIONS))(update_alibi_attention)
+
+PER_HEAD_NORMS = (("transformers.models.stablelm.modeling_stablelm", "StableLmAttention"),)
+"""Attentions whose query/key norms are one module per head (``q_layernorm.norms``, ``k_layernorm.norms``)."""
+
+
+def update_per_head_norms(module: nn.Module, counts: HeadCounts) -> None:
+    """Head counts, and the per-head norms of the heads kept, in order (``forward`` zips them with the heads)."""
+    update_head_attributes(module, counts)
+    per_group = counts.query_before // counts.key_value_before
+    kept_kv = sorted({head // per_group for head in counts.kept})
+    for name, kept in (("q_layernorm", counts.kept), ("k_layernorm", kept_kv)):
+        norms = getattr(module, name, None)
+        if norms is not None and kept and len(norms.norms) > len(kept):
+            norms.norms = nn.ModuleList([norms.norms[head] for head in kept])
+            norms.num_heads = len(kept)
+
+
+register_attention(*_classes(PER_HEAD_NORMS))(update_per_head_norms)
 
 
 @register_model_updater
@@ -137,32 +184,45 @@ def _update_config(model: PreTrainedModel, plan: Plan) -> tuple[int, str, str, s
         return None
     config = model.config
     fields = _changed_fields(config, plan, model)
-    candidate = copy.deepcopy(config)
+    candidate = _fresh(config)
     for name, value in fields.items():
         setattr(candidate, name, value)
     shapes = _shapes(model)
     built = _built_shapes(model, candidate)
+    if not (fields and built == shapes):  # the original sizes, and how to shrink a model built from them
+        candidate = _fresh(config)
+        heads = {name: list(astuple(counts)) for name, counts in plan.heads.items()}
+        setattr(candidate, SHRINK_RECORD, {"layers": layer_shapes(plan), "heads": heads})
+    for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
+        if getattr(module, "config", None) is config:
+            module.config = candidate
     if fields and built == shapes:
-        for module in model.modules():  # a config of its own: the one the caller built it from stays as it was
-            if getattr(module, "config", None) is config:
-                module.config = candidate
         said = ", ".join(f"{name}={value}" for name, value in fields.items())
         return len(fields), "updated in the config", f"{said}; save_pretrained / from_pretrained rebuild it", "size(s)"
     unexplained = sum(shape != (built or {}).get(key) for key, shape in shapes.items())
     why = (
         f"no {type(config).__name__} builds them (widths that differ per layer, a head_dim the model derives "
-        f"from hidden_size, a corrected norm): the config keeps the original sizes; save with save_pruned and "
-        f"rebuild with load_pruned(path, {type(model).__name__}(original_config))"
+        f"from hidden_size, a corrected norm, a scale computed from the original width): the config keeps the "
+        f"original sizes and says how to shrink them ('{SHRINK_RECORD}'); save_pretrained writes both, and "
+        f"lightning_prune.from_pretrained(directory) rebuilds it"
     )
-    return unexplained, "not described by the config", why, "parameter shape(s)"
+    return unexplained, "not described by the config", why, "size(s)"
 
 
-def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int]:
+def _fresh(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of ``config`` without a shrink record (one replayed already describes nothing further)."""
+    fresh = copy.deepcopy(config)
+    fresh.__dict__.pop(SHRINK_RECORD, None)
+    return fresh
+
+
+def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel) -> dict[str, int | float]:
     """The config values the plan suggests: heads every changed attention agrees on, the MLP width
     every resized axis of that width agrees on, the embedding width. :func:`_update_config` checks them."""
-    fields: dict[str, int] = {}
+    fields: dict[str, int | float] = {}
     heads = {(c.query, c.key_value, c.head_dim) for c in plan.heads.values()}
-    if len(heads) == 1:
+    alibi = tuple(_classes(ALIBI_ATTENTIONS))
+    if len(heads) == 1 and not any(isinstance(module, alibi) for module in model.modules()):
         ((query, key_value, head_dim),) = heads
         fields["num_attention_heads"] = query
         if getattr(config, "num_key_value_heads", None) is not None:
@@ -182,15 +242,34 @@ def _changed_fields(config: PretrainedConfig, plan: Plan, model: PreTrainedModel
     hidden = getattr(config, "hidden_size", None)
     if isinstance(embeddings, nn.Embedding) and isinstance(hidden, int) and embeddings.weight.shape[1] != hidden:
         fields["hidden_size"] = embeddings.weight.shape[1]
+        if isinstance(getattr(config, "head_dim", None), int):  # else derived from hidden_size
+            fields.setdefault("head_dim", config.head_dim)
+    eps = {_eps(module) for module in model.modules()} - {None}
+    field = next((name for name in EPS_FIELDS if isinstance(getattr(config, name, None), float)), None)
+    if len(eps) == 1 and field is not None and eps != {getattr(config, field)}:
+        fields[field] = eps.pop()  # every RMS norm rescaled alike (the residual width's)
     return fields
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+def _eps(module: nn.Module) -> float | None:
+    """An RMS norm's ``eps`` (``None`` for any other module)."""
+    form = rms_form(module) if "weight" in module._parameters and not any(True for _ in module.children()) else None
+    return getattr(module, form.eps_attribute) if form is not None else None
 
 
-def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
-    """The parameter shapes ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...] | float]:
+    """Every tensor's shape, and every float a module keeps (a norm's ``eps``, Gemma's embedding
+    scale computed from ``hidden_size``): what a config must reproduce."""
+    found: dict[str, tuple[int, ...] | float] = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    for name, module in model.named_modules():
+        for attribute, value in vars(module).items():
+            if isinstance(value, float):
+                found[f"{name}.{attribute}"] = value
+    return found
+
+
+def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str, tuple[int, ...] | float] | None:
+    """The parameter shapes (and module floats) ``type(model)(config)`` has (built on the meta device), or ``None`` if it cannot be built."""
     try:
         with torch.device("meta"):
             return _shapes(type(model)(config))
@@ -198,4 +277,15 @@ def _built_shapes(model: PreTrainedModel, config: PretrainedConfig) -> dict[str,
         return None
 
 
-__all__ = ["MLP_WIDTHS", "SPLIT_ATTENTIONS", "shrink_conv1d", "update_split_attention", "update_transformers"]
+__all__ = [
+    "ALIBI_ATTENTIONS",
+    "MLP_WIDTHS",
+    "PER_HEAD_NORMS",
+    "SHRINK_RECORD",
+    "SPLIT_ATTENTIONS",
+    "shrink_conv1d",
+    "update_alibi_attention",
+    "update_per_head_norms",
+    "update_split_attention",
+    "update_transformers",
+]

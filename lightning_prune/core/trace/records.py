@@ -123,6 +123,7 @@ class ChannelTrace:
     deferred: list[Deferred] = field(default_factory=list)
     reshaped_inputs: set[str] = field(default_factory=set)  # layers that read a tensor a view gave another rank
     heads: dict[str, AttentionHeads] = field(default_factory=dict)  # attention module -> its heads
+    exact_constants: dict[int, float] = field(default_factory=dict)  # label -> value attention keeps it at exactly
     # a tensor held under several names (b.weight = a.weight): (module, name) -> the first name
     # ``named_modules`` gives it, which the trace uses for it everywhere
     shared: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)

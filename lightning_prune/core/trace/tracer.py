@@ -112,13 +112,16 @@ class Tracer(Bookkeeping):
         it only concerns positions inside whole heads, and applied otherwise.
         """
         trace = self.trace
+        # a label coupled with a head's channels goes with that head (an interleaved rotary embedding
+        # makes its own labels for half of them): in heads by group, before any split is guessed
+        before = torch.from_numpy(components(trace.num_labels, trace.edges))
         in_head = torch.zeros(trace.num_labels, dtype=torch.bool)
         for units in trace.head_units:
-            in_head[units[units >= 0]] = True
+            in_head[before[units[units >= 0]]] = True
 
         def all_in_heads(labels: Tensor) -> bool:
             labels = labels[labels >= 0]
-            return bool(in_head[labels].all())
+            return bool(in_head[before[labels]].all())
 
         for item in trace.deferred:
             if item.kind == "split" and not all_in_heads(item.labels):

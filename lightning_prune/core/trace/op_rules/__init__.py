@@ -32,14 +32,16 @@ from lightning_prune.core.trace.op_rules.layers import (
     batch_norm,
     conv,
     conv_transpose,
+    embedding,
     group_norm,
     instance_norm,
     layer_norm,
     linear,
     prelu,
 )
-from lightning_prune.core.trace.op_rules.movement import movement, split
+from lightning_prune.core.trace.op_rules.movement import gather, movement, split
 from lightning_prune.core.trace.op_rules.multihead import multi_head_attention_forward
+from lightning_prune.core.trace.op_rules.norms import mean, rms_norm
 from lightning_prune.core.trace.op_rules.writes import factory, fill, write
 
 RULES: dict[str, Rule] = {
@@ -49,6 +51,7 @@ RULES: dict[str, Rule] = {
         identity,  # same tensor layout out as in (dtype/device moves, copies)
         movement,  # rearranges elements (view, permute, cat, getitem, ...): labels follow the elements
         split,  # chunk/split/unbind
+        gather,  # torch.gather along a dim without channels
         spatial,  # acts on trailing spatial dims only (pooling, interpolation, padding)
         reduce,  # reduction over given dims
         softmax,  # normalises along one dim
@@ -59,10 +62,13 @@ RULES: dict[str, Rule] = {
         conv,
         conv_transpose,
         linear,
+        embedding,  # a lookup: a producer of the weight's columns
         batch_norm,
         instance_norm,
         group_norm,
         layer_norm,
+        rms_norm,
+        mean,  # a reduction, or the statistic of an RMS norm module over the channels
         prelu,
         matmul,  # q @ k.T, attn @ v, x @ W: heads are the unit
         einsum,
@@ -81,7 +87,7 @@ FOLLOWS_PARAMETERS: frozenset[Rule] = frozenset({movement, identity, elementwise
 """Ops the tracer follows on a parameter (views, indexing, per-element math): what they make may later
 be sliced with the channels it meets (a class token, a per-head table, Swin V2's logit scale)."""
 
-PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, multi_head_attention_forward, addmm})
+PRODUCERS: frozenset[Rule] = frozenset({conv, conv_transpose, linear, embedding, multi_head_attention_forward, addmm})
 """Rules the tracer runs on unlabelled input too: their layers give out new channels."""
 
 _ELEMENTWISE = """
@@ -151,6 +157,10 @@ TABLE.update(
         "instance_norm": instance_norm,
         "group_norm": group_norm,
         "layer_norm": layer_norm,
+        "rms_norm": rms_norm,
+        "mean": mean,
+        "embedding": embedding,
+        "gather": gather,
         "prelu": prelu,
         "matmul": matmul,
         "bmm": matmul,

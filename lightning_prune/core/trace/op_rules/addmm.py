@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from lightning_prune.core.trace.op_rules.layers import COMPUTED_WEIGHT, _constants, register_producer
+from lightning_prune.core.trace.op_rules.layers import COMPUTED_WEIGHT, consumer_constants, register_producer
 from lightning_prune.core.trace.records import Consumer, OpCall, Rep
 
 if TYPE_CHECKING:
@@ -45,7 +45,9 @@ def addmm(t: Bookkeeping, call: OpCall) -> None:
     t.add_axis(weight, 1, out_labels)
     if per_column:
         t.add_axis(bias, 0, out_labels)
-    t.trace.consumers.append(Consumer(module, KIND, in_labels, _constants(data, 1), foldable=True))
+    t.trace.consumers.append(
+        Consumer(module, KIND, in_labels, consumer_constants(t, data, 1, in_labels), foldable=True)
+    )
     t.set_rep(out, Rep((1,), out_labels))
     return None
 

@@ -119,12 +119,46 @@ def contract(t: Bookkeeping, call: OpCall, operands: list[tuple[Tensor, str]], o
     module = t.current_module
     if len(flat) > 1 or module not in t.trace.heads:
         record_heads(t, representative, flat[-1][:, 0], flat[0].shape[1])
-    if data or len(labelled) > 1:  # mixed by data-dependent weights: constants no longer fold
-        t.trace.tainted.append(representative)
     surviving = [(ls, labels) for ls, labels in labelled if set(ls) <= set(output) and set(ls) - set(heads)]
     if len(surviving) == 1:
+        if data or len(labelled) > 1:  # mixed by data-dependent weights: constants no longer fold
+            constant = _averaged_constants(t, operands, output, surviving[0][1])
+            varying = ~constant.reshape(head_shape.numel(), -1).all(1) if constant is not None else slice(None)
+            t.trace.tainted.append(representative[varying])
         return _output(t, call, output, *surviving[0])
+    # scores (q @ k.T): what they weigh is checked where they do (attn @ v), so they taint nothing
     _output(t, call, output, heads, representative.reshape(head_shape))
+
+
+def _averaged_constants(
+    t: Bookkeeping, operands: list[tuple[Tensor, str]], output: str, labels: Tensor
+) -> Tensor | None:
+    """``attn @ v`` with weights that sum to one over what they contract (a softmax's rows): a value
+    channel that is the same at every position gives that value, exactly, whatever the weights (a
+    head pruned in its weights with a live value bias). Records those values; per label of the
+    values, whether it is one; ``None`` where the weights do not sum to one."""
+    values = next(x for x, _ in operands if t.rep(x) is not None and t.rep(x).labels is labels)
+    weights = [(x, spec) for x, spec in operands if x is not values]
+    if len(weights) != 1:
+        return None
+    weight, spec = weights[0]
+    summed = tuple(i for i, letter in enumerate(spec) if letter not in output)
+    if not summed or not torch.allclose(weight.detach().double().sum(summed), torch.ones((), dtype=torch.float64)):
+        return None
+    return constant_channels(t, values)
+
+
+def constant_channels(t: Bookkeeping, tensor: Tensor) -> Tensor:
+    """Per label of ``tensor``, whether it holds one value everywhere; those values are recorded as exact
+    (``trace.exact_constants``: consumers take them where the data agree to rounding)."""
+    rep = t.rep(tensor)
+    moved = tensor.detach().movedim(rep.dims, tuple(range(len(rep.dims))))
+    low, high = torch.aminmax(moved.reshape(rep.labels.numel(), -1), dim=1)
+    constant = (low == high).cpu()
+    for label, value in zip(rep.labels.flatten()[constant].tolist(), low.cpu()[constant].tolist(), strict=True):
+        if label >= 0:
+            t.trace.exact_constants[label] = value
+    return constant.reshape(rep.labels.shape)
 
 
 def _output(t: Bookkeeping, call: OpCall, output: str, letters: list[str], labels: Tensor) -> None:
@@ -164,6 +198,8 @@ def scaled_dot_product_attention(t: Bookkeeping, call: OpCall) -> None:
     t.couple(q_labels, per_query.expand_as(q_labels))
     t.trace.head_units += [q_labels, k_labels, v_labels]
     record_heads(t, q_labels[:, 0], k_labels[:, 0], q_labels.shape[1])
+    if not call.arg(4, "dropout_p", 0.0):  # each row of weights sums to one: constant values stay exact
+        constant_channels(t, value)
     t.set_rep(call.out, Rep(expected, v_labels.repeat_interleave(groups, 0)))
 
 
@@ -186,4 +222,13 @@ def _spans(mask: Tensor, query: Tensor, dim: int) -> bool:
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-__all__ = ["baddbmm", "contract", "einsum", "matmul", "record_heads", "scaled_dot_product_attention", "whole_heads"]
+__all__ = [
+    "baddbmm",
+    "constant_channels",
+    "contract",
+    "einsum",
+    "matmul",
+    "record_heads",
+    "scaled_dot_product_attention",
+    "whole_heads",
+]

@@ -84,6 +84,8 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
                 t.trace.deferred.append(Deferred("in_heads", result, why))
         elif is_param and len(dims) == 1 and spans == list(dims) and t.slice_parameter(tensor, dims[0] - shift, result):
             continue  # a per-channel parameter (or a view of one: a table gathered per head) is sliced with them
+        elif is_param and len(spans) > 1 and _per_head(t, tensor, dims, spans, shift, result, op):
+            continue  # a (heads, head_dim) parameter (Cohere's query/key norm weight): sliced by whole heads
         elif t.is_fresh(tensor):  # a constant sized by the model's code (torch.zeros(x.shape)): checked at export
             t.size_guess(result.flatten())
         else:
@@ -95,6 +97,26 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
                 t.block(result, why)
     for tensor in outs:
         t.set_rep(tensor, Rep(dims, result) if tensor.shape == shape else None)
+
+
+def _per_head(
+    t: Bookkeeping, tensor: Tensor, dims: tuple[int, ...], spans: list[int], shift: int, result: Tensor, op: str
+) -> bool:
+    """A parameter spanning several channel dims (heads and ``head_dim``): sliced along the first dim
+    it follows one to one (the heads), exact where whole heads go, so the labels must stay inside
+    one head along the other dims it spans (decided at the end of the pass)."""
+    for axis, dim in enumerate(dims):
+        if dim not in spans:
+            continue
+        line = result.movedim(axis, 0).reshape(result.shape[axis], -1)[:, 0]
+        if t.slice_parameter(tensor, dim - shift, line):
+            others = tuple(dims.index(d) for d in spans if d != dim)
+            why = (
+                f"op '{op}' combines them position by position with a per-head parameter it cannot slice inside a head"
+            )
+            t.trace.deferred.append(Deferred("within", result, why, axes=others))
+            return True
+    return False
 
 
 def spatial(t: Bookkeeping, call: OpCall) -> None:

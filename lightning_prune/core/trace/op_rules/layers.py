@@ -1,5 +1,5 @@
-"""Rules for the layers export resizes: conv, transposed conv and linear (producers of channels) and
-the norms and PReLU (per-channel parameters).
+"""Rules for the layers export resizes: conv, transposed conv, linear and embedding (producers of
+channels) and the norms and PReLU (per-channel parameters).
 
 Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.trace.op_rules`.
 """
@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.core.trace.records import Consumer, Deferred, Rep
 
@@ -94,9 +94,47 @@ def conv_transpose(t: Bookkeeping, call: OpCall) -> None:
     conv(t, call, transposed=True)
 
 
+def embedding(t: Bookkeeping, call: OpCall) -> None:
+    """An embedding lookup: a producer of its weight's columns (the residual width of a language model,
+    with position and token-type embeddings added to it). ``max_norm`` renormalises rows across the
+    columns, so an embedding that uses it produces no prunable channel."""
+    weight, out = call.arg(1, "weight"), call.out
+    owner = t.param_name(weight)
+    if owner is None or call.arg(3, "max_norm") is not None or weight.ndim != 2:
+        return t.outputs_unlabeled(out)
+    if not isinstance(t.model.get_submodule(owner[0]), nn.Embedding):  # a tie named after the output layer
+        return t.outputs_unlabeled(out)
+    out_labels = t.trace.producers.get(owner[0])
+    if out_labels is None:
+        out_labels = t.trace.producers[owner[0]] = t.trace.new_labels(owner[0], weight.shape[1])
+    t.add_axis(weight, 1, out_labels)
+    t.set_rep(out, Rep((out.ndim - 1,), out_labels))
+
+
+def _tied_output(t: Bookkeeping, call: OpCall, embedding: str) -> None:
+    """A linear whose weight is an input embedding's (tied input and output embeddings): its input
+    channels are the embedding's columns, sliced with them; its output (the vocabulary) carries no
+    prunable channel. A constant input folds into the bias of the calling module when that module
+    holds the weight (``lm_head``); read as a weight anywhere else, the channels are kept."""
+    data, weight = call.args[0], call.arg(1, "weight")
+    module = t.current_module
+    in_labels = _channel_labels(t, data, data.ndim - 1, module)
+    t.add_axis(weight, 1, in_labels)
+    if getattr(t.model.get_submodule(module), "weight", None) is weight:
+        _layer_input(t, module, data, in_labels)
+        constants = consumer_constants(t, data, data.ndim - 1, in_labels)
+        t.trace.consumers.append(Consumer(module, "linear", in_labels, constants, True))
+    else:
+        t.block(in_labels, f"'{module}' reads the embedding '{embedding}' as a weight outside a Linear module")
+    t.outputs_unlabeled(call.out)
+
+
 def linear(t: Bookkeeping, call: OpCall) -> None:
     """Linear over the last dim: a producer, and a consumer whose pruned constant inputs fold into its bias."""
     data, weight, bias, out = call.args[0], call.arg(1, "weight"), call.arg(2, "bias"), call.out
+    owner = t.param_name(weight)
+    if owner is not None and isinstance(t.model.get_submodule(owner[0]), nn.Embedding):
+        return _tied_output(t, call, owner[0])
     produced = register_producer(t, call, data.ndim - 1, out.shape[-1])
     if produced is None:
         return
@@ -105,7 +143,8 @@ def linear(t: Bookkeeping, call: OpCall) -> None:
     t.add_axis(weight, 0, out_labels)
     if bias is not None:
         t.add_axis(bias, 0, out_labels)
-    t.trace.consumers.append(Consumer(module, "linear", in_labels, _constants(data, data.ndim - 1), True))
+    constants = consumer_constants(t, data, data.ndim - 1, in_labels)
+    t.trace.consumers.append(Consumer(module, "linear", in_labels, constants, True))
     t.set_rep(out, Rep((out.ndim - 1,), out_labels))
 
 
@@ -202,6 +241,24 @@ def _layer_input(t: Bookkeeping, module: str, data: Tensor, labels: Tensor) -> N
 
 def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def consumer_constants(t: Bookkeeping, data: Tensor, dim: int, labels: Tensor) -> Tensor:
+    """:func:`_constants`, and where attention made a channel exactly constant (a value channel
+    averaged by weights that sum to one: ``trace.exact_constants``) and the data agree to rounding,
+    that value: the weighted sum is exact in arithmetic, only its rounding varies."""
+    constants = _constants(data, dim)
+    exact = t.trace.exact_constants
+    if not exact:
+        return constants
+    for i in torch.nonzero(constants.isnan()).flatten().tolist():
+        value = exact.get(int(labels[i]))
+        if value is None:
+            continue
+        low, high = (float(v) for v in torch.aminmax(data.detach().select(dim, i).double()))
+        if max(abs(low - value), abs(high - value)) <= 1e-5 * max(abs(value), 1e-3):
+            constants[i] = value
+    return constants
 
 
 def _constants(data: Tensor, dim: int) -> Tensor:

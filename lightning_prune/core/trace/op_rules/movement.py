@@ -139,6 +139,20 @@ def _join(t: Bookkeeping, call: OpCall) -> bool:
     return True
 
 
+def gather(t: Bookkeeping, call: OpCall) -> None:
+    """``torch.gather(x, dim, index)`` along a dim without channels (DeBERTa's relative positions picked
+    per query): each output element comes from the same channel position, so the labels pass,
+    where the index spans the channel dims whole; an index that picks along the channels keeps them."""
+    data, dim, index = call.arg(0, "input"), call.arg(1, "dim"), call.arg(2, "index")
+    rep = t.rep(data)
+    if not isinstance(index, Tensor) or t.rep(index) is not None or not isinstance(dim, int):
+        return t.give_up(call, "gathers by an index the tracer cannot read")
+    dim %= data.ndim
+    if dim in rep.dims or any(index.shape[d] != data.shape[d] for d in rep.dims):
+        return t.give_up(call, "gathers along their dim")
+    t.set_rep(call.out, rep)
+
+
 def split(t: Bookkeeping, call: OpCall) -> None:
     """``chunk``/``split``/``unbind``: along another dim every piece keeps the labels; equal chunks
     along the channel dim are coupled (they must lose the same channels); other splits of the
@@ -165,6 +179,14 @@ def split(t: Bookkeeping, call: OpCall) -> None:
             t.set_rep(tensor, Rep(dims, labels))
         return
     sizes = {tensor.shape[dim] for tensor in outs}
+    if len(rep.dims) > 1 and sizes == {1} and axis < len(rep.dims) - 1:
+        # one piece per head (StableLM's per-head norms): exact where whole heads go, once the module
+        # applying them keeps the kept heads' own (its updater); export checks the pieces' count
+        t.trace.deferred.append(Deferred("in_heads", rep.labels, f"op '{op}' splits them into one piece each"))
+        t.size_guess(rep.labels.flatten())
+        for index, tensor in enumerate(outs):
+            t.set_rep(tensor, Rep(rep.dims, rep.labels.narrow(axis, index, 1)))
+        return
     if len(rep.dims) > 1 and (op != "chunk" or len(sizes) != 1):
         # pieces of fixed sizes along head_dim (LeViT's q, k, v): exact where whole heads go
         reason = f"op '{op}' splits them into pieces of fixed sizes"
