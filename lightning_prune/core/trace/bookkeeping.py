@@ -48,6 +48,21 @@ class Bookkeeping:
         # exists as the model's code sizes it; a write gives it the written labels.
         self.fresh: dict[Any, tuple[Tensor, Tensor | None]] = {}
 
+    def track(self, module_name: str, module: nn.Module) -> None:
+        """``module``'s own tensors were replaced (loaded from a file): know them by their names."""
+        for kind in (module._parameters, module._buffers):
+            for p_name, tensor in kind.items():
+                if tensor is not None:
+                    name = (module_name, p_name)
+                    self.params[id(tensor)] = self.trace.shared.get(name, name)
+
+    def untrack(self, module: nn.Module) -> None:
+        """``module``'s own tensors are about to be dropped: forget them (their ids may be reused)."""
+        for kind in (module._parameters, module._buffers):
+            for tensor in kind.values():
+                if tensor is not None:
+                    self.params.pop(id(tensor), None)
+
     def rep(self, tensor: Any) -> Rep | None:
         """The labels ``tensor`` carries, or ``None`` if it carries none."""
         entry = self.reps.get(id(tensor))
