@@ -166,8 +166,8 @@ def test_progress_log_lines_and_timings(caplog):
     model = resnet()
     with caplog.at_level(logging.INFO, logger="lightning_prune"):
         result = export(model, random_masks(model, skip=("fc",)), torch.randn(1, 3, 32, 32), progress=True)
-    assert "lightning_prune export: trace" in caplog.text and "lightning_prune export: layer" in caplog.text
-    assert list(result.timings)[:4] == ["zero", "trace", "plan", "layer"]
+    assert "lightning_prune export: trace" in caplog.text and "lightning_prune export: shrink" in caplog.text
+    assert list(result.timings) == ["trace", "plan", "shrink", "check", "copy"]
 
 
 def test_from_file_bad_inputs(tmp_path, llama_file):

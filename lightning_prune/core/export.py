@@ -29,6 +29,7 @@ from lightning_prune.core.graph.inplace_dict import (
     load_inplace_dict,
     traced_inplace_dict,
 )
+from lightning_prune.core.graph.masked_view import MaskedView
 from lightning_prune.core.graph.masks import (
     Masks,
     MaskSource,
@@ -36,8 +37,6 @@ from lightning_prune.core.graph.masks import (
     has_mask_wrappers,
     unshare_tensors,
     unwrapped_copy,
-    zero_pruned_channels,
-    zero_pruned_parameters,
 )
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
@@ -46,7 +45,9 @@ from lightning_prune.core.progress import Progress
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for
 from lightning_prune.core.trace.records import call_model
+from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
+from lightning_prune.core.weights import Loading, TensorSource
 
 _RESHAPED_WRONG = (
     "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"
@@ -98,26 +99,39 @@ def export(
     keep = collect_masks(model if masks is None else masks, model)
     # export replaces what it changes; the rest is cloned at the end (in place: nothing is copied)
     masked = model if inplace and not has_mask_wrappers(model) else unwrapped_copy(model, share_tensors=True)
-    given = _output(masked, example_input) if whole_channel and masks is None and masked is model else None
-    with steps.phase("zero"):  # given masks zero filters and biases, as NNI's do; the model's own apply as they are
-        if masks is not None or whole_channel:
-            zero_pruned_channels(masked, keep, in_place=inplace)
+    given = _output(masked, example_input) if whole_channel and masks is None else None
+    # given masks zero filters and biases, as NNI's do; the model's own apply as they are. Each layer is
+    # zeroed as it is used (a copy of one layer at a time), or in the model itself with inplace=True.
+    view = MaskedView(masked, keep if masks is not None or whole_channel else {}, in_place=inplace)
     with steps.phase("trace"):
-        graph = ChannelGraph.from_model(masked, example_input)
+        graph = ChannelGraph(trace_channels(masked, example_input, view))
     function_change = None
     if whole_channel:
         with steps.phase("whole channel"):
-            if given is None:
-                given = graph.trace.output if masks is not None else _output(unwrapped_copy(model), example_input)
-            if zero_pruned_parameters(masked, graph.channel_parameter_keep(keep, masked), in_place=inplace):
-                graph = ChannelGraph.from_model(masked, example_input)  # the constants changed
+            given = graph.trace.output if given is None else given
+            view.zeroed.update(graph.channel_parameter_keep(keep, masked))
+            if view.zeroed:
+                graph = ChannelGraph(trace_channels(masked, example_input, view))  # the constants changed
             function_change = compare_outputs(given, graph.trace.output).max_relative_error
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
-    with steps.phase("plan"):
-        decided = plan(graph, keep, masked, round_to=round_to)
-    with steps.phase("shrink"):
-        work = shrink_model(masked if inplace else _structural_copy(masked), decided, steps)
+
+    def planned() -> Plan:
+        with steps.phase("plan"):
+            loading = Loading(view, masked)  # a bias fold reads the masked weight of its layer
+            try:
+                return plan(graph, keep, loading, round_to=round_to)  # type: ignore[arg-type]
+            finally:
+                loading.release()
+
+    def shrunk(decided: Plan) -> nn.Module:
+        if inplace:
+            return shrink_model(masked, decided, steps, view)
+        work = _structural_copy(masked)
+        return shrink_model(work, decided, steps, MaskedView(work, view.masks, view.zeroed))
+
+    decided = planned()
+    work = shrunk(decided)
     tries: dict[str, int] = {}
     while (failure := _checked(steps, work, example_input, graph.trace.output)) is not None:
         if inplace:
@@ -135,9 +149,8 @@ def export(
                 "whose size was a guess kept. Please report this model: its forward fixes a size the tracer did not see."
             )
         graph = graph.with_blocked(overrides)
-        decided = plan(graph, keep, masked, round_to=round_to)  # its notes say which channels this kept
-        with steps.phase("shrink"):
-            work = shrink_model(_structural_copy(masked), decided)
+        decided = planned()  # its notes say which channels this kept
+        work = shrunk(decided)
     if not inplace:
         with steps.phase("copy"):
             unshare_tensors(work, model)
@@ -145,14 +158,29 @@ def export(
     return ExportResult(work, keep, decided, graph, function_change, steps.timings)
 
 
-def shrink_model(model: nn.Module, plan: Plan, progress: Progress | None = None) -> nn.Module:
+def shrink_model(
+    model: nn.Module, plan: Plan, progress: Progress | None = None, source: TensorSource | None = None
+) -> nn.Module:
     """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function
-    (the dense tensors it replaces are dropped as it goes)."""
+    (the dense tensors it replaces are dropped as it goes). With ``source``, each layer (and what is
+    under it) first takes the tensors ``source`` gives it, for good (export's zeroed copies)."""
     load_integrations()  # shrinkers and updaters for libraries the model uses (transformers)
     ties = shared_tensor_names(model)
+    names = [name for name, module in model.named_modules() if source is not None and source.owned(module)]
+    loaded: set[str] = set()
+
+    def load(within: str) -> None:
+        for name in names:
+            if name not in loaded and _within(name, within):
+                loaded.add(name)
+                source.load(name)  # type: ignore[union-attr]
+                source.keep(name)  # type: ignore[union-attr]
+
     changes = plan.changes.items()
-    for name, change in changes if progress is None else progress.steps("layer", changes):
+    for name, change in changes if progress is None else progress.steps("shrink", changes):
+        load(name)
         model = shrink_layer(model, name, change)
+    load("")  # layers the masks prune whose channels are all kept: masked, whole
     finish_shrink(model, plan, ties)
     return model
 

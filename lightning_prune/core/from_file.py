@@ -40,14 +40,15 @@ from lightning_prune.core.export import (
     shrink_layer,
 )
 from lightning_prune.core.graph.channel_graph import ChannelGraph
-from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks, pruned_slices
+from lightning_prune.core.graph.masked_view import zero_module
+from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.progress import Progress
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.verify.equivalence import compare_outputs
-from lightning_prune.core.weights import StreamedWeights, WeightFile
+from lightning_prune.core.weights import Loading, StreamedWeights, WeightFile
 from lightning_prune.core.weights import blocks as default_blocks
 
 BLOCK_RTOL = 1e-5
@@ -107,7 +108,7 @@ def export_from_file(
     tries: dict[str, int] = {}
     while True:
         with steps.phase("plan"):
-            loading = _Loading(weights)
+            loading = Loading(weights, skeleton)
             try:
                 decided = plan(graph, keep, loading, round_to=round_to)  # type: ignore[arg-type]
             finally:
@@ -147,14 +148,8 @@ class _Masking:
         self.keep = keep
         self.zeroed: dict[tuple[str, str, int], torch.Tensor] = {}
 
-    @torch.no_grad()
     def __call__(self, name: str, module: nn.Module) -> None:
-        if name in self.keep:
-            for item, local in pruned_slices(module, self.keep[name]):
-                getattr(module, item.name).index_fill_(item.dim, local, 0.0)
-        for (layer, param, dim), kept in self.zeroed.items():
-            if layer == name:
-                getattr(module, param).index_fill_(dim, (~kept).nonzero().flatten(), 0.0)
+        zero_module(name, module, self.keep, self.zeroed, in_place=True)
 
 
 def masked_weights(skeleton: nn.Module, path: str | os.PathLike | WeightFile, masks: Masks) -> StreamedWeights:
@@ -187,22 +182,6 @@ def _build(
             model = shrink_layer(model, layer, change)
     finish_shrink(model, decided, ties)
     return model
-
-
-class _Loading:
-    """What the plan reads of the model (a folding layer's weight), loaded from the file on demand."""
-
-    def __init__(self, weights: StreamedWeights) -> None:
-        self.weights = weights
-        self.names: list[str] = []
-
-    def get_submodule(self, name: str) -> nn.Module:
-        self.names.append(name)
-        return self.weights.load(name)
-
-    def release(self) -> None:
-        for name in self.names:
-            self.weights.release(name)
 
 
 def _within(name: str, block: str) -> bool:

@@ -28,6 +28,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,46 @@ _SAFETENSORS_DTYPES = {
 Prepare = Callable[[str, nn.Module], None]
 """``prepare(module name, module)``: called on a module once its own tensors are loaded (export zeroes
 the pruned channels there, so the loaded module is the masked one)."""
+
+
+class TensorSource(Protocol):
+    """Gives modules their tensors for a while: what the tracer and the shrink load module by module
+    (:class:`StreamedWeights` from a file; ``graph.masked_view.MaskedView`` zeroed copies in memory)."""
+
+    def owned(self, module: nn.Module) -> bool:
+        """Whether :meth:`load` gives ``module`` tensors of its own."""
+
+    def load(self, name: str) -> nn.Module:
+        """Give module ``name`` its tensors; returns it."""
+
+    def release(self, name: str) -> None:
+        """Take back what :meth:`load` gave module ``name``."""
+
+    def keep(self, name: str) -> None:
+        """Leave module ``name`` with what :meth:`load` gave it, for good."""
+
+
+class Loading:
+    """Stands for a model whose submodules a :class:`TensorSource` loads on demand (``get_submodule``,
+    what the plan reads for a bias fold); :meth:`release` gives back all it loaded."""
+
+    def __init__(self, source: TensorSource, model: nn.Module) -> None:
+        self.source, self.model = source, model
+        self.names: list[str] = []
+
+    def get_submodule(self, name: str) -> nn.Module:
+        """Module ``name`` with its tensors loaded (if the source holds any for it)."""
+        module = self.model.get_submodule(name)
+        if not self.source.owned(module):
+            return module
+        self.names.append(name)
+        return self.source.load(name)
+
+    def release(self) -> None:
+        """Give back everything :meth:`get_submodule` loaded."""
+        for name in self.names:
+            self.source.release(name)
+        self.names.clear()
 
 
 class WeightFile:
@@ -297,4 +338,4 @@ def _join(module: str, attr: str) -> str:
     return f"{module}.{attr}" if module and attr else module or attr
 
 
-__all__ = ["Prepare", "StreamedWeights", "WeightFile", "blocks", "parameters_on_meta"]
+__all__ = ["Loading", "Prepare", "StreamedWeights", "TensorSource", "WeightFile", "blocks", "parameters_on_meta"]

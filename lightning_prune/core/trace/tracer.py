@@ -35,14 +35,14 @@ from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
 from lightning_prune.core.trace.records import ChannelTrace, OpCall, Rep, call_model, components, storage_key
-from lightning_prune.core.weights import StreamedWeights
+from lightning_prune.core.weights import TensorSource
 
 
-def trace_channels(model: nn.Module, example_input: Any, weights: StreamedWeights | None = None) -> ChannelTrace:
+def trace_channels(model: nn.Module, example_input: Any, weights: TensorSource | None = None) -> ChannelTrace:
     """Run ``model`` once on ``example_input`` (eval mode, no grad) and record its channel flow.
 
-    With ``weights``, ``model`` is a skeleton whose modules get their tensors from the file as each
-    runs and give them back after, so the pass holds about one module's weights at a time."""
+    With ``weights`` (a file's weights, or zeroed copies), each module that ``weights`` holds tensors
+    for gets them as it runs and gives them back after, so the pass holds about one module's at a time."""
     tracer = Tracer(model, weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,7 +69,7 @@ class Tracer(Bookkeeping):
     """Runs a model under the mode and dispatches every call to its rule; the bookkeeping the rules use
     is :class:`~lightning_prune.core.trace.bookkeeping.Bookkeeping`'s."""
 
-    def __init__(self, model: nn.Module, weights: StreamedWeights | None = None) -> None:
+    def __init__(self, model: nn.Module, weights: TensorSource | None = None) -> None:
         super().__init__(model)
         self.weights = weights
         self.paused = False  # loading weights: what runs is not the model's
@@ -112,7 +112,7 @@ class Tracer(Bookkeeping):
             for hook in hooks:
                 hook.remove()
 
-    def _streaming_hooks(self, weights: StreamedWeights) -> list:
+    def _streaming_hooks(self, weights: TensorSource) -> list:
         """Hooks that give each module its tensors from the file while it runs."""
         hooks = []
         for name, module in self.model.named_modules():
