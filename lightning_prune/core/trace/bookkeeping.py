@@ -38,6 +38,7 @@ class Bookkeeping:
                         if first != (mod_name, p_name):
                             self.trace.shared[(mod_name, p_name)] = first
         self.warned: set[str] = set()
+        self.released: list[Tensor] = []  # small tensors a module was loaded with, alive to the end of the pass
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)
         self.derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -57,10 +58,16 @@ class Bookkeeping:
                     self.params[id(tensor)] = self.trace.shared.get(name, name)
 
     def untrack(self, module: nn.Module) -> None:
-        """``module``'s own tensors are about to be dropped: forget them (their ids may be reused)."""
+        """``module``'s own tensors are about to be dropped: forget the large ones (their ids may be
+        reused). Small ones are kept alive and known to the end of the pass: a table a module returns
+        (a relative position bias) is followed after the module has finished."""
         for kind in (module._parameters, module._buffers):
             for tensor in kind.values():
-                if tensor is not None:
+                if tensor is None:
+                    continue
+                if tensor.numel() <= _FOLLOWED_PARAMETER_SIZE:
+                    self.released.append(tensor)
+                else:
                     self.params.pop(id(tensor), None)
 
     def rep(self, tensor: Any) -> Rep | None:

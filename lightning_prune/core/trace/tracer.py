@@ -20,6 +20,7 @@ channels that carry a nonzero constant).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable
@@ -113,25 +114,38 @@ class Tracer(Bookkeeping):
                 hook.remove()
 
     def _streaming_hooks(self, weights: TensorSource) -> list:
-        """Hooks that give each module its tensors from the file while it runs."""
-        hooks = []
+        """Hooks that give each module its tensors while it runs, and its children theirs: a module may
+        read a child's weights without calling it (``nn.MultiheadAttention``'s ``out_proj``, a
+        functional call on a submodule's parameters). What several hold is given back by the last."""
+        hooks: list = []
+        held: dict[str, int] = {}
+
+        def load(module: nn.Module, args: tuple, members: list[str]) -> None:
+            self.paused = True
+            try:
+                for member in members:
+                    held[member] = held.get(member, 0) + 1
+                    if held[member] == 1:
+                        self.track(member, weights.load(member))
+            finally:
+                self.paused = False
+
+        def release(module: nn.Module, args: tuple, out: Any, members: list[str]) -> None:
+            for member in members:
+                held[member] -= 1
+                if not held[member]:
+                    self.untrack(self.model.get_submodule(member))
+                    weights.release(member)
+
         for name, module in self.model.named_modules():
-            if not weights.owned(module):
-                continue
-
-            def load(module: nn.Module, args: tuple, name: str = name) -> None:
-                self.paused = True
-                try:
-                    self.track(name, weights.load(name))
-                finally:
-                    self.paused = False
-
-            def release(module: nn.Module, args: tuple, out: Any, name: str = name) -> None:
-                self.untrack(module)
-                weights.release(name)
-
-            hooks.append(module.register_forward_pre_hook(load))
-            hooks.append(module.register_forward_hook(release, always_call=True))
+            prefix = f"{name}." if name else ""
+            members = [name] if weights.owned(module) else []
+            members += [prefix + child for child, sub in module.named_children() if weights.owned(sub)]
+            if members:
+                hooks.append(module.register_forward_pre_hook(functools.partial(load, members=members)))
+                hooks.append(
+                    module.register_forward_hook(functools.partial(release, members=members), always_call=True)
+                )
         return hooks
 
     def _entered(self, name: str, args: tuple) -> None:
