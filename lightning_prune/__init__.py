@@ -17,6 +17,7 @@ from lightning_prune.core.export import ExportResult, export, export_pruned_mode
 from lightning_prune.core.files.checkpoint import load_pruned, load_pruned_module, save_pruned
 from lightning_prune.core.files.deploy import check_deployed, save_deployables, save_onnx, save_pt2
 from lightning_prune.core.files.pretrained import from_pretrained
+from lightning_prune.core.from_file import export_from_file
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.groups import group_masks
 from lightning_prune.core.graph.inplace_dict import infer_inplace_dict
@@ -25,6 +26,7 @@ from lightning_prune.core.inplace_format import format_inplace_dict
 from lightning_prune.core.shrink.registry import PrunedLayerNorm, register_shrinker, shrink_parameters
 from lightning_prune.core.trace.op_rules import register_op_rule
 from lightning_prune.core.verify.equivalence import EquivalenceReport, verify_equivalence
+from lightning_prune.core.weights import parameters_on_meta
 
 __all__ = [
     "ChannelGraph",
@@ -33,6 +35,7 @@ __all__ = [
     "PruneExportCallback",
     "load_pruned",
     "load_pruned_module",
+    "parameters_on_meta",
     "save_pruned",
     "EquivalenceReport",
     "ExampleInputError",
@@ -48,6 +51,7 @@ __all__ = [
     "check_deployed",
     "collect_masks",
     "export",
+    "export_from_file",
     "export_pruned_model",
     "format_inplace_dict",
     "from_pretrained",

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.core.errors import VerificationError
-from lightning_prune.core.graph.changes import Note, Plan
+from lightning_prune.core.graph.changes import LayerChange, Note, Plan
 from lightning_prune.core.graph.channel_graph import ChannelGraph, Override
 from lightning_prune.core.graph.inplace_dict import (
     InplaceDict,
@@ -29,22 +29,25 @@ from lightning_prune.core.graph.inplace_dict import (
     load_inplace_dict,
     traced_inplace_dict,
 )
+from lightning_prune.core.graph.masked_view import MaskedView
 from lightning_prune.core.graph.masks import (
     Masks,
     MaskSource,
     collect_masks,
+    has_mask_wrappers,
     unshare_tensors,
     unwrapped_copy,
-    zero_pruned_channels,
-    zero_pruned_parameters,
 )
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules, tensor_places
+from lightning_prune.core.progress import Progress
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for
 from lightning_prune.core.trace.records import call_model
+from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
+from lightning_prune.core.weights import Loading, TensorSource
 
 _RESHAPED_WRONG = (
     "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"
@@ -63,6 +66,10 @@ class ExportResult:
     """With ``whole_channel=True``: the relative error, on the example input, between the model with
     whole channels zeroed (what the export computes exactly) and the model with only the given masks
     (the change of function the option accepts); ``None`` otherwise."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase, in the order they ran (``trace``, ``plan``, ``shrink``, ``check``, ...)."""
+    blocks: list[tuple[str, float]] = field(default_factory=list)
+    """From a file, with ``verify="blocks"``: each block checked, and the relative error of its output."""
 
     @property
     def notes(self) -> list[Note]:
@@ -84,26 +91,55 @@ def export(
     inplace_dict: InplaceDict | str | os.PathLike | None = None,
     whole_channel: bool = False,
     round_to: int = 1,
+    inplace: bool = False,
+    progress: bool | None = None,
 ) -> ExportResult:
-    """Like :func:`export_pruned_model`, returning the model with its masks, plan and graph."""
+    """Like :func:`export_pruned_model`, returning the model with its masks, plan, graph and phase timings."""
+    steps = Progress(progress)
     keep = collect_masks(model if masks is None else masks, model)
-    masked = unwrapped_copy(model, share_tensors=True)  # export replaces what it changes; the rest is cloned below
-    # given masks zero filters and biases, as NNI's do; the model's own are applied as they are
-    if masks is not None or whole_channel:
-        zero_pruned_channels(masked, keep)
-    graph = ChannelGraph.from_model(masked, example_input)
+    # export replaces what it changes; the rest is cloned at the end (in place: nothing is copied)
+    masked = model if inplace and not has_mask_wrappers(model) else unwrapped_copy(model, share_tensors=True)
+    given = _output(masked, example_input) if whole_channel and masks is None else None
+    # given masks zero filters and biases, as NNI's do; the model's own apply as they are. Each layer is
+    # zeroed as it is used (a copy of one layer at a time), or in the model itself with inplace=True.
+    view = MaskedView(masked, keep if masks is not None or whole_channel else {}, in_place=inplace)
+    with steps.phase("trace"):
+        graph = ChannelGraph(trace_channels(masked, example_input, view))
     function_change = None
     if whole_channel:
-        given = graph.trace.output if masks is not None else _output(unwrapped_copy(model), example_input)
-        if zero_pruned_parameters(masked, graph.channel_parameter_keep(keep, masked)):
-            graph = ChannelGraph.from_model(masked, example_input)  # the constants changed
-        function_change = compare_outputs(given, graph.trace.output).max_relative_error
+        with steps.phase("whole channel"):
+            given = graph.trace.output if given is None else given
+            view.zeroed.update(graph.channel_parameter_keep(keep, masked))
+            if view.zeroed:
+                graph = ChannelGraph(trace_channels(masked, example_input, view))  # the constants changed
+            function_change = compare_outputs(given, graph.trace.output).max_relative_error
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
-    decided = plan(graph, keep, masked, round_to=round_to)
-    work = shrink_model(_structural_copy(masked), decided)
+
+    def planned() -> Plan:
+        with steps.phase("plan"):
+            loading = Loading(view, masked)  # a bias fold reads the masked weight of its layer
+            try:
+                return plan(graph, keep, loading, round_to=round_to)  # type: ignore[arg-type]
+            finally:
+                loading.release()
+
+    def shrunk(decided: Plan) -> nn.Module:
+        if inplace:
+            return shrink_model(masked, decided, steps, view)
+        work = _structural_copy(masked)
+        return shrink_model(work, decided, steps, MaskedView(work, view.masks, view.zeroed))
+
+    decided = planned()
+    work = shrunk(decided)
     tries: dict[str, int] = {}
-    while (failure := _failure(work, example_input, graph.trace.output)) is not None:
+    while (failure := _checked(steps, work, example_input, graph.trace.output)) is not None:
+        if inplace:
+            raise VerificationError(
+                f"The exported model does not reproduce the masked one ({failure[1]}), and with inplace=True the "
+                "dense layers are gone, so export cannot retry with the channels its forward fixes kept. Export "
+                "again from the saved model with inplace=False."
+            )
         # the model's code fixes a size export changed (a view's factor, a width read from another
         # tensor's shape): keep the channels of the module that failed, then of every guess
         overrides = _retry_overrides(graph, failure, tries)
@@ -113,31 +149,73 @@ def export(
                 "whose size was a guess kept. Please report this model: its forward fixes a size the tracer did not see."
             )
         graph = graph.with_blocked(overrides)
-        decided = plan(graph, keep, masked, round_to=round_to)  # its notes say which channels this kept
-        work = shrink_model(_structural_copy(masked), decided)
-    unshare_tensors(work, model)
-    copy_training_modes(model, work)
-    return ExportResult(work, keep, decided, graph, function_change)
+        decided = planned()  # its notes say which channels this kept
+        work = shrunk(decided)
+    if not inplace:
+        with steps.phase("copy"):
+            unshare_tensors(work, model)
+        copy_training_modes(model, work)
+    return ExportResult(work, keep, decided, graph, function_change, steps.timings)
 
 
-def shrink_model(model: nn.Module, plan: Plan) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function."""
+def shrink_model(
+    model: nn.Module, plan: Plan, progress: Progress | None = None, source: TensorSource | None = None
+) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function
+    (the dense tensors it replaces are dropped as it goes). With ``source``, each layer (and what is
+    under it) first takes the tensors ``source`` gives it, for good (export's zeroed copies)."""
     load_integrations()  # shrinkers and updaters for libraries the model uses (transformers)
+    ties = shared_tensor_names(model)
+    names = [name for name, module in model.named_modules() if source is not None and source.owned(module)]
+    loaded: set[str] = set()
+
+    def load(within: str) -> None:
+        for name in names:
+            if name not in loaded and _within(name, within):
+                loaded.add(name)
+                source.load(name)  # type: ignore[union-attr]
+                source.keep(name)  # type: ignore[union-attr]
+
+    changes = plan.changes.items()
+    for name, change in changes if progress is None else progress.steps("shrink", changes):
+        load(name)
+        model = shrink_layer(model, name, change)
+    load("")  # layers the masks prune whose channels are all kept: masked, whole
+    finish_shrink(model, plan, ties)
+    return model
+
+
+def shared_tensor_names(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Every tensor ``model`` holds under several names: the ``(module, attribute)`` names of each."""
     names = {id(module): name for name, module in model.named_modules()}
-    ties = [[(names[id(m)], attr) for m, attr in places] for places in tensor_places(model).values() if len(places) > 1]
-    for name, change in plan.changes.items():
-        module = model.get_submodule(name)
-        replacement = shrinker_for(module)(module, change)
-        if replacement is not module and not name:  # the model itself (a bare nn.MultiheadAttention)
-            model = replacement
-        elif replacement is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    return [[(names[id(m)], attr) for m, attr in places] for places in tensor_places(model).values() if len(places) > 1]
+
+
+def shrink_layer(model: nn.Module, name: str, change: LayerChange) -> nn.Module:
+    """Put module ``name`` of ``model`` through its shrink function and in its place; returns the model
+    (a new one where ``name`` is the model itself, a bare ``nn.MultiheadAttention``)."""
+    module = model.get_submodule(name)
+    replacement = shrinker_for(module)(module, change)
+    if replacement is not module and not name:
+        return replacement
+    if replacement is not module:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    return model
+
+
+def finish_shrink(model: nn.Module, plan: Plan, ties: list[list[tuple[str, str]]]) -> None:
+    """Once every layer is shrunk: tie again what was shared (``ties`` from :func:`shared_tensor_names`
+    before shrinking), then update head counts and whatever describes the whole model."""
     _retie(model, ties)
     for name, counts in plan.heads.items():
         update_heads(model.get_submodule(name), counts)
     update_model(model, plan)
-    return model
+
+
+def _checked(steps: Progress, model: nn.Module, example_input: Any, expected: Any) -> tuple[str | None, str] | None:
+    with steps.phase("check"):
+        return _failure(model, example_input, expected)
 
 
 def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
@@ -186,12 +264,12 @@ def _output(model: nn.Module, example_input: Any) -> Any:
         return call_model(model, example_input)
 
 
-def _failure(model: nn.Module, example_input: Any, expected: Any) -> tuple[str | None, str] | None:
+def _failure(model: nn.Module, example_input: Any, expected: Any, rtol: float = 1e-4) -> tuple[str | None, str] | None:
     """``None`` if ``model`` reproduces ``expected`` on ``example_input``; else the innermost of the
     model's modules that raised (``None`` for a numerical difference) and what went wrong."""
     try:
         with running_modules(model) as running, torch.no_grad(), evaluating(model):
-            report = compare_outputs(expected, call_model(model, example_input), rtol=1e-4)
+            report = compare_outputs(expected, call_model(model, example_input), rtol=rtol)
     except Exception as err:  # a view the exported sizes no longer fit
         return (running[-1] if running else ""), f"{type(err).__name__}: {err}"
     return None if report.passed else (None, f"relative error {report.max_relative_error:.2e}")
@@ -205,6 +283,8 @@ def export_pruned_model(
     inplace_dict: InplaceDict | str | os.PathLike | None = None,
     whole_channel: bool = False,
     round_to: int = 1,
+    inplace: bool = False,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Return a new, physically smaller model that computes what ``model`` with ``masks`` applied computes.
 
@@ -225,7 +305,20 @@ def export_pruned_model(
     until each pruned layer keeps a multiple of it (keeping a channel is always exact), except a
     grouped conv whose groups admit no multiple below its full width (RegNet's 13 groups of 8 with
     ``round_to=8``): it keeps its count, as :func:`~lightning_prune.group_masks` leaves it.
+
+    ``inplace=True`` lets export consume ``model`` to save memory: pruned channels are zeroed in its
+    own tensors, and its layers are shrunk in place, each dense tensor dropped as its smaller one is
+    built (nothing is copied; the peak is about the dense model). Use the returned model, not
+    ``model``, afterwards. ``progress``: show where a long export is (``None``: once it has run a few
+    seconds; a bar on a terminal, log lines on logger ``lightning_prune`` otherwise).
     """
     return export(
-        model, masks, example_input, inplace_dict=inplace_dict, whole_channel=whole_channel, round_to=round_to
+        model,
+        masks,
+        example_input,
+        inplace_dict=inplace_dict,
+        whole_channel=whole_channel,
+        round_to=round_to,
+        inplace=inplace,
+        progress=progress,
     ).model

@@ -241,6 +241,11 @@ def _is_nni3_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "pruning_target_spaces")
 
 
+def has_mask_wrappers(model: nn.Module) -> bool:
+    """Whether ``model`` carries NNI wrappers or ``torch.nn.utils.prune`` reparametrisations."""
+    return any(_is_nni3_wrapper(module) or _is_wrapped(module) for module in model.modules())
+
+
 def _is_wrapped(module: nn.Module) -> bool:
     return (
         "_nni_wrapper" in module._modules
@@ -262,26 +267,34 @@ def pruned_slices(module: nn.Module, keep: torch.Tensor) -> list[tuple[ChannelTe
     return slices
 
 
-def zero_pruned_channels(model: nn.Module, masks: Masks) -> None:
-    """Zero the weights and biases of every pruned output channel (new tensors; old ones untouched;
-    a tensor two layers share stays shared)."""
+def zero_pruned_channels(model: nn.Module, masks: Masks, in_place: bool = False) -> None:
+    """Zero the weights and biases of every pruned output channel: as new tensors (old ones untouched;
+    a tensor two layers share stays shared), or with ``in_place=True`` in the tensors themselves (no copy)."""
     places = tensor_places(model)
     for name, keep in masks.items():
         module = model.get_submodule(name)
         for item, local in pruned_slices(module, keep):
-            replace_tensor(module, item.name, getattr(module, item.name).index_fill(item.dim, local, 0.0), places)
+            _zero(module, item.name, item.dim, local, places, in_place)
 
 
 @torch.no_grad()
-def zero_pruned_parameters(model: nn.Module, channel_keep: dict[tuple[str, str, int], torch.Tensor]) -> bool:
+def _zero(module: nn.Module, name: str, dim: int, index: torch.Tensor, places: Any, in_place: bool) -> None:
+    tensor = getattr(module, name)
+    if in_place:
+        tensor.index_fill_(dim, index.to(tensor.device), 0.0)
+    else:
+        replace_tensor(module, name, tensor.index_fill(dim, index.to(tensor.device), 0.0), places)
+
+
+def zero_pruned_parameters(
+    model: nn.Module, channel_keep: dict[tuple[str, str, int], torch.Tensor], in_place: bool = False
+) -> bool:
     """Zero the parameter slices pruned channels reach (``ChannelGraph.channel_parameter_keep``'s
-    ``{(module, parameter, dim): keep-vector}``), as new tensors (shared ones stay shared). Whether anything changed."""
+    ``{(module, parameter, dim): keep-vector}``), as new tensors (shared ones stay shared) or, with
+    ``in_place=True``, in the tensors themselves. Whether anything changed."""
     places = tensor_places(model)
     for (layer, param, dim), keep in channel_keep.items():
-        module = model.get_submodule(layer)
-        tensor = getattr(module, param)
-        pruned = (~keep).nonzero().flatten().to(tensor.device)
-        replace_tensor(module, param, tensor.index_fill(dim, pruned, 0.0), places)
+        _zero(model.get_submodule(layer), param, dim, (~keep).nonzero().flatten(), places, in_place)
     return bool(channel_keep)
 
 

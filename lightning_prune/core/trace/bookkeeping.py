@@ -38,6 +38,7 @@ class Bookkeeping:
                         if first != (mod_name, p_name):
                             self.trace.shared[(mod_name, p_name)] = first
         self.warned: set[str] = set()
+        self.released: list[Tensor] = []  # small tensors a module was loaded with, alive to the end of the pass
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)
         self.derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -47,6 +48,27 @@ class Bookkeeping:
         # alive, per-element "fresh" mask or None for all). A fresh element holds a constant and
         # exists as the model's code sizes it; a write gives it the written labels.
         self.fresh: dict[Any, tuple[Tensor, Tensor | None]] = {}
+
+    def track(self, module_name: str, module: nn.Module) -> None:
+        """``module``'s own tensors were replaced (loaded from a file): know them by their names."""
+        for kind in (module._parameters, module._buffers):
+            for p_name, tensor in kind.items():
+                if tensor is not None:
+                    name = (module_name, p_name)
+                    self.params[id(tensor)] = self.trace.shared.get(name, name)
+
+    def untrack(self, module: nn.Module) -> None:
+        """``module``'s own tensors are about to be dropped: forget the large ones (their ids may be
+        reused). Small ones are kept alive and known to the end of the pass: a table a module returns
+        (a relative position bias) is followed after the module has finished."""
+        for kind in (module._parameters, module._buffers):
+            for tensor in kind.values():
+                if tensor is None:
+                    continue
+                if tensor.numel() <= _FOLLOWED_PARAMETER_SIZE:
+                    self.released.append(tensor)
+                else:
+                    self.params.pop(id(tensor), None)
 
     def rep(self, tensor: Any) -> Rep | None:
         """The labels ``tensor`` carries, or ``None`` if it carries none."""

@@ -20,6 +20,7 @@ channels that carry a nonzero constant).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable
@@ -30,16 +31,20 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.errors import ExampleInputError
+from lightning_prune.core.errors import ExampleInputError, PruneExportError
 from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
 from lightning_prune.core.trace.records import ChannelTrace, OpCall, Rep, call_model, components, storage_key
+from lightning_prune.core.weights import TensorSource
 
 
-def trace_channels(model: nn.Module, example_input: Any) -> ChannelTrace:
-    """Run ``model`` once on ``example_input`` (eval mode, no grad) and record its channel flow."""
-    tracer = Tracer(model)
+def trace_channels(model: nn.Module, example_input: Any, weights: TensorSource | None = None) -> ChannelTrace:
+    """Run ``model`` once on ``example_input`` (eval mode, no grad) and record its channel flow.
+
+    With ``weights`` (a file's weights, or zeroed copies), each module that ``weights`` holds tensors
+    for gets them as it runs and gives them back after, so the pass holds about one module's at a time."""
+    tracer = Tracer(model, weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracer.run(example_input)
@@ -56,13 +61,19 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.tracer.record(func, args, kwargs, out)
+        if not self.tracer.paused:
+            self.tracer.record(func, args, kwargs, out)
         return out
 
 
 class Tracer(Bookkeeping):
     """Runs a model under the mode and dispatches every call to its rule; the bookkeeping the rules use
     is :class:`~lightning_prune.core.trace.bookkeeping.Bookkeeping`'s."""
+
+    def __init__(self, model: nn.Module, weights: TensorSource | None = None) -> None:
+        super().__init__(model)
+        self.weights = weights
+        self.paused = False  # loading weights: what runs is not the model's
 
     # ----------------------------------------------------------------- running
     def run(self, example_input: Any) -> None:
@@ -72,6 +83,8 @@ class Tracer(Bookkeeping):
             for name, module in self.model.named_modules()
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
         ]
+        if self.weights is not None:
+            hooks += self._streaming_hooks(self.weights)
         try:
             for tensor in tree_leaves(example_input):
                 if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim >= 1:
@@ -84,6 +97,8 @@ class Tracer(Bookkeeping):
                 with running_modules(self.model, self._entered) as self.module_stack:
                     with torch.no_grad(), evaluating(self.model), _Mode(self):
                         output = call_model(self.model, example_input)
+            except PruneExportError:  # a weights file that failed to load names itself
+                raise
             except Exception as err:
                 raise ExampleInputError(
                     f"{type(self.model).__name__} rejected the example input "
@@ -97,6 +112,41 @@ class Tracer(Bookkeeping):
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _streaming_hooks(self, weights: TensorSource) -> list:
+        """Hooks that give each module its tensors while it runs, and its children theirs: a module may
+        read a child's weights without calling it (``nn.MultiheadAttention``'s ``out_proj``, a
+        functional call on a submodule's parameters). What several hold is given back by the last."""
+        hooks: list = []
+        held: dict[str, int] = {}
+
+        def load(module: nn.Module, args: tuple, members: list[str]) -> None:
+            self.paused = True
+            try:
+                for member in members:
+                    held[member] = held.get(member, 0) + 1
+                    if held[member] == 1:
+                        self.track(member, weights.load(member))
+            finally:
+                self.paused = False
+
+        def release(module: nn.Module, args: tuple, out: Any, members: list[str]) -> None:
+            for member in members:
+                held[member] -= 1
+                if not held[member]:
+                    self.untrack(self.model.get_submodule(member))
+                    weights.release(member)
+
+        for name, module in self.model.named_modules():
+            prefix = f"{name}." if name else ""
+            members = [name] if weights.owned(module) else []
+            members += [prefix + child for child, sub in module.named_children() if weights.owned(sub)]
+            if members:
+                hooks.append(module.register_forward_pre_hook(functools.partial(load, members=members)))
+                hooks.append(
+                    module.register_forward_hook(functools.partial(release, members=members), always_call=True)
+                )
+        return hooks
 
     def _entered(self, name: str, args: tuple) -> None:
         if name not in self.trace.module_inputs:  # the labels of its first call's inputs

@@ -1,0 +1,91 @@
+"""The masked model without a masked copy of it: each layer's pruned channels zeroed while it is used.
+
+The trace, the plan and the shrink each need the masked model, whose pruned filters (and, with
+``whole_channel``, the norm parameters they feed) are zero. A :class:`MaskedView` gives a layer
+zeroed tensors when it is loaded and its own back when released (the trace: one layer's copy at a
+time), or for good (the shrink: the zeroed copy is sliced at once, so only the kept slices stay).
+With ``in_place=True`` the model's own tensors are zeroed (no copy; the model is the masked one after).
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(2, 3))
+>>> view = MaskedView(model, {"0": torch.tensor([True, False, True])})
+>>> bool(view.load("0").weight[1].any())
+False
+>>> view.release("0"); bool(model[0].weight[1].any())
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.core.graph.masks import Masks, pruned_slices
+from lightning_prune.core.modules import replace_tensor
+
+ParameterKeep = dict[tuple[str, str, int], Tensor]
+"""``(module, parameter, dim) -> keep-vector``: parameter slices pruned channels reach (``whole_channel``)."""
+
+
+class MaskedView:
+    """Zeroed tensors for the layers ``keep`` masks (and the parameters of ``zeroed``), on demand.
+
+    Implements :class:`~lightning_prune.core.weights.TensorSource`: ``load(name)`` gives module ``name``
+    its masked tensors, ``release(name)`` its own back, ``keep(name)`` leaves it masked for good.
+    """
+
+    def __init__(self, model: nn.Module, keep: Masks, zeroed: ParameterKeep | None = None, in_place: bool = False):
+        self.model = model
+        self.masks = keep
+        self.zeroed: ParameterKeep = dict(zeroed or {})
+        self.in_place = in_place
+        self._names = {id(module): name for name, module in model.named_modules()}
+        self._saved: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def targets(self) -> set[str]:
+        """The modules that have something to zero."""
+        return set(self.masks) | {layer for layer, _, _ in self.zeroed}
+
+    def owned(self, module: nn.Module) -> bool:
+        """Whether ``module`` has pruned channels to zero."""
+        return self._names.get(id(module)) in self.targets
+
+    def load(self, name: str) -> nn.Module:
+        """Module ``name`` with its pruned channels zeroed (copies, unless ``in_place``); returns it."""
+        module = self.model.get_submodule(name)
+        if name not in self._saved:
+            self._saved[name] = dict(module._parameters) | dict(module._buffers)
+            zero_module(name, module, self.masks, self.zeroed, self.in_place)
+        return module
+
+    def release(self, name: str) -> None:
+        """Module ``name`` gets its own tensors back (in place: they stay zeroed)."""
+        module = self.model.get_submodule(name)
+        for attr, tensor in self._saved.pop(name, {}).items():
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
+
+    def keep(self, name: str) -> None:
+        """Module ``name`` keeps its zeroed tensors."""
+        self._saved.pop(name, None)
+
+
+@torch.no_grad()
+def zero_module(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep, in_place: bool) -> None:
+    """Zero module ``name``'s pruned output channels (``keep``) and its parameter slices in ``zeroed``:
+    in its own tensors with ``in_place``, else as new tensors of this module only."""
+    cuts: list[tuple[str, int, Tensor]] = []
+    if name in keep:
+        cuts += [(item.name, item.dim, local) for item, local in pruned_slices(module, keep[name])]
+    cuts += [(param, dim, (~kept).nonzero().flatten()) for (layer, param, dim), kept in zeroed.items() if layer == name]
+    for attr, dim, index in cuts:
+        tensor = getattr(module, attr)
+        index = index.to(tensor.device)
+        if in_place:
+            tensor.index_fill_(dim, index, 0.0)
+        else:
+            replace_tensor(module, attr, tensor.index_fill(dim, index, 0.0))
+
+
+__all__ = ["MaskedView", "ParameterKeep", "zero_module"]
