@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from helpers import RTOL, random_masks, randomize, relative_error
+from test_lm_residual import LogitsOnly
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks
@@ -216,3 +217,38 @@ def test_inplace_cannot_retry(tmp_path):
     assert export(Fixed(), keep, example).model.conv.out_channels == 8  # kept after the retry
     with pytest.raises(VerificationError, match="with inplace=True the dense layers are gone"):
         export(Fixed(), keep, example, inplace=True)
+
+
+def t5() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2)
+    return LogitsOnly(transformers.T5ForConditionalGeneration(config)).eval()
+
+
+def t5_tokens(length: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(length))
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :-2]}
+
+
+@pytest.mark.parametrize("source", ["file", "copy", "inplace"])
+def test_tied_embedding_held_by_several_modules_is_masked_in_each(tmp_path, source):
+    """T5's ``shared`` embedding is also its encoder's and decoder's ``embed_tokens`` (modules of their
+    own) and its ``lm_head``: the masks name ``shared``, which never runs, so a layer-by-layer masked
+    view must zero the tied tensor in every module that holds it, or the residual width is not zero."""
+    model = randomize(t5())
+    example = t5_tokens(7)
+    masks = group_masks(ChannelGraph.from_model(model, example), 0.5, model=model)
+    assert "model.shared" in masks and "model.encoder.embed_tokens" not in masks, "the test needs the tie named once"
+    masked = apply_masks(model, masks)
+    if source == "file":
+        path = tmp_path / "t5.pt"
+        torch.save(model.state_dict(), path)
+        with parameters_on_meta():
+            meta = t5()
+        exported = export_from_file(meta, path, masks, example, verify=False, progress=False).model
+    else:  # a copy zeroed module by module; in place, the tied tensor itself is zeroed (one place suffices)
+        exported = export(model, masks, example, inplace=source == "inplace").model
+    assert exported.model.shared.embedding_dim < 64  # the residual width went
+    for length in (7, 11):
+        with torch.no_grad():
+            assert relative_error(exported(**t5_tokens(length)), masked(**t5_tokens(length))) <= RTOL

@@ -40,7 +40,7 @@ from lightning_prune.core.export import (
     shrink_layer,
 )
 from lightning_prune.core.graph.channel_graph import ChannelGraph
-from lightning_prune.core.graph.masked_view import zero_module
+from lightning_prune.core.graph.masked_view import tensor_ties, zero_module
 from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
@@ -144,19 +144,20 @@ class _Masking:
     """The masked model: pruned channels zeroed in each module as it is loaded (its own copy); with
     ``zeroed``, the parameter slices they reach too (``whole_channel``)."""
 
-    def __init__(self, keep: Masks) -> None:
-        self.keep = keep
+    def __init__(self, keep: Masks, skeleton: nn.Module) -> None:
+        self.keep, self.skeleton = keep, skeleton
         self.zeroed: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.ties = tensor_ties(skeleton)  # a tied tensor is loaded into each holder: each is zeroed
 
     def __call__(self, name: str, module: nn.Module) -> None:
-        zero_module(name, module, self.keep, self.zeroed, in_place=True)
+        zero_module(name, module, self.keep, self.zeroed, True, self.ties, self.skeleton)
 
 
 def masked_weights(skeleton: nn.Module, path: str | os.PathLike | WeightFile, masks: Masks) -> StreamedWeights:
     """The masked model, loaded from ``path`` into ``skeleton`` module by module: each module's pruned
     output channels (``masks``, keep-vectors) are zeroed as it is loaded (the reference of
     :func:`~lightning_prune.core.verify.blocks.verify_blocks`)."""
-    return StreamedWeights(skeleton, path, _Masking(masks))
+    return StreamedWeights(skeleton, path, _Masking(masks, skeleton))
 
 
 def _build(

@@ -22,10 +22,26 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.graph.masks import Masks, pruned_slices
-from lightning_prune.core.modules import replace_tensor
+from lightning_prune.core.modules import replace_tensor, tensor_places
 
 ParameterKeep = dict[tuple[str, str, int], Tensor]
 """``(module, parameter, dim) -> keep-vector``: parameter slices pruned channels reach (``whole_channel``)."""
+
+Ties = dict[tuple[str, str], list[tuple[str, str]]]
+"""``(module, attribute) -> the other (module, attribute) names of the same tensor``, for each tensor
+held in several places (T5's ``shared`` embedding, also its encoder's and decoder's ``embed_tokens``
+and the tied ``lm_head``)."""
+
+
+def tensor_ties(model: nn.Module) -> Ties:
+    """Every name of a tensor ``model`` holds in several places, with that tensor's other names."""
+    names = {id(module): name for name, module in model.named_modules()}
+    ties: Ties = {}
+    for places in tensor_places(model).values():
+        named = [(names[id(module)], attr) for module, attr in places]
+        for place in named if len(named) > 1 else []:
+            ties[place] = [other for other in named if other != place]
+    return ties
 
 
 class MaskedView:
@@ -40,13 +56,16 @@ class MaskedView:
         self.masks = keep
         self.zeroed: ParameterKeep = dict(zeroed or {})
         self.in_place = in_place
+        self.ties = tensor_ties(model)
         self._names = {id(module): name for name, module in model.named_modules()}
         self._saved: dict[str, dict[str, Tensor]] = {}
 
     @property
     def targets(self) -> set[str]:
-        """The modules that have something to zero."""
-        return set(self.masks) | {layer for layer, _, _ in self.zeroed}
+        """The modules that have something to zero: those the masks and ``zeroed`` name, and every other
+        module holding one of their tensors (a tied embedding is zeroed wherever it is used)."""
+        named = set(self.masks) | {layer for layer, _, _ in self.zeroed}
+        return named | {other for (layer, _), others in self.ties.items() if layer in named for other, _ in others}
 
     def owned(self, module: nn.Module) -> bool:
         """Whether ``module`` has pruned channels to zero."""
@@ -57,7 +76,7 @@ class MaskedView:
         module = self.model.get_submodule(name)
         if name not in self._saved:
             self._saved[name] = dict(module._parameters) | dict(module._buffers)
-            zero_module(name, module, self.masks, self.zeroed, self.in_place)
+            zero_module(name, module, self.masks, self.zeroed, self.in_place, self.ties, self.model)
         return module
 
     def release(self, name: str) -> None:
@@ -72,13 +91,24 @@ class MaskedView:
 
 
 @torch.no_grad()
-def zero_module(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep, in_place: bool) -> None:
+def zero_module(
+    name: str,
+    module: nn.Module,
+    keep: Masks,
+    zeroed: ParameterKeep,
+    in_place: bool,
+    ties: Ties | None = None,
+    model: nn.Module | None = None,
+) -> None:
     """Zero module ``name``'s pruned output channels (``keep``) and its parameter slices in ``zeroed``:
-    in its own tensors with ``in_place``, else as new tensors of this module only."""
-    cuts: list[tuple[str, int, Tensor]] = []
-    if name in keep:
-        cuts += [(item.name, item.dim, local) for item, local in pruned_slices(module, keep[name])]
-    cuts += [(param, dim, (~kept).nonzero().flatten()) for (layer, param, dim), kept in zeroed.items() if layer == name]
+    in its own tensors with ``in_place``, else as new tensors of this module only. With ``ties`` (from
+    :func:`tensor_ties` of ``model``), a tensor ``name`` shares with other modules is also zeroed where
+    their masks and ``zeroed`` cut it: the masked model's tied tensor is zero in every place it is held."""
+    cuts = _cuts(name, module, keep, zeroed)
+    for attr in [*module._parameters, *module._buffers] if ties and model is not None else []:
+        for other, other_attr in ties.get((name, attr), []):  # type: ignore[union-attr]
+            found = _cuts(other, model.get_submodule(other), keep, zeroed)  # type: ignore[union-attr]
+            cuts += [(attr, dim, index) for cut, dim, index in found if cut == other_attr]
     for attr, dim, index in cuts:
         tensor = getattr(module, attr)
         index = index.to(tensor.device)
@@ -88,4 +118,13 @@ def zero_module(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep
             replace_tensor(module, attr, tensor.index_fill(dim, index, 0.0))
 
 
-__all__ = ["MaskedView", "ParameterKeep", "zero_module"]
+def _cuts(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep) -> list[tuple[str, int, Tensor]]:
+    """``(attribute, dim, pruned indices)`` of module ``name``'s own tensors: its masks' and ``zeroed``'s."""
+    cuts: list[tuple[str, int, Tensor]] = []
+    if name in keep:  # on the CPU: a tied module's tensors may be on the meta device while it is not loaded
+        cuts += [(item.name, item.dim, local) for item, local in pruned_slices(module, keep[name], "cpu")]
+    cuts += [(param, dim, (~kept).nonzero().flatten()) for (layer, param, dim), kept in zeroed.items() if layer == name]
+    return cuts
+
+
+__all__ = ["MaskedView", "ParameterKeep", "Ties", "tensor_ties", "zero_module"]

@@ -255,15 +255,18 @@ def _is_wrapped(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def pruned_slices(module: nn.Module, keep: torch.Tensor) -> list[tuple[ChannelTensor, torch.Tensor]]:
-    """Per tensor of :func:`channel_tensors`, the indices along its ``dim`` of the channels ``keep`` prunes."""
+def pruned_slices(
+    module: nn.Module, keep: torch.Tensor, device: torch.device | str | None = None
+) -> list[tuple[ChannelTensor, torch.Tensor]]:
+    """Per tensor of :func:`channel_tensors`, the indices along its ``dim`` of the channels ``keep`` prunes
+    (on ``device``; by default the tensor's)."""
     pruned = (~keep.bool()).nonzero().flatten()
     slices = []
     for item in channel_tensors(module):
         local = pruned - item.first
         if item.count is not None:  # it holds a part of the channels (a key or value projection)
             local = local[(local >= 0) & (local < item.count)]
-        slices.append((item, local.to(getattr(module, item.name).device)))
+        slices.append((item, local.to(getattr(module, item.name).device if device is None else device)))
     return slices
 
 
