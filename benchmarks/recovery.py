@@ -140,6 +140,7 @@ def accuracy(network: nn.Module, data: TensorDataset) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over processes")
     parser.add_argument("--train", type=int, default=16000, help="training images")
     parser.add_argument("--held-out", type=int, default=2000, help="held-out images")
     parser.add_argument("--dense-epochs", type=int, default=3)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fit,
             {name: options for name, options in recipes().items() if name in (args.recipes or [name])},
             {budget: SPARSITY[budget] for budget in args.budgets},
-            args.seeds,
+            range(args.first_seed, args.first_seed + args.seeds),
             dense.model,
             common={"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1},
         )

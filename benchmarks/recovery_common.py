@@ -17,7 +17,7 @@ import logging
 import statistics
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as L
@@ -86,7 +86,7 @@ def run_recipes(
     fit: Callable[[int, L.Callback], tuple[nn.Module, float]],
     recipes: Mapping[str, Mapping[str, Any]],
     budgets: Mapping[str, float],
-    seeds: int,
+    seeds: Iterable[int],
     dense: nn.Module,
     common: Mapping[str, Any],
 ) -> Table:
@@ -95,7 +95,7 @@ def run_recipes(
     the share of the dense model's parameters kept, and the step ``fit`` was seeded with."""
     table: Table = {}
     dense_params = params(dense)
-    for seed in range(seeds):
+    for seed in seeds:
         for budget, sparsity in budgets.items():
             for name, options in recipes.items():
                 L.seed_everything(100 + seed, verbose=False)

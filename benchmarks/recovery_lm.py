@@ -135,6 +135,7 @@ def bits_per_byte(network: nn.Module, data: Windows, batch_size: int = 64) -> fl
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over processes")
     parser.add_argument("--dense-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=200, help="training steps per recipe, pruning included")
     parser.add_argument("--lr", type=float, default=1e-3, help="the recipes' peak learning rate")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fit,
             {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])},
             {budget: SPARSITY[budget] for budget in args.budgets},
-            args.seeds,
+            range(args.first_seed, args.first_seed + args.seeds),
             dense.model,
             common={"op_types": ["Linear"], "export_dir": f"{root}/out", "verify_batches": 1},
         )
