@@ -1,209 +1,201 @@
-"""Held-out accuracy against parameters kept for each accuracy-recovery recipe of the callback.
+"""Held-out accuracy of a pruned small ResNet for each accuracy-recovery recipe of the callback.
 
-The task: scikit-learn's shipped 8x8 digits (nothing downloaded), made harder so that it does not
-saturate near 99%: fixed Gaussian noise (std 0.8 on pixels in [-1, 1]) and only 600 training images,
-the other 1,197 held out. Every seed trains the same dense
-student for ``--dense-epochs`` epochs once; each recipe then starts from that checkpoint and gets
-the same ``--epochs`` of training (pruning happens inside that budget), SGD with momentum and a
-cosine learning rate over those epochs:
+The task, generated (nothing downloaded): 32x32 RGB images in 10 classes, five shapes (disk, square,
+triangle, ring, cross) each either solid or striped; every image draws the shape's position, size and
+rotation, the stripes' period (3 pixels or more) and angle, its own foreground and background colours,
+a distractor blob and pixel noise (:func:`shapes`). ``--train`` training images (seed 0) and
+``--held-out`` held-out ones (seed 1), the same whatever the recipe seed.
 
-  one-shot FPGM, masked     ``pruner="fpgm"`` at the start, then masked fine-tuning (the 0.1 recipe)
-  gradual                   ``pruner="fpgm"``, ``schedule`` of 3 steps over the first half, cubic ramp
-  gradual + Taylor          the same with ``pruner="taylor"``
-  gradual + distill         gradual FPGM with ``distill=True`` (weight 0.5, temperature 4)
-  gradual + distill, pruned the same with ``finetune="pruned"`` (the smaller model trains after the last step)
+The network: a ResNet of a stem (16 channels) and three basic blocks (32, 64, 64 channels, stride 2
+each, a 1x1 projection on every shortcut), 0.15M parameters. A user's LightningModule trains it
+(SGD, momentum 0.9, weight decay 5e-4, cosine learning rate per step): the dense model
+``--dense-epochs`` over the training images at learning rate 0.1 (seed 0), then every recipe of
+``recovery_common.recipes`` starts from that checkpoint and gets the same ``--steps`` steps of 64
+images (drawn by the seed) in 8 epochs, pruning inside them, at learning rate ``--lr``.
 
-Budgets are channel sparsities chosen to keep about 50%, 30% and 15% of the parameters; the
-table gives the parameters actually kept (the first conv's input and the classifier's outputs
-are not pruned). Accuracy: mean and spread (max - min) over the seeds, of the exported model on
-the held-out set. Step time: median milliseconds per training step after the last pruning step,
-masked (gradual + distill) against pruned-size (gradual + distill, pruned).
+Budgets are the channel sparsities that keep about 50% and 30% of the parameters (the stem's input and
+the classifier's outputs are not pruned; ``round_to=1``, as the layers are 16 to 64 wide); the table
+gives the share actually kept. Accuracy: mean and spread (max - min) over the seeds, of the exported
+model on the held-out images.
 
-    python benchmarks/recovery.py                 # 3 seeds, the table in docs/recipes.md
-    python benchmarks/recovery.py --seeds 1 --epochs 4 --dense-epochs 4   # a quick look
+    python benchmarks/recovery.py                       # 3 seeds: the table in docs/recipes.md
+    python benchmarks/recovery.py --seeds 1 --train 2000 --dense-epochs 2 --steps 16   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import math
+import os
 import platform
-import statistics
+import sys
 import tempfile
 import time
-import warnings
+from typing import Any
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-import lightning_prune.lightning.callback as callback_module
-from lightning_prune import PruneExportCallback
+sys.path.insert(0, os.path.dirname(__file__))
+from recovery_common import EPOCHS, quiet, recipes, run_recipes, spread_table, trainer
 
-SPARSITY = {"50%": 0.3, "30%": 0.47, "15%": 0.64}  # channel sparsity -> about this share of params kept
-
-
-def task(seed: int = 1234, train: int = 600, noise: float = 0.8):
-    """scikit-learn's shipped 8x8 digits in [-1, 1], with fixed Gaussian noise of std ``noise`` added and
-    only ``train`` images to learn from; the other 1,197 are held out."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    generator = torch.Generator().manual_seed(seed)
-    x = x + noise * torch.randn(x.shape, generator=generator)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=generator)
-    x, y = x[order], y[order]
-    return TensorDataset(x[:train], y[:train]), TensorDataset(x[train:], y[train:])
+SPARSITY = {"50%": 0.3, "30%": 0.46}  # channel sparsity -> about this share of params kept
 
 
-def student() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
-    )  # fmt: skip
+def shapes(count: int, seed: int, size: int = 32) -> TensorDataset:
+    """``count`` images (``(3, size, size)`` in about [-1, 1]) of the 10 classes, in equal numbers."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float, *shape: int) -> Tensor:
+        return low + (high - low) * torch.rand(count, *shape, generator=g)
+
+    labels = torch.arange(count) % 10
+    labels = labels[torch.randperm(count, generator=g)]
+    axis = torch.linspace(-1, 1, size)
+    y, x = axis[None, :, None], axis[None, None, :]
+    cx, cy, radius, angle = (
+        uniform(-0.3, 0.3, 1, 1),
+        uniform(-0.3, 0.3, 1, 1),
+        uniform(0.45, 0.7, 1, 1),
+        uniform(0, 6.3, 1, 1),
+    )
+    u = ((x - cx) * angle.cos() + (y - cy) * angle.sin()) / radius
+    v = (-(x - cx) * angle.sin() + (y - cy) * angle.cos()) / radius
+    r = (u**2 + v**2).sqrt()
+    masks = torch.stack(
+        [
+            r <= 1,  # disk
+            (u.abs() <= 0.8) & (v.abs() <= 0.8),  # square
+            (v >= -0.5) & (v + 3**0.5 * u.abs() <= 1),  # triangle
+            (r >= 0.55) & (r <= 1),  # ring
+            ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1)),  # cross
+        ],
+        1,
+    ).float()
+    mask = masks[torch.arange(count), labels % 5]
+    period, tilt = uniform(0.4, 0.7, 1, 1), uniform(0, 6.3, 1, 1)  # stripes 3 pixels or wider
+    stripes = (torch.sin(2 * math.pi * (u * tilt.cos() + v * tilt.sin()) / period) > 0).float()
+    mask = torch.where((labels >= 5)[:, None, None], mask * stripes, mask)
+    foreground, background = uniform(0, 1, 3, 1, 1), uniform(0, 1, 3, 1, 1)
+    close = (foreground - background).abs().mean((1, 2, 3)) < 0.25
+    background[close] = 1 - foreground[close]
+    images = background + (foreground - background) * mask[:, None]
+    bx, by, br = uniform(-1, 1, 1, 1), uniform(-1, 1, 1, 1), uniform(0.06, 0.15, 1, 1)  # a distractor blob
+    blob = (((x - bx) ** 2 + (y - by) ** 2).sqrt() <= br).float()[:, None]
+    images = images + (uniform(0, 1, 3, 1, 1) - images) * blob
+    images = images + 0.08 * torch.randn(images.shape, generator=g)
+    return TensorDataset(images * 2 - 1, labels)
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def resnet(widths: tuple[int, ...] = (16, 32, 64), classes: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    for cin, cout in zip(widths, widths[1:], strict=False):
+        layers.append(Block(cin, cout))
+    layers.append(Block(widths[-1], widths[-1]))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, lr: float = 0.05, epochs: int = 8) -> None:
-        super().__init__()
-        self.lr, self.epochs = lr, epochs
-        self.model = student()
+    """A user's image classifier: ``self.model`` is the network."""
 
-    def forward(self, x):
+    def __init__(self, lr: float = 0.1, steps: int = 1000) -> None:
+        super().__init__()
+        self.lr, self.steps = lr, steps
+        self.model = resnet()
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs)]  # per epoch
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[tuple[int, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append((trainer.current_epoch, time.perf_counter() - self._start))
-
-
-def trainer(epochs: int, callbacks, root: str) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        deterministic=True,
-    )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
 def accuracy(network: nn.Module, data: TensorDataset) -> float:
     network.eval()
     with torch.no_grad():
-        return float((network(data.tensors[0]).argmax(1) == data.tensors[1]).float().mean())
+        hits = sum(int((network(x).argmax(1) == y).sum()) for x, y in DataLoader(data, batch_size=500))
+    return hits / len(data)
 
 
-def recipes(sparsity: float, epochs: int) -> dict[str, dict]:
-    half = max(epochs // 2, 3)
-    gradual = {"schedule": {"start_epoch": 1, "end_epoch": half, "steps": 3}}  # Taylor needs an epoch of gradients
-    return {
-        "one-shot FPGM, masked": {"pruner": "fpgm"},
-        "gradual": {"pruner": "fpgm", **gradual},
-        "gradual + Taylor": {"pruner": "taylor", **gradual},
-        "gradual + distill": {"pruner": "fpgm", "distill": True, **gradual},
-        "gradual + distill, pruned": {"pruner": "fpgm", "distill": True, "finetune": "pruned", **gradual},
-    }
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--dense-epochs", type=int, default=20)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-    # the export report's latency timing (a few seconds per run) is not what this benchmark measures
-    callback_module.compare_models = lambda *args, **kwargs: {}
-    train, held_out = task()
-    loader = lambda: DataLoader(train, batch_size=32, shuffle=True)
-    results: dict[tuple[str, str], list[float]] = {}
-    kept: dict[tuple[str, str], list[float]] = {}
-    steps: dict[tuple[str, str], list[float]] = {}
-    dense_accuracy = []
+    parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over processes")
+    parser.add_argument("--train", type=int, default=16000, help="training images")
+    parser.add_argument("--held-out", type=int, default=2000, help="held-out images")
+    parser.add_argument("--dense-epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=128, help="training steps per recipe, pruning included")
+    parser.add_argument("--lr", type=float, default=0.02, help="the recipes' peak learning rate")
+    parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
+    parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
+    parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
+    args = parser.parse_args(argv)
+    quiet()
     started = time.perf_counter()
+    train, held_out = shapes(args.train, seed=0), shapes(args.held_out, seed=1)
+    batch = 64
+    per_epoch = max(args.steps // EPOCHS, 1)
+
     with tempfile.TemporaryDirectory() as root:
-        for seed in range(args.seeds):
-            L.seed_everything(seed, verbose=False)
-            dense = Classifier(epochs=args.dense_epochs)
-            trainer(args.dense_epochs, [], root).fit(dense, loader())
-            dense_accuracy.append(accuracy(dense.model, held_out))
-            print(f"seed {seed} dense: acc {dense_accuracy[-1]:.3f}", flush=True)
-            dense_params = sum(p.numel() for p in dense.model.parameters())
-            for budget, sparsity in SPARSITY.items():
-                for name, options in recipes(sparsity, args.epochs).items():
-                    L.seed_everything(100 + seed, verbose=False)
-                    module = Classifier(epochs=args.epochs)
-                    module.load_state_dict(dense.state_dict())
-                    callback = PruneExportCallback(
-                        sparsity=sparsity, export_dir=f"{root}/out", verify_batches=1, **options
-                    )
-                    timer = StepTimer()
-                    trainer(args.epochs, [callback, timer], root).fit(module, loader())
-                    network = callback.exported_network
-                    results.setdefault((budget, name), []).append(accuracy(network, held_out))
-                    kept.setdefault((budget, name), []).append(
-                        sum(p.numel() for p in network.parameters()) / dense_params
-                    )
-                    last = callback._steps.epoch_of(callback._steps.steps)
-                    after = [t for epoch, t in timer.times if epoch >= last + 1]
-                    steps.setdefault((budget, name), []).append(1000 * statistics.median(after or [0.0]))
-                    line = f"seed {seed} {budget} {name}: acc {results[(budget, name)][-1]:.3f}"
-                    print(
-                        f"{line} kept {kept[(budget, name)][-1]:.3f} step {steps[(budget, name)][-1]:.2f} ms",
-                        flush=True,
-                    )
+        L.seed_everything(0, verbose=False)
+        dense_steps = args.dense_epochs * math.ceil(args.train / batch)
+        dense = Classifier(lr=0.1, steps=dense_steps)
+        if args.dense_cache and os.path.exists(args.dense_cache):
+            dense.load_state_dict(torch.load(args.dense_cache, weights_only=True))
+        else:
+            loader = DataLoader(train, batch_size=batch, shuffle=True)
+            trainer(root, [], max_epochs=args.dense_epochs).fit(dense, loader)
+            if args.dense_cache:
+                torch.save(dense.state_dict(), args.dense_cache)
+        dense_accuracy = accuracy(dense.model, held_out)
+        print(f"dense: {dense_accuracy:.3f} held-out accuracy", flush=True)
+
+        def fit(seed: int, callback: L.Callback) -> tuple[nn.Module, float]:
+            module = Classifier(lr=args.lr, steps=per_epoch * EPOCHS)
+            module.load_state_dict(dense.state_dict())
+            sampler = RandomSampler(train, num_samples=per_epoch * batch, generator=torch.Generator().manual_seed(seed))
+            trainer(root, [callback], max_epochs=EPOCHS).fit(module, DataLoader(train, batch, sampler=sampler))
+            network = callback.exported_network
+            return network, accuracy(network, held_out)
+
+        table = run_recipes(
+            fit,
+            {name: options for name, options in recipes().items() if name in (args.recipes or [name])},
+            {budget: SPARSITY[budget] for budget in args.budgets},
+            range(args.first_seed, args.first_seed + args.seeds),
+            dense.model,
+            common={"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1},
+        )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}"
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), "
+        f"torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all"
     )
-    print(f"seeds {args.seeds}, dense {args.dense_epochs} epochs, then {args.epochs} epochs per recipe; "
-          f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
-    print(f"dense student: {statistics.mean(dense_accuracy):.3f} ± {spread(dense_accuracy):.3f} held-out accuracy\n")
-    names = list(recipes(0.5, args.epochs))
-    print("| recipe | " + " | ".join(f"~{b} params kept" for b in SPARSITY) + " |")
-    print("|---|" + "---|" * len(SPARSITY))
-    for name in names:
-        cells = []
-        for budget in SPARSITY:
-            acc, share = results[(budget, name)], statistics.mean(kept[(budget, name)])
-            cells.append(f"{statistics.mean(acc):.3f} ± {spread(acc):.3f} ({share:.0%})")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nmedian ms per training step after the last pruning step (mean over seeds):\n")
-    print("| fine-tune | " + " | ".join(f"~{b}" for b in SPARSITY) + " |")
-    print("|---|" + "---|" * len(SPARSITY))
-    for name, label in (("gradual + distill", "masked"), ("gradual + distill, pruned", "pruned size")):
-        print(f"| {label} | " + " | ".join(f"{statistics.mean(steps[(b, name)]):.2f}" for b in SPARSITY) + " |")
-
-
-def spread(values: list[float]) -> float:
-    return max(values) - min(values) if len(values) > 1 else 0.0
+    print(
+        f"{args.train} training images, {args.held_out} held out; dense {args.dense_epochs} epochs, then "
+        f"{per_epoch * EPOCHS} steps of {batch} images per recipe; dense model {dense_accuracy:.3f}\n"
+    )
+    print(spread_table(table, "held-out accuracy"))
+    return {"dense": dense_accuracy, "table": table}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""What the recovery benchmarks share: the recipes, the loop over seeds, budgets and recipes, the table.
+
+The recipes (:func:`recipes`), each from the dense checkpoint with the same training steps, in
+``EPOCHS`` epochs, pruning inside them:
+
+  one-shot, masked                 ``pruner="l2"`` at the start, then masked fine-tuning
+  one-shot + distill               the same with ``distill=`` (each benchmark says which)
+  gradual                          ``pruner="l2"``, ``schedule`` of 3 steps at epochs 1 to 3, cubic ramp
+  gradual + Taylor                 the same with ``pruner="taylor"``
+  gradual + distill                gradual L2 with the same ``distill=``
+  one-shot + distill, pruned size  one-shot + distill with ``finetune="pruned"`` (the smaller model trains)
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as L
+from torch import nn
+
+from lightning_prune import PruneExportCallback
+
+EPOCHS = 8  # every recipe trains this many epochs
+Table = dict[tuple[str, str], dict[str, list[float]]]
+
+
+def quiet() -> None:
+    """No warnings or Lightning info lines, and no latency timing in the export report (seconds per run
+    that these benchmarks do not measure): every loaded module of the package that imported
+    ``compare_models`` gets one that only counts parameters."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_prune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import lightning_prune.lightning.callback  # noqa: F401  (loads the modules to patch)
+    from lightning_prune.core.verify.report import count_params
+
+    def sizes(dense: nn.Module, exported: nn.Module, inputs: Any) -> dict[str, Any]:
+        return {"params_dense": count_params(dense), "params_exported": count_params(exported)}
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lightning_prune.lightning") and hasattr(module, "compare_models"):
+            module.compare_models = sizes
+
+
+def recipes(distill: bool | Mapping[str, float] = True) -> dict[str, dict[str, Any]]:
+    """The recipes, each the callback's arguments beyond the budget's ``sparsity``. Every recipe trains
+    ``EPOCHS`` epochs; one-shot prunes at the start, a schedule at the start of epochs 1, 2 and 3
+    (Taylor needs gradients first); ``distill`` is the callback's ``distill=``."""
+    one_shot, distill = {"pruner": "l2"}, {"distill": distill if isinstance(distill, bool) else dict(distill)}
+    gradual = {"schedule": {"start_epoch": 1, "end_epoch": 3, "steps": 3}}
+    return {
+        "one-shot, masked": one_shot,
+        "one-shot + distill": {**one_shot, **distill},
+        "gradual": {**one_shot, **gradual},
+        "gradual + Taylor": {"pruner": "taylor", **gradual},
+        "gradual + distill": {**one_shot, **distill, **gradual},
+        "one-shot + distill, pruned size": {**one_shot, **distill, "finetune": "pruned"},
+    }
+
+
+def trainer(root: str, callbacks: list[L.Callback], **limits: int) -> L.Trainer:
+    """A quiet Trainer: no logger, checkpoints, progress bar or sanity check."""
+    return L.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        **limits,
+    )
+
+
+def params(network: nn.Module) -> int:
+    """Distinct parameters (a tied weight counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in network.parameters()}.values())
+
+
+def run_recipes(
+    fit: Callable[[int, L.Callback], tuple[nn.Module, float]],
+    recipes: Mapping[str, Mapping[str, Any]],
+    budgets: Mapping[str, float],
+    seeds: Iterable[int],
+    dense: nn.Module,
+    common: Mapping[str, Any],
+) -> Table:
+    """Every recipe at every budget for every seed: ``fit(seed, callback)`` trains from the dense
+    checkpoint and returns the exported network and its held-out score; the table holds the scores,
+    the share of the dense model's parameters kept, and the step ``fit`` was seeded with."""
+    table: Table = {}
+    dense_params = params(dense)
+    for seed in seeds:
+        for budget, sparsity in budgets.items():
+            for name, options in recipes.items():
+                L.seed_everything(100 + seed, verbose=False)
+                callback = PruneExportCallback(sparsity=sparsity, **common, **options)
+                network, score = fit(seed, callback)
+                row = table.setdefault((budget, name), {"score": [], "kept": []})
+                row["score"].append(score)
+                row["kept"].append(params(network) / dense_params)
+                print(f"seed {seed} ~{budget} {name}: {score:.3f} (kept {row['kept'][-1]:.1%})", flush=True)
+    return table
+
+
+def spread(values: list[float]) -> float:
+    return max(values) - min(values) if len(values) > 1 else 0.0
+
+
+def spread_table(table: Table, what: str, lower_is_better: bool = False) -> str:
+    """A markdown table: recipes down, budgets across, ``mean ± spread (share of params kept)`` in each
+    cell, and the gap to the first recipe (one-shot) with ``*`` where it exceeds both spreads."""
+    budgets = list(dict.fromkeys(budget for budget, _ in table))
+    names = list(dict.fromkeys(name for _, name in table))
+    lines = [
+        f"| recipe ({what}) | " + " | ".join(f"~{b} params kept" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for name in names:
+        cells = []
+        for budget in budgets:
+            score, kept = table[(budget, name)]["score"], table[(budget, name)]["kept"]
+            cell = f"{statistics.mean(score):.3f} ± {spread(score):.3f} ({statistics.mean(kept):.0%})"
+            base = table[(budget, names[0])]["score"]
+            if name != names[0]:
+                gap = statistics.mean(base) - statistics.mean(score)
+                gap = gap if lower_is_better else -gap
+                beyond = len(score) > 1 and abs(gap) > max(spread(base), spread(score))
+                cell += f", {gap:+.3f}{'*' if beyond else ''}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

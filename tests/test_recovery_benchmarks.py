@@ -1,0 +1,59 @@
+"""The accuracy-recovery benchmarks end to end at their smallest (one seed, one budget, a few steps), so they cannot rot:
+every recipe trains a user's LightningModule through the callback, exports, and scores."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import recovery
+import recovery_lm
+
+RECIPES = [
+    "one-shot, masked",
+    "one-shot + distill",
+    "gradual",
+    "gradual + Taylor",
+    "gradual + distill",
+    "one-shot + distill, pruned size",
+]
+
+
+def check(result: dict, kept: dict[str, tuple[float, float]], score: tuple[float, float]) -> None:
+    table = result["table"]
+    assert sorted(table) == sorted((budget, name) for budget in kept for name in RECIPES)
+    for (budget, name), row in table.items():
+        assert len(row["score"]) == 1 and score[0] <= row["score"][0] <= score[1], (budget, name, row)
+        low, high = kept[budget]
+        assert low <= row["kept"][0] <= high, (budget, name, row)
+    for budget in kept:  # the same widths, whether fine-tuned masked or at the pruned size
+        assert (
+            table[(budget, "one-shot + distill")]["kept"] == table[(budget, "one-shot + distill, pruned size")]["kept"]
+        )
+    assert math.isfinite(result["dense"])
+
+
+def test_language_model_benchmark(capsys) -> None:
+    torch.manual_seed(0)
+    argv = ["--seeds", "1", "--dense-steps", "4", "--steps", "8", "--held-out", "8", "--batch-size", "4"]
+    argv += ["--budgets", "30%"]
+    result = recovery_lm.main(argv)
+    # bits per byte: below 8 (uniform over bytes) + slack for an untrained model's sharper logits
+    check(result, {"30%": (0.25, 0.35)}, (0.5, 9.0))
+    out = capsys.readouterr().out
+    assert "| recipe (bits per byte) | ~30% params kept |" in out
+    assert "Python " in out and "MB held out" in out
+
+
+def test_vision_benchmark(capsys) -> None:
+    torch.manual_seed(0)
+    argv = ["--seeds", "1", "--train", "200", "--held-out", "100", "--dense-epochs", "1", "--steps", "8"]
+    argv += ["--budgets", "30%"]
+    result = recovery.main(argv)
+    check(result, {"30%": (0.25, 0.35)}, (0.0, 1.0))
+    assert "| recipe (held-out accuracy) | ~30% params kept |" in capsys.readouterr().out
