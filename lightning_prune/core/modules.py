@@ -117,4 +117,34 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor, places: Pl
         places[id(value)] = holders
 
 
-__all__ = ["Places", "copy_training_modes", "evaluating", "replace_tensor", "set_submodule", "tensor_places"]
+class SwappedTensors:
+    """The tensors a :class:`~lightning_prune.core.weights.TensorSource` swapped out, per loaded module.
+
+    :meth:`release` gives module ``name`` back the tensors it held before :meth:`load`;
+    :meth:`keep` makes what it loaded its own for good.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._saved: dict[str, dict[str, torch.Tensor]] = {}  # module -> the tensors it held while loaded
+
+    def release(self, name: str) -> None:
+        """Module ``name`` gets back the tensors it held before it was loaded."""
+        module = self.model.get_submodule(name)
+        for attr, tensor in self._saved.pop(name, {}).items():
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
+
+    def keep(self, name: str) -> None:
+        """Module ``name`` keeps what it was loaded with: it is no longer the original's."""
+        self._saved.pop(name, None)
+
+
+__all__ = [
+    "Places",
+    "SwappedTensors",
+    "copy_training_modes",
+    "evaluating",
+    "replace_tensor",
+    "set_submodule",
+    "tensor_places",
+]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.errors import CheckpointError
-from lightning_prune.core.modules import tensor_places
+from lightning_prune.core.modules import SwappedTensors, tensor_places
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -157,7 +157,7 @@ class WeightFile:
         return buffer.view(dtype).reshape(entry["shape"])
 
 
-class StreamedWeights:
+class StreamedWeights(SwappedTensors):
     """Loads a skeleton's tensors from a :class:`WeightFile` module by module, and gives them back.
 
     ``model`` is the skeleton (its parameters on the meta device; buffers the file lacks, such as
@@ -168,7 +168,7 @@ class StreamedWeights:
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike | WeightFile, prepare: Prepare | None = None) -> None:
-        self.model = model
+        super().__init__(model)
         self.file = path if isinstance(path, WeightFile) else WeightFile(path)
         self.prepare = prepare
         self.names = {id(module): name for name, module in model.named_modules()}
@@ -198,7 +198,6 @@ class StreamedWeights:
                 f"Weights file '{self.file.path}' lacks {len(missing)} tensor(s) the skeleton holds on the meta device: "
                 f"{shown}. Save the model's full state_dict(), or give those tensors real values in the skeleton."
             )
-        self._saved: dict[str, dict[str, Tensor]] = {}  # module -> its skeleton tensors while it is loaded
         self.dtype: torch.dtype | None = None  # floating tensors are loaded in this dtype (None: the skeleton's)
 
     def owned(self, module: nn.Module) -> bool:
@@ -224,16 +223,6 @@ class StreamedWeights:
         if saved and self.prepare is not None:
             self.prepare(name, module)
         return module
-
-    def release(self, name: str) -> None:
-        """Put back module ``name``'s skeleton tensors, dropping what :meth:`load` read."""
-        module = self.model.get_submodule(name)
-        for attr, tensor in self._saved.pop(name, {}).items():
-            (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
-
-    def keep(self, name: str) -> None:
-        """Keep module ``name``'s loaded tensors: the module is no longer the skeleton's."""
-        self._saved.pop(name, None)
 
     @contextmanager
     def loaded(self, name: str, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
@@ -338,4 +327,13 @@ def _join(module: str, attr: str) -> str:
     return f"{module}.{attr}" if module and attr else module or attr
 
 
-__all__ = ["Loading", "Prepare", "StreamedWeights", "TensorSource", "WeightFile", "blocks", "parameters_on_meta"]
+__all__ = [
+    "Loading",
+    "Prepare",
+    "StreamedWeights",
+    "SwappedTensors",
+    "TensorSource",
+    "WeightFile",
+    "blocks",
+    "parameters_on_meta",
+]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.graph.masks import Masks, pruned_slices
-from lightning_prune.core.modules import replace_tensor, tensor_places
+from lightning_prune.core.modules import SwappedTensors, replace_tensor, tensor_places
 
 ParameterKeep = dict[tuple[str, str, int], Tensor]
 """``(module, parameter, dim) -> keep-vector``: parameter slices pruned channels reach (``whole_channel``)."""
@@ -44,21 +44,21 @@ def tensor_ties(model: nn.Module) -> Ties:
     return ties
 
 
-class MaskedView:
+class MaskedView(SwappedTensors):
     """Zeroed tensors for the layers ``keep`` masks (and the parameters of ``zeroed``), on demand.
 
     Implements :class:`~lightning_prune.core.weights.TensorSource`: ``load(name)`` gives module ``name``
-    its masked tensors, ``release(name)`` its own back, ``keep(name)`` leaves it masked for good.
+    its masked tensors, ``release(name)`` its own back (in place: they stay zeroed), ``keep(name)``
+    leaves it masked for good.
     """
 
     def __init__(self, model: nn.Module, keep: Masks, zeroed: ParameterKeep | None = None, in_place: bool = False):
-        self.model = model
+        super().__init__(model)
         self.masks = keep
         self.zeroed: ParameterKeep = dict(zeroed or {})
         self.in_place = in_place
         self.ties = tensor_ties(model)
         self._names = {id(module): name for name, module in model.named_modules()}
-        self._saved: dict[str, dict[str, Tensor]] = {}
 
     @property
     def targets(self) -> set[str]:
@@ -78,16 +78,6 @@ class MaskedView:
             self._saved[name] = dict(module._parameters) | dict(module._buffers)
             zero_module(name, module, self.masks, self.zeroed, self.in_place, self.ties, self.model)
         return module
-
-    def release(self, name: str) -> None:
-        """Module ``name`` gets its own tensors back (in place: they stay zeroed)."""
-        module = self.model.get_submodule(name)
-        for attr, tensor in self._saved.pop(name, {}).items():
-            (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
-
-    def keep(self, name: str) -> None:
-        """Module ``name`` keeps its zeroed tensors."""
-        self._saved.pop(name, None)
 
 
 @torch.no_grad()
