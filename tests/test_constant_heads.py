@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
+from hf_models import GQA, VOCAB, tokens
 from torch import nn
 
 from lightning_prune import export, verify_equivalence
@@ -20,15 +21,6 @@ from lightning_prune import export, verify_equivalence
 transformers = pytest.importorskip("transformers")
 T = transformers
 
-VOCAB = 100
-GQA = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-}
 BERT = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -37,14 +29,6 @@ BERT = {
     "num_hidden_layers": 2,
     "max_position_embeddings": 32,
 }
-
-
-def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Token ids; the last row's final two positions are padding."""
-    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.no_grad()

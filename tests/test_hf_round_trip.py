@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
+from hf_models import VOCAB, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, CheckpointError, export, from_pretrained, group_masks, verify_equivalence
@@ -23,7 +24,6 @@ from lightning_prune.core.verify.report import count_params
 transformers = pytest.importorskip("transformers")
 T = transformers
 
-VOCAB = 100
 BASE = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -61,13 +61,6 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
     ),
     "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**BASE, num_key_value_heads=2, head_dim=16)),
 }
-
-
-def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def exported(name: str, first_block_only: bool = False) -> tuple[nn.Module, nn.Module]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
+from hf_models import GQA, VOCAB, LogitsOnly, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
@@ -25,43 +26,6 @@ from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
 T = transformers
-
-VOCAB = 100
-GQA = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-}
-
-
-class LogitsOnly(nn.Module):
-    """A user's wrapper returning only the logits (T5 also returns the encoder's hidden states,
-    which would tie the residual width to the output)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**inputs).logits
-
-
-def tokens(batch: int, length: int, seed: int, decoder: bool = False) -> dict[str, torch.Tensor]:
-    """Token ids with the last row's final two positions padded (``decoder``: T5's decoder ids, no mask)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
-    if decoder:
-        return {
-            "input_ids": ids,
-            "decoder_input_ids": torch.randint(0, VOCAB, (batch, length - 2), generator=generator),
-        }
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
 
 CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, loses heads)
     "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**GQA)), True),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
+from hf_models import VOCAB, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
@@ -24,15 +25,6 @@ from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
 T = transformers
-
-VOCAB = 100
-
-
-def tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 BUILDS: dict[str, Callable[[], nn.Module]] = {
