@@ -15,6 +15,16 @@ GQA = {
     "intermediate_size": 128,
     "num_hidden_layers": 2,
 }
+GPT2 = {
+    "vocab_size": VOCAB,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_inner": 128,
+    "n_layer": 2,
+    "n_positions": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
 
 
 class LogitsOnly(nn.Module):

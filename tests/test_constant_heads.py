@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
-from hf_models import GQA, VOCAB, tokens
+from hf_models import GPT2, GQA, VOCAB, tokens
 from torch import nn
 
 from lightning_prune import export, verify_equivalence
@@ -60,18 +60,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {  # name -> (build, out
         "bert.encoder.layer.0.attention.output.dense",
     ),
     "gpt2": (
-        lambda: T.GPT2LMHeadModel(
-            T.GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=64,
-                n_head=4,
-                n_inner=128,
-                n_layer=2,
-                n_positions=32,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        ),
+        lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
         "transformer.h.0.attn.c_proj",
     ),
 }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
-from hf_models import VOCAB, tokens
+from hf_models import GPT2, VOCAB, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, CheckpointError, export, from_pretrained, group_masks, verify_equivalence
@@ -47,18 +47,7 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
     "gpt-neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**BASE)),
     "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**BASE, num_key_value_heads=2)),
     "bert": lambda: T.BertForSequenceClassification(T.BertConfig(**BASE, max_position_embeddings=32)),
-    "gpt2": lambda: T.GPT2LMHeadModel(
-        T.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_head=4,
-            n_inner=128,
-            n_layer=2,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    ),
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
     "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**BASE, num_key_value_heads=2, head_dim=16)),
 }
 

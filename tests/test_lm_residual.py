@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
-from hf_models import GQA, VOCAB, LogitsOnly, tokens
+from hf_models import GPT2, GQA, VOCAB, LogitsOnly, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
@@ -36,18 +36,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, lo
     # a LayerNorm without bias written out by hand (mean, then variance of x - mean): a PrunedLayerNorm
     "cohere": (lambda: T.CohereForCausalLM(T.CohereConfig(**GQA, use_qk_norm=True)), True),
     "gpt2": (
-        lambda: T.GPT2LMHeadModel(
-            T.GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=64,
-                n_head=4,
-                n_inner=128,
-                n_layer=2,
-                n_positions=32,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        ),
+        lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
         True,
     ),
     "bert": (
