@@ -13,7 +13,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from user_modules import VOCAB, CausalLM, Sentences
+from user_modules import VOCAB, CausalLM, Sentences, quiet_trainer
 
 from lightning_prune import PruneExportCallback, load_pruned, verify_equivalence
 from lightning_prune.core.verify.report import count_params
@@ -30,16 +30,7 @@ def test_causal_lm_through_the_callback(tmp_path, pruner: str) -> None:
     L.seed_everything(0, verbose=False)
     module = CausalLM(tie=False)  # the LM head its own tensor; tied heads: test_recipes_callback.py
     callback = PruneExportCallback(pruner=pruner, op_types=["Linear"], export_dir=str(tmp_path / "out"))
-    trainer = L.Trainer(
-        max_steps=4,
-        limit_val_batches=2,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(L, tmp_path, [callback], max_steps=4, limit_val_batches=2)
     trainer.fit(
         module, DataLoader(Sentences(32, 8, seed=0), batch_size=8), DataLoader(Sentences(16, 8, seed=1), batch_size=8)
     )
@@ -67,16 +58,7 @@ def test_causal_lm_residual_width_through_the_callback(tmp_path) -> None:
     callback = PruneExportCallback(
         pruner="l1", sparsity=0.5, op_types=["Linear", "Embedding"], export_dir=str(tmp_path / "out")
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(L, tmp_path, [callback], max_steps=2, limit_val_batches=1)
     trainer.fit(
         module, DataLoader(Sentences(16, 8, seed=0), batch_size=8), DataLoader(Sentences(8, 8, seed=1), batch_size=8)
     )
