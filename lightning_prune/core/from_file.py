@@ -48,7 +48,7 @@ from lightning_prune.core.progress import Progress
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.verify.equivalence import compare_outputs
-from lightning_prune.core.weights import Loading, StreamedWeights, WeightFile
+from lightning_prune.core.weights import Loading, StreamedWeights, TensorStore
 from lightning_prune.core.weights import blocks as default_blocks
 
 BLOCK_RTOL = 1e-5
@@ -57,7 +57,7 @@ BLOCK_RTOL = 1e-5
 
 def export_from_file(
     skeleton: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | TensorStore,
     masks: MaskSource | Masks,
     example_input: Any,
     *,
@@ -71,7 +71,9 @@ def export_from_file(
 
     ``skeleton`` is the model built with its parameters on the meta device
     (:func:`~lightning_prune.core.weights.parameters_on_meta`), in the dtype the export should have;
-    ``path`` a safetensors file or a ``torch.save`` state dict with the skeleton's names. ``masks``,
+    ``path`` a safetensors file or a ``torch.save`` state dict with the skeleton's names, or any
+    :class:`~lightning_prune.core.weights.TensorStore` (a sharded model's
+    :class:`~lightning_prune.core.sharded.GatheredState`: every rank then runs the same export). ``masks``,
     ``whole_channel`` and ``round_to`` are :func:`~lightning_prune.export_pruned_model`'s (masks read
     from the model itself need its weights, so they must be given). ``blocks``: the modules built and
     checked one at a time (default :func:`~lightning_prune.core.weights.blocks`: a transformer's
@@ -153,7 +155,7 @@ class _Masking:
         zero_module(name, module, self.keep, self.zeroed, True, self.ties, self.skeleton)
 
 
-def masked_weights(skeleton: nn.Module, path: str | os.PathLike | WeightFile, masks: Masks) -> StreamedWeights:
+def masked_weights(skeleton: nn.Module, path: str | os.PathLike | TensorStore, masks: Masks) -> StreamedWeights:
     """The masked model, loaded from ``path`` into ``skeleton`` module by module: each module's pruned
     output channels (``masks``, keep-vectors) are zeroed as it is loaded (the reference of
     :func:`~lightning_prune.core.verify.blocks.verify_blocks`)."""
@@ -161,7 +163,7 @@ def masked_weights(skeleton: nn.Module, path: str | os.PathLike | WeightFile, ma
 
 
 def _build(
-    skeleton: nn.Module, file: WeightFile, prepare: Any, decided: Any, blocks: list[str], steps: Progress
+    skeleton: nn.Module, file: TensorStore, prepare: Any, decided: Any, blocks: list[str], steps: Progress
 ) -> nn.Module:
     """The smaller model, built block by block from the file: each block loaded, its pruned channels
     zeroed, its planned layers shrunk (the dense tensors dropped), before the next one is read."""

@@ -71,6 +71,16 @@ class TensorSource(Protocol):
         """Leave module ``name`` with what :meth:`load` gave it, for good."""
 
 
+class TensorStore(Protocol):
+    """Tensors by name, read one at a time: a :class:`WeightFile`, a :class:`~.sharded.GatheredState`."""
+
+    path: str  # what errors name
+
+    def keys(self) -> set[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> Tensor: ...
+
+
 class Loading:
     """Stands for a model whose submodules a :class:`TensorSource` loads on demand (``get_submodule``,
     what the plan reads for a bias fold); :meth:`release` gives back all it loaded."""
@@ -158,7 +168,7 @@ class WeightFile:
 
 
 class StreamedWeights(SwappedTensors):
-    """Loads a skeleton's tensors from a :class:`WeightFile` module by module, and gives them back.
+    """Loads a skeleton's tensors from a file (or any :class:`TensorStore`) module by module, and gives them back.
 
     ``model`` is the skeleton (its parameters on the meta device; buffers the file lacks, such as
     rotary frequencies, may be real and are left alone). ``load(name)`` gives the module ``name`` its
@@ -167,9 +177,9 @@ class StreamedWeights(SwappedTensors):
     embedding) is read under whichever of its names the file holds.
     """
 
-    def __init__(self, model: nn.Module, path: str | os.PathLike | WeightFile, prepare: Prepare | None = None) -> None:
+    def __init__(self, model: nn.Module, path: str | os.PathLike | TensorStore, prepare: Prepare | None = None) -> None:
         super().__init__(model)
-        self.file = path if isinstance(path, WeightFile) else WeightFile(path)
+        self.file = WeightFile(path) if isinstance(path, (str, os.PathLike)) else path
         self.prepare = prepare
         self.names = {id(module): name for name, module in model.named_modules()}
         keys = self.file.keys()
@@ -333,6 +343,7 @@ __all__ = [
     "StreamedWeights",
     "SwappedTensors",
     "TensorSource",
+    "TensorStore",
     "WeightFile",
     "blocks",
     "parameters_on_meta",

@@ -6,8 +6,7 @@ Hooks only, a few lines each; the work is in one unit per concern beside this mo
     trainer = Trainer(callbacks=[PruneExportCallback(pruner="fpgm", sparsity=0.5)])
     trainer.fit(module, datamodule)   # prune -> masked fine-tune -> export -> verify -> save
 
-Derived from the ``Callback`` of each Lightning namespace installed, so either ``Trainer`` accepts it.
-"""
+Derived from the ``Callback`` of each Lightning namespace installed, so either ``Trainer`` accepts it."""
 
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from lightning_prune.lightning.pruning import Pruning
 from lightning_prune.lightning.recovery import Recovery
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
+from lightning_prune.lightning.sharding import same_buffers
 from lightning_prune.lightning.state import PruneState, StateField
 
 
@@ -87,8 +87,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         deploy_formats: also write ``pruned.onnx`` (``"onnx"``, needs ``lightning-prune[deploy]``) and/or
             ``pruned.pt2`` (``"pt2"``, ``torch.export``), each checked on the verification batches.
         verify_batches: how many validation batches verification runs (``0``: the example input only).
-        gather_full_state: export from a fresh module (built from the module's hyper-parameters)
-            holding the full gathered state; default: only under sharded strategies (FSDP, DeepSpeed).
+        gather_full_state: export from a fresh module built from the hyper-parameters and the full gathered
+            state; default: under FSDP and DeepSpeed. Under FSDP2 the export reads the shards a module at a time.
 
     Under ``fast_dev_run`` the export is made and verified in memory and no file is written. When
     training ends before the schedule's last step (EarlyStopping), the partial masks are exported
@@ -187,10 +187,6 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         return self.pruner_name if self.pruner_name in IMPORTANCES else None
 
     @property
-    def _steps(self) -> Schedule:
-        return self._pruning.steps
-
-    @property
     def report(self) -> dict[str, Any]:
         """Params, MACs, latency, errors and accuracy before and after export, and the checkpoint path."""
         self._handoff.receive(self._state)
@@ -224,7 +220,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             self._state.reset()  # a new model: the masks and figures of the previous fit are not its own
         self._state.module = weakref.ref(pl_module)
         self.export_dir = self._exporting.directory(trainer, self._export_dir_argument)
-        self._pruning.setup(pl_module)
+        self._pruning.setup(trainer, pl_module)
         self._exporting.check(trainer, pl_module)
         self._recovery.setup(trainer, pl_module)
 
@@ -255,7 +251,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         the last step, ``finetune="pruned"`` shrinks the module."""
         self._recovery.start_teacher(trainer, pl_module)
         self._pruning.take(trainer, pl_module, step)
-        if step == self._steps.steps and self.finetune == "pruned":
+        if step == self._pruning.steps.steps and self.finetune == "pruned":
             self._resizing.shrink(trainer, pl_module)
 
     @override
@@ -268,6 +264,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hold is not None:
             self.hold.apply()
+
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        same_buffers(trainer, pl_module)  # FSDP2: a distributed checkpoint holds rank zero's norm statistics
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightning_prune.core.errors import ConfigurationError, InplaceDictError
+from lightning_prune.core.errors import ConfigurationError, InplaceDictError, PruneExportError
 from lightning_prune.core.export import export
 from lightning_prune.core.files.atomic import remove_stale_temporaries, temporary_path
 from lightning_prune.core.files.checkpoint import save_pruned
@@ -39,6 +39,7 @@ from lightning_prune.lightning.inputs import (
     verification_batches,
 )
 from lightning_prune.lightning.schedule import Schedule
+from lightning_prune.lightning.sharding import ShardedModule, read_sharded, same_buffers
 from lightning_prune.lightning.state import PruneState
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -101,13 +102,17 @@ class Exporting:
     def run(self, trainer: Any, pl_module: Any) -> str | None:
         """The masked checkpoint, then the export on rank zero; the error every rank gets, or ``None``."""
         masked_path = os.path.join(self.settings.export_dir, "masked.ckpt")
+        same_buffers(trainer, pl_module)  # FSDP2 leaves each rank its own norm statistics: rank zero's count
         # fast_dev_run: Lightning writes no checkpoint, and neither do we (a real run's files stay)
         error = None if trainer.fast_dev_run else self.save_masked(trainer, masked_path)  # before export starts
         if error is not None:
             return error
-        module = self.module_to_export(trainer, pl_module)  # collective under sharded strategies
         kept = f" The masked checkpoint is kept at '{masked_path}'."
-        report, error = on_rank_zero(trainer, lambda: self.export(trainer, module), after_error=kept)
+        if read_sharded(trainer, pl_module) and not self.settings.gather_full_state:
+            report, error = self.export_sharded(trainer, pl_module, kept)
+        else:
+            module = self.module_to_export(trainer, pl_module)  # collective under sharded strategies
+            report, error = on_rank_zero(trainer, lambda: self.export(trainer, module), after_error=kept)
         if error is None:
             self.state.report = report
         return error
@@ -144,19 +149,46 @@ class Exporting:
         full.load_state_dict(state)
         return full.to(device=pl_module.device, dtype=dtype_of(pl_module))
 
+    def export_sharded(self, trainer: Any, pl_module: Any, kept: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Every rank builds the smaller model from the shards, a module at a time, and checks it
+        against the sharded masked module on rank zero's batches (collective); rank zero writes. The
+        report (latency is not timed: the masked model's forward is collective) and the error, on every rank."""
+        settings, state = self.settings, self.state
+        strategy = trainer.strategy
+        example, batches = strategy.broadcast(self._inputs(trainer, pl_module, dtype_of(pl_module)), src=0)
+        error = None
+        try:
+            start = time.perf_counter()
+            result = ShardedModule(pl_module).export(
+                state.masks,
+                example,
+                round_to=export_rounding(settings),
+                whole_channel=settings.whole_channel,
+                progress=trainer.is_global_zero,
+            )
+            seconds = time.perf_counter() - start
+            small = result.model.to(pl_module.device).eval()
+            report = self._measure(pl_module, small, result, example, batches, seconds, latency=False)
+        except Exception as err:  # the same on every rank: each computed the same thing
+            error = f"{'' if isinstance(err, PruneExportError) else type(err).__name__ + ': '}{err}{kept}"
+        error = strategy.broadcast(error, src=0)
+        if error is not None:
+            return None, error
+        report, error = on_rank_zero(
+            trainer, lambda: self._write(trainer, pl_module, result, report, example, batches), kept
+        )
+        if error is None:  # every rank built the same smaller model: each keeps its own
+            state.exported_model = result.model.to(dtype_of(pl_module))
+            state.network_prefix = network_prefix(state.exported_model)
+        return report, error
+
     def export(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         """Export and verify ``pl_module`` (in float32 when it trained in half precision), write the
         deployables and ``pruned.ckpt``, log the figures; the report."""
         settings, state = self.settings, self.state
-        trained_dtype = dtype_of(pl_module)
         # Half-precision sums differ with the number of channels: export and verify in float32.
-        reference = copy.deepcopy(pl_module).float() if trained_dtype in _LOW_PRECISION else pl_module
-        dtype = dtype_of(reference)
-        example = cast(example_input(trainer, pl_module, settings.example_input, settings.input_key), dtype)
-        batches = [
-            (cast(prepare(trainer, pl_module, inputs), dtype), target)
-            for inputs, target in verification_batches(trainer, pl_module, settings.verify_batches, settings.input_key)
-        ]
+        reference = copy.deepcopy(pl_module).float() if dtype_of(pl_module) in _LOW_PRECISION else pl_module
+        example, batches = self._inputs(trainer, pl_module, dtype_of(reference))
         start = time.perf_counter()
         result = export(
             reference,
@@ -166,28 +198,53 @@ class Exporting:
             whole_channel=settings.whole_channel,
             round_to=export_rounding(settings),
         )
-        export_seconds = time.perf_counter() - start
         small = result.model.to(pl_module.device).eval()
+        report = self._measure(reference, small, result, example, batches, time.perf_counter() - start)
+        return self._write(trainer, pl_module, result, report, example, batches)
+
+    def _inputs(self, trainer: Any, pl_module: Any, dtype: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+        """The example input and the verification batches, in ``dtype``."""
+        settings = self.settings
+        example = cast(example_input(trainer, pl_module, settings.example_input, settings.input_key), dtype)
+        batches = [
+            (cast(prepare(trainer, pl_module, inputs), dtype), target)
+            for inputs, target in verification_batches(trainer, pl_module, settings.verify_batches, settings.input_key)
+        ]
+        return example, batches
+
+    def _measure(
+        self, reference: Any, small: Any, result: Any, example: Any, batches: list, seconds: float, latency: bool = True
+    ) -> dict[str, Any]:
+        """``small`` verified against ``reference`` on the batches; their sizes (and speeds) side by side."""
+        settings, state = self.settings, self.state
         report = verify_on_batches(reference, small, batches or [(example, None)], settings.rtol)
         inputs = {f"b{batch_size(x)}": x for x in (first_sample(example), batches[0][0] if batches else example)}
-        report.update(compare_models(reference, small, inputs))
+        report.update(compare_models(reference, small, inputs, measure_latency=latency))
+        steps = Schedule.of(settings.schedule, settings.prune_on_epoch).steps
+        report.update(
+            export_seconds=seconds,
+            device=str(next((p.device for p in small.parameters()), torch.device("cpu"))),
+            verified_dtype=str(dtype_of(small)).replace("torch.", ""),
+            function_change=result.function_change,
+            notes=[*((state.shrink_record if state.shrunk else None) or {}).get("notes", []), *map(str, result.notes)],
+            pruning_steps_done=state.steps_done,
+            pruning_steps_planned=steps,
+            schedule_complete=state.steps_done >= steps,
+        )
+        return report
+
+    def _write(
+        self, trainer: Any, pl_module: Any, result: Any, report: dict[str, Any], example: Any, batches: list
+    ) -> dict[str, Any]:
+        """On rank zero: the deployables and ``pruned.ckpt`` (none under ``fast_dev_run``), the figures logged."""
+        settings, state = self.settings, self.state
+        small = result.model
         if settings.deploy_formats and not trainer.fast_dev_run:
             report["deploy"] = save_deployables(
                 small, example, settings.export_dir, settings.deploy_formats, batches, latency_budget_s=2.0
             )
         shrunk_by = state.shrink_record if state.shrunk else None  # the shrink from the original model
-        steps = Schedule.of(settings.schedule, settings.prune_on_epoch).steps
-        report.update(
-            export_seconds=export_seconds,
-            device=str(pl_module.device),
-            verified_dtype=str(dtype).replace("torch.", ""),
-            function_change=result.function_change,
-            notes=[*(shrunk_by or {}).get("notes", []), *(str(note) for note in result.notes)],
-            pruning_steps_done=state.steps_done,
-            pruning_steps_planned=steps,
-            schedule_complete=state.steps_done >= steps,
-        )
-        result.model = small.to(trained_dtype)
+        result.model = small.to(dtype_of(pl_module))
         state.network_prefix = network_prefix(result.model)
         pruned_path = os.path.join(settings.export_dir, "pruned.ckpt")
         if trainer.fast_dev_run:

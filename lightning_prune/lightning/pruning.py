@@ -8,6 +8,8 @@ training goes on. Taylor importance accumulates the gradients of the steps befor
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning_prune.core.errors import ConfigurationError, MaskError
@@ -21,6 +23,7 @@ from lightning_prune.lightning.checks import NNI_NAMES
 from lightning_prune.lightning.compat import info
 from lightning_prune.lightning.inputs import example_input
 from lightning_prune.lightning.schedule import Schedule
+from lightning_prune.lightning.sharding import ShardedModule, check_sharded_settings, read_sharded
 from lightning_prune.lightning.state import PruneState
 
 
@@ -50,8 +53,10 @@ class Pruning:
             return f"{type(self.settings.pruner).__name__} pruner"
         return "given masks" if self.settings.mask_source is not None else "masks read from the model"
 
-    def setup(self, pl_module: Any) -> None:
-        """Read a pruner object's masks before it is unwrapped, and check the sources against the model."""
+    def setup(self, trainer: Any, pl_module: Any) -> None:
+        """Read a pruner object's masks before it is unwrapped, and check the sources against the model
+        (and, under a fully sharded strategy, against what it supports)."""
+        check_sharded_settings(self.settings, trainer)
         pruner = self.pruner_object()
         if self.state.masks is None and self.state.pruner_votes is None and pruner is not None:
             # NNI wraps the model as soon as a pruner is built on it: read its masks and unwrap now,
@@ -73,7 +78,10 @@ class Pruning:
         """The module's channel graph, traced once and kept until the layers change."""
         if self.state.graph is None:
             example = example_input(trainer, pl_module, self.settings.example_input, self.settings.input_key)
-            self.state.graph = ChannelGraph.from_model(pl_module, example)
+            if read_sharded(trainer, pl_module):  # traced shard by shard, on rank zero's example on every rank
+                self.state.graph = ShardedModule(pl_module).graph(trainer.strategy.broadcast(example, src=0))
+            else:
+                self.state.graph = ChannelGraph.from_model(pl_module, example)
         return self.state.graph
 
     def due(self, epoch: int) -> list[int]:
@@ -108,17 +116,18 @@ class Pruning:
             graph = self.graph(trainer, pl_module)
             fraction = self.steps.fraction(step)
             ratios = self._layer_sparsity(pl_module)
-            masks = importance_masks(
-                graph,
-                pl_module,
-                settings.importance,
-                {layer: ratio * fraction for layer, ratio in ratios.items()},
-                ranking=settings.ranking,
-                min_channels=settings.min_channels,
-                previous=self.state.masks,  # each step's masks contain the previous step's
-                round_to=settings.rounding,
-                taylor=self.state.taylor,
-            )
+            with self._readable(trainer, pl_module) as model:
+                masks = importance_masks(
+                    graph,
+                    model,
+                    settings.importance,
+                    {layer: ratio * fraction for layer, ratio in ratios.items()},
+                    ranking=settings.ranking,
+                    min_channels=settings.min_channels,
+                    previous=self.state.masks,  # each step's masks contain the previous step's
+                    round_to=settings.rounding,
+                    taylor=self.state.taylor,
+                )
             return masks, graph, sorted(ratios)
         votes = self._votes(pl_module)  # may make torch.nn.utils.prune's reparametrisation permanent
         self.state.graph = None  # so the graph is traced on the plain layers
@@ -128,8 +137,18 @@ class Pruning:
             # a named pruner's amount is rounded down to hardware-friendly widths; yours is kept, and
             # export adds channels back to the multiple instead
             round_to = settings.rounding if settings.pruner_name is not None else 1
-            masks = group_masks(graph, None, model=pl_module, votes=votes, layers=votes.keys(), round_to=round_to)
+            with self._readable(trainer, pl_module) as model:
+                masks = group_masks(graph, None, model=model, votes=votes, layers=votes.keys(), round_to=round_to)
         return masks, graph, sorted(votes)
+
+    @contextmanager
+    def _readable(self, trainer: Any, pl_module: Any) -> Iterator[Any]:
+        """The module as scores read it: itself, or a sharded one a module at a time (collective)."""
+        if not read_sharded(trainer, pl_module):
+            yield pl_module
+            return
+        with ShardedModule(pl_module).weights() as model:
+            yield model
 
     def _layer_sparsity(self, pl_module: Any) -> dict[str, float]:
         """Each targeted layer's fraction from the config (the last entry naming a layer wins, as in NNI)."""
@@ -166,8 +185,8 @@ class Pruning:
     def hold(self, trainer: Any, pl_module: Any, graph: ChannelGraph | None = None) -> None:
         """Hold the masks on the module's parameters (whole channels: filters, biases, norms) and apply them."""
         if graph is None:
-            example = example_input(trainer, pl_module, self.settings.example_input, self.settings.input_key)
-            graph = ChannelGraph.from_model(pl_module, example)
+            self.state.graph = None  # the layers may have changed since it was traced
+            graph = self.graph(trainer, pl_module)
         self.state.hold = MaskHold.build(pl_module, self.state.masks, graph=graph)
         self.state.hold.apply()
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.masks import Masks, pruned_slices
+from lightning_prune.core.sharded import local_rows
 
 
 @dataclass
@@ -33,7 +34,8 @@ class MaskHold:
     """Zeroes the pruned slices of a model's parameters (and their gradients) in place.
 
     Cheap: one ``index_fill_`` per held tensor; parameters keep their identity, so optimizers,
-    state dict keys and checkpoints are those of the user's model.
+    state dict keys and checkpoints are those of the user's model. A parameter sharded across ranks
+    (a ``DTensor``) has the pruned slices of its own rows zeroed on each rank, nothing gathered.
     """
 
     def __init__(self, held: list[_Held]) -> None:
@@ -62,11 +64,19 @@ class MaskHold:
     def apply(self) -> None:
         """Zero every held slice of the parameters."""
         for item in self.held:
-            item.param.index_fill_(item.dim, item.pruned, 0.0)
+            _zero(item.param, item.dim, item.pruned)
 
     @torch.no_grad()
     def zero_grads(self) -> None:
         """Zero the held slices of the gradients, so optimizer state stays clean too."""
         for item in self.held:
             if item.param.grad is not None:
-                item.param.grad.index_fill_(item.dim, item.pruned, 0.0)
+                _zero(item.param.grad, item.dim, item.pruned)
+
+
+def _zero(tensor: Tensor, dim: int, pruned: Tensor) -> None:
+    """Zero the slices ``pruned`` (global indices along ``dim``) of this rank's part of ``tensor``."""
+    part, begin, end = local_rows(tensor, dim)
+    if part is not tensor:
+        pruned = pruned[(pruned >= begin) & (pruned < end)] - begin
+    part.index_fill_(dim, pruned.to(part.device), 0.0)

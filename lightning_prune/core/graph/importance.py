@@ -57,6 +57,7 @@ from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.families import balance_grouped_convs, family_step, round_kept_counts, rounded_kept
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.graph.prunable import filters
+from lightning_prune.core.sharded import whole
 
 IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor")
 RANKINGS = ("uniform", "global")
@@ -151,7 +152,7 @@ class TaylorScores:
             if not isinstance(tensor, nn.Parameter) or tensor.grad is None:
                 continue
             product = (tensor.detach().float() * tensor.grad.float()).movedim(axis.dim, 0)
-            product = product.reshape(product.shape[0], -1).sum(1)
+            product = whole(product.reshape(product.shape[0], -1).sum(1))  # sharded: summed across ranks
             labels = axis.labels.numpy().ravel()
             if labels.size != product.numel():
                 continue

@@ -238,14 +238,17 @@ def measure_latency(model: nn.Module, example_input: Any, repeats: int = 10, war
     return latency["model"].median_ms / 1e3
 
 
-def compare_models(dense: nn.Module, exported: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+def compare_models(
+    dense: nn.Module, exported: nn.Module, inputs: Mapping[str, Any], *, measure_latency: bool = True
+) -> dict[str, Any]:
     """Size and speed of a model before and after export, side by side.
 
     ``inputs`` names the example inputs to time on (``{"b1": one_image, "b64": a_batch}``): for each,
     the two models are timed interleaved (:func:`compare_latency`) and the report gives medians,
     interquartile ranges, whether the difference is within the noise, and ``latency_<name>_per_mac``:
     the latency ratio (exported / dense) divided by the MAC ratio, 1.0 when latency falls as fast as
-    the MACs do. Params and MACs are counted once, on the first input.
+    the MACs do. Params and MACs are counted once, on the first input. ``measure_latency=False``
+    leaves the timings out (a sharded model's forward is collective, so it cannot be timed on one rank).
 
     >>> import torch
     >>> from torch import nn
@@ -263,7 +266,7 @@ def compare_models(dense: nn.Module, exported: nn.Module, inputs: Mapping[str, A
         "macs_exported": count_macs(exported, first),
     }
     mac_ratio = summary["macs_exported"] / summary["macs_dense"] if summary["macs_dense"] else math.nan
-    for name, example in inputs.items():
+    for name, example in inputs.items() if measure_latency else ():
         times = compare_latency({"dense": dense, "exported": exported}, example)
         for model, latency in times.items():
             summary[f"latency_{name}_{model}_ms"] = latency.median_ms

@@ -1,0 +1,169 @@
+"""A real fully sharded run for the sharded tests: `python tests/sharded_run.py OUT CASE [FLAGS]`.
+
+A user's own LightningModule keeps its network in `self.model` and shards it with torch's
+`fully_shard` in `configure_model` (each residual block, then the whole network), trained with
+`Trainer(strategy=ModelParallelStrategy(data_parallel_size=2), devices=2, accelerator="cpu")` on
+plain loaders given to `fit`. CASE picks the callback: `l1`, `fpgm`, `l2`, `bn_scale` (one-shot at
+epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking) or `masks` (given masks).
+Flags: `resume=PATH` resumes from a (sharded) checkpoint; `every_epoch` keeps a checkpoint of every
+epoch; `fail` makes a user's shrink function raise (in the export, on every rank).
+
+Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
+network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
+before each epoch's pruning step, and its report; on a PruneExportError, OUT/error-rank<N>.txt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import ModelParallelStrategy
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
+from lightning_prune.core.sharded import whole
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width)
+        self.conv2, self.bn2 = nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class Net(nn.Module):
+    """A residual CNN for 8x8 digits: the network a user would write."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(Block(width), Block(width))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class ShardedDigits(pl.LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = Net(width)
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self(images), labels), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    train = TensorDataset(images[:1200], labels[:1200])
+    val = TensorDataset(images[1200:1328], labels[1200:1328])
+    return DataLoader(train, batch_size=32, shuffle=False), DataLoader(val, batch_size=32)
+
+
+def callback_for(case: str, out: str) -> PruneExportCallback:
+    common = {"export_dir": os.path.join(out, "export"), "verify_batches": 2}
+    if case == "taylor":
+        schedule = {"start_epoch": 1, "end_epoch": 2, "steps": 2}
+        return PruneExportCallback(pruner="taylor", sparsity=0.5, schedule=schedule, ranking="global", **common)
+    if case == "masks":
+        keep = torch.tensor([True, False] * 8)
+        masks = {"model.blocks.0.conv1": keep, "model.blocks.1.conv1": keep.roll(1)}
+        return PruneExportCallback(masks=masks, prune_on_epoch=1, **common)
+    return PruneExportCallback(pruner=case, sparsity=0.5, prune_on_epoch=1, **common)
+
+
+class TaylorSpy(pl.Callback):
+    """Before each epoch's end (so before a pruning step there), the Taylor sums this rank accumulated."""
+
+    def __init__(self, pruning: PruneExportCallback) -> None:
+        self.pruning, self.totals = pruning, []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        totals = self.pruning._state.taylor.totals
+        self.totals.append(None if totals is None else totals.copy())
+
+
+def broken_shrink(module: nn.Module, change: object) -> nn.Module:
+    raise RuntimeError("the user's shrink function failed")
+
+
+def main(out: str, case: str, flags: list[str]) -> None:
+    warnings.filterwarnings("ignore")
+    if "fail" in flags:
+        register_shrinker(nn.Conv2d)(broken_shrink)
+    pl.seed_everything(0, verbose=False)
+    resume = next((f.split("=", 1)[1] for f in flags if f.startswith("resume=")), None)
+    callback = callback_for(case, out)
+    checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=4 if case == "taylor" else 2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing="every_epoch" in flags,
+        default_root_dir=out,
+        callbacks=[spy := TaylorSpy(callback), callback, *([checkpoints] if "every_epoch" in flags else [])],
+    )
+    module = ShardedDigits()
+    train, val = loaders()
+    try:
+        trainer.fit(module, train, val, ckpt_path=resume)
+    except PruneExportError as err:
+        with open(os.path.join(out, f"error-rank{trainer.global_rank}.txt"), "w") as handle:
+            handle.write(str(err))
+        raise
+    masked = {name: whole(t).detach().clone() for name, t in module.model.state_dict().items()}
+    graph = callback._state.graph  # what the callback traced on the sharded module
+    record = {
+        "groups": sorted(sorted(group) for group in graph.group_members().values()) if graph is not None else None,
+        "taylor": spy.totals,
+        "params_at_end": sum(p.numel() for p in module.parameters()),
+        "exported": callback.exported_network.state_dict(),
+        "masked": masked,
+        "masks": callback.masks,
+        "report": {k: v for k, v in callback.report.items() if isinstance(v, (int, float, str, type(None)))},
+    }
+    torch.save(record, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -1,0 +1,172 @@
+"""Fully sharded training (FSDP2: Lightning's ModelParallelStrategy with torch's fully_shard) on 2 CPU
+processes with gloo, each run a real Trainer in a subprocess (tests/sharded_run.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import randomize
+from sharded_run import Net, ShardedDigits, loaders
+
+from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
+from lightning_prune.core.graph.channel_graph import ChannelGraph
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.py")
+
+
+def run(out, case: str, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(SCRIPT)), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, SCRIPT, str(out), case, *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def records(out) -> list[dict]:
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def masked_network(state: dict) -> Net:
+    network = Net()
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return float((expected - got).abs().max() / expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run per case, on demand (several tests read each)."""
+    done: dict[str, object] = {}
+
+    def get(case: str):
+        if case not in done:
+            out = tmp_path_factory.mktemp(case)
+            result = run(out, case)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[case] = out
+        return done[case]
+
+    return get
+
+
+CASES = [
+    pytest.param("l1", id="l1"),
+    pytest.param("l2", id="l2"),
+    pytest.param("fpgm", id="fpgm"),
+    pytest.param("bn_scale", id="bn_scale"),
+    pytest.param("taylor", id="taylor-schedule-global"),
+    pytest.param("masks", id="given-masks"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_equals_the_gathered_masked_network(finished, case) -> None:
+    out = finished(case)
+    rank0, rank1 = records(out)
+    assert rank0["masks"].keys() == rank1["masks"].keys() and rank0["masks"]
+    assert all(torch.equal(rank0["masks"][k], rank1["masks"][k]) for k in rank0["masks"])
+    assert rank0["exported"].keys() == rank1["exported"].keys()
+    assert all(torch.equal(v, rank1["exported"][k]) for k, v in rank0["exported"].items())  # the same on each rank
+    small = load_pruned(out / "export" / "pruned.ckpt", Net()).eval()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in Net().parameters())
+    assert all(torch.equal(v, rank0["exported"][k]) for k, v in small.state_dict().items())
+    unseen = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert relative_error(masked_network(rank0["masked"])(unseen), small(unseen)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_masks_are_held_on_the_shards(finished, case) -> None:
+    rank0, _ = records(finished(case))
+    masked = rank0["masked"]
+    for layer, keep in rank0["masks"].items():
+        name = layer.removeprefix("model.")
+        assert torch.count_nonzero(masked[f"{name}.weight"][~keep]) == 0  # gathered pruned filters: exactly zero
+        assert torch.count_nonzero(masked[f"{name}.bias"][~keep]) == 0
+        norm = name.replace("conv", "bn")  # the norm each pruned conv feeds
+        assert torch.count_nonzero(masked[f"{norm}.weight"][~keep]) == 0
+        assert torch.count_nonzero(masked[f"{norm}.bias"][~keep]) == 0
+        assert torch.count_nonzero(masked[f"{name}.weight"][keep]) > 0  # what is kept trained on
+
+
+def test_the_sharded_trace_gives_the_unsharded_graph(finished) -> None:
+    rank0, rank1 = records(finished("l1"))
+    module = ShardedDigits()
+    unsharded = ChannelGraph.from_model(module, torch.randn(2, 1, 8, 8))
+    expected = sorted(sorted(group) for group in unsharded.group_members().values())
+    assert rank0["groups"] == expected and rank1["groups"] == expected
+
+
+def test_taylor_scores_come_from_the_sharded_gradients_the_same_on_every_rank(finished) -> None:
+    rank0, rank1 = records(finished("taylor"))
+    sums = [(a, b) for a, b in zip(rank0["taylor"], rank1["taylor"], strict=True) if a is not None]
+    assert sums, "no Taylor sums were accumulated before a pruning step"
+    for a, b in sums:
+        assert a.shape == b.shape and a.any()
+        assert (a == b).all()  # reduced across the ranks: identical, not each rank's half
+
+
+def test_resume_from_a_sharded_checkpoint_mid_schedule_equals_an_uninterrupted_run(tmp_path, finished) -> None:
+    first = tmp_path / "first"
+    result = run(first, "taylor", "every_epoch")
+    assert result.returncode == 0, result.stderr[-3000:]
+    between = sorted((first / "ckpt").iterdir())
+    middle = next(path for path in between if path.name.startswith("epoch=1"))  # after step 1, before step 2
+    assert middle.is_dir()  # a distributed checkpoint: one directory, a shard per rank
+    resumed = tmp_path / "resumed"
+    result = run(resumed, "taylor", f"resume={middle}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted, again = records(finished("taylor"))[0], records(resumed)[0]
+    assert all(torch.equal(uninterrupted["masks"][k], again["masks"][k]) for k in uninterrupted["masks"])
+    assert again["exported"].keys() == uninterrupted["exported"].keys()
+    for key, value in uninterrupted["exported"].items():
+        torch.testing.assert_close(again["exported"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_export_ends_every_rank_with_its_error_and_keeps_the_training(tmp_path) -> None:
+    start = time.monotonic()
+    result = run(tmp_path, "l1", "fail", timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 240
+    for rank in (0, 1):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert "the user's shrink function failed" in message and "masked.ckpt" in message
+    assert sorted(os.listdir(tmp_path / "export")) == ["masked.ckpt"]  # the training is kept, no partial file
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        pytest.param({"pruner": "nni-l1", "sparsity": 0.5}, "pruner='nni-l1'", id="nni-pruner"),
+        pytest.param({"pruner": "l1", "sparsity": 0.5, "distill": True}, "distill", id="distill"),
+        pytest.param({"pruner": "l1", "sparsity": 0.5, "finetune": "pruned"}, "finetune='pruned'", id="pruned-size"),
+    ],
+)
+def test_what_sharded_training_cannot_do_is_refused_before_training(tmp_path, arguments, match) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    module = ShardedDigits()
+    randomize(module)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[PruneExportCallback(export_dir=str(tmp_path / "export"), **arguments)],
+    )
+    with pytest.raises(ConfigurationError, match=match) as caught:
+        trainer.fit(module, *loaders())
+    assert "ModelParallelStrategy" in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # refused before any step
