@@ -18,7 +18,7 @@ import torch
 
 from lightning_prune.core.errors import ConfigurationError, InplaceDictError, PruneExportError
 from lightning_prune.core.export import export
-from lightning_prune.core.files.atomic import remove_stale_temporaries, temporary_path
+from lightning_prune.core.files.atomic import remove_path, remove_stale_temporaries, replace_path, temporary_path
 from lightning_prune.core.files.checkpoint import save_pruned
 from lightning_prune.core.files.deploy import save_deployables
 from lightning_prune.core.graph.channel_graph import ChannelGraph
@@ -126,13 +126,12 @@ class Exporting:
         try:
             trainer.save_checkpoint(temporary, weights_only=False)
             if trainer.is_global_zero:
-                os.replace(temporary, path)
+                replace_path(temporary, path)  # a file, or a sharded strategy's checkpoint directory
         except Exception as err:
             if not trainer.is_global_zero:
                 raise
             error = f"Could not write the masked checkpoint '{path}': {type(err).__name__}: {err}"
-            if os.path.exists(temporary):
-                os.remove(temporary)
+            remove_path(temporary)
             trainer.strategy.barrier("Trainer.save_checkpoint")  # the other ranks wait there for this one
         return trainer.strategy.broadcast(error, src=0)
 

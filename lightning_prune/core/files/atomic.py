@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -68,7 +69,8 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     A ``.tmp-<host>-<pid>-<random>.part`` file (see :func:`temporary_path`) is removed when its
     writer ran on this host and is no longer alive. Files from other hosts, and files in the older
     name formats (``.tmp-XXXXXXXX.part`` from ``tempfile.mkstemp``, ``.masked-<pid>.ckpt.part``),
-    whose writer cannot be checked, are removed once they are older than 24 hours. A file whose
+    whose writer cannot be checked, are removed once they are older than 24 hours (a temporary
+    directory, a distributed checkpoint being written, the same way). A file whose
     writer is alive is never removed; nothing else in the directory is touched. Errors (a missing
     directory, a file another process removed first, no permission) are ignored: cleaning up
     never stops a write.
@@ -89,12 +91,42 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
                 stale = now - os.stat(path).st_mtime > STALE_AFTER_S
             else:
                 continue
-            if stale and os.path.isfile(path):
-                os.remove(path)
+            if stale:  # a file, or a directory (a distributed checkpoint's)
+                remove_path(path)
                 removed.append(path)
         except OSError:
             continue
     return removed
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file, or a directory and everything in it (a distributed checkpoint); nothing if absent."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def replace_path(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename ``temporary`` onto ``path``, each a file or a directory (a distributed checkpoint).
+
+    ``os.replace`` alone for files; a directory in the way is first renamed aside (a temporary name,
+    so a killed process leaves nothing that looks finished) and removed once the new one is in place.
+
+    >>> import tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> target, new = os.path.join(directory, "masked.ckpt"), os.path.join(directory, "new")
+    >>> os.makedirs(os.path.join(target, "old")); os.makedirs(os.path.join(new, "shards"))
+    >>> replace_path(new, target); os.listdir(target), sorted(os.listdir(directory))
+    (['shards'], ['masked.ckpt'])
+    """
+    if not (os.path.isdir(path) or (os.path.isdir(temporary) and os.path.lexists(path))):
+        os.replace(temporary, path)
+        return
+    aside = temporary_path(path)
+    os.replace(path, aside)
+    os.replace(temporary, path)
+    remove_path(aside)
 
 
 def atomic_write(
