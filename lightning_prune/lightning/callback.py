@@ -74,7 +74,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             export after the last pruning step (verified), put the smaller layers into your module, rebuild
             the optimizers (learning rates and scheduler state carried over) and fine-tune the smaller
             model; checkpoints then hold and resume the small model; ``load_pruned_module(path, YourModule)``
-            loads either file or such a checkpoint. Single-device strategies only.
+            loads either file or such a checkpoint. On one device or under ``strategy="ddp"``.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.

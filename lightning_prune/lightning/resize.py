@@ -4,19 +4,31 @@ After the last pruning step the module is exported and verified, its smaller lay
 full-size ones inside the user's LightningModule, and the optimizers are rebuilt for the new
 parameters (learning rates and scheduler state carried over). A resumed run replays the same
 shrink from the checkpoint's record before the small weights are loaded.
+
+Under DDP every rank builds the smaller model itself (the same masks, weights and example input
+give the same export); the ranks compare digests of it before any rank swaps its layers, and the
+module is wrapped in ``DistributedDataParallel`` again, the way Lightning wrapped it, so the new
+parameters' gradients are all-reduced.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
-from lightning_prune.core.errors import ConfigurationError
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+from lightning_prune.core.errors import ConfigurationError, PruneExportError
 from lightning_prune.core.export import export
 from lightning_prune.core.files.checkpoint import replay_shrink, shrink_record
 from lightning_prune.core.verify.equivalence import verify_on_batches
-from lightning_prune.lightning.compat import info
+from lightning_prune.lightning.checks import is_sharded
+from lightning_prune.lightning.compat import info, launched_in_new_processes
 from lightning_prune.lightning.exporting import export_rounding
-from lightning_prune.lightning.inputs import example_input, network_prefix
+from lightning_prune.lightning.inputs import example_input, network_prefix, prepare
 from lightning_prune.lightning.state import PruneState
 
 
@@ -28,12 +40,24 @@ class Resizing:
         self.settings, self.state = settings, state
 
     def check_strategy(self, trainer: Any) -> None:
-        """``finetune="pruned"`` replaces layers while training: single-device strategies only."""
-        strategy = type(trainer.strategy).__name__
-        if self.settings.finetune == "pruned" and strategy != "SingleDeviceStrategy":
+        """``finetune="pruned"`` replaces layers while training: a single device, or DDP launched as
+        separate scripts (``strategy="ddp"``)."""
+        if self.settings.finetune != "pruned":
+            return
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        ddp = any(cls.__name__ == "DDPStrategy" for cls in type(strategy).__mro__) and not is_sharded(strategy)
+        if ddp and launched_in_new_processes(trainer):
+            raise ConfigurationError(
+                f"`PruneExportCallback(finetune='pruned')` cannot run under {name} started by `ddp_spawn` or "
+                "`ddp_fork`: after fit, Lightning loads the workers' weights into the launching process's module, "
+                "which still has the full-size layers, and the smaller weights do not fit there. "
+                "HINT: use strategy='ddp' (separate processes, one script each), or finetune='masked'."
+            )
+        if name != "SingleDeviceStrategy" and not ddp:
             raise ConfigurationError(
                 f"`PruneExportCallback(finetune='pruned')` replaces layers inside the module while training, which "
-                f"this version supports on a single device only; the trainer uses {strategy}. "
+                f"this version supports on a single device and under DDP (strategy='ddp') only; the trainer uses {name}. "
                 "HINT: use finetune='masked' (the default) under this strategy."
             )
 
@@ -42,26 +66,14 @@ class Resizing:
         (the masked model is live, not about to be overwritten by a checkpoint) verify the small
         model against it and give the optimizers the new parameters."""
         state = self.state
-        example = example_input(trainer, pl_module, self.settings.example_input, self.settings.input_key)
+        example = _rank_zeros(
+            trainer, pl_module, example_input(trainer, pl_module, self.settings.example_input, self.settings.input_key)
+        )
         paused = state.distiller is not None and state.distiller.attached
         if paused:
             state.distiller.detach()  # the copy export makes must not carry the hooks
         try:
-            result = export(
-                pl_module,
-                state.masks,
-                example,
-                inplace_dict=self.settings.inplace_dict,
-                round_to=export_rounding(self.settings),
-            )
-            small = result.model.to(pl_module.device)
-            state.shrink_record = {
-                **shrink_record(result),
-                "network_prefix": network_prefix(pl_module),
-                "notes": [str(note) for note in result.notes],
-            }
-            if rebuild_optimizers:
-                verify_on_batches(pl_module, small, [(example, None)], self.settings.rtol)
+            small = _same_on_every_rank(trainer, lambda: self._smaller(pl_module, example, verify=rebuild_optimizers))
             before = sum(p.numel() for p in pl_module.parameters())
             for name, child in list(pl_module.named_children()):
                 replacement = small.get_submodule(name)
@@ -71,6 +83,7 @@ class Resizing:
             if paused:
                 state.distiller.attach(pl_module)
         self._at_pruned_size()
+        _wrap_again(trainer, pl_module)
         if rebuild_optimizers:
             _rebuild_optimizers(trainer)
             after = sum(p.numel() for p in pl_module.parameters())
@@ -78,6 +91,25 @@ class Resizing:
                 trainer,
                 f"PruneExportCallback: fine-tuning at the pruned size from here: {after:,} parameters (was {before:,}).",
             )
+
+    def _smaller(self, pl_module: Any, example: Any, verify: bool) -> torch.nn.Module:
+        """The exported copy of ``pl_module`` (its shrink recorded in the state), checked against it when ``verify``."""
+        result = export(
+            pl_module,
+            self.state.masks,
+            example,
+            inplace_dict=self.settings.inplace_dict,
+            round_to=export_rounding(self.settings),
+        )
+        small = result.model.to(pl_module.device)
+        self.state.shrink_record = {
+            **shrink_record(result),
+            "network_prefix": network_prefix(pl_module),
+            "notes": [str(note) for note in result.notes],
+        }
+        if verify:
+            verify_on_batches(pl_module, small, [(example, None)], self.settings.rtol)
+        return small
 
     def replay(self, trainer: Any, pl_module: Any, saved: dict[str, Any]) -> None:
         """Before a checkpoint taken after the shrink loads: shrink the module as ``saved`` (its
@@ -93,6 +125,71 @@ class Resizing:
 
     def _at_pruned_size(self) -> None:
         self.state.hold, self.state.shrunk, self.state.graph = None, True, None
+
+
+def _several_ranks(trainer: Any) -> bool:
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _rank_zeros(trainer: Any, pl_module: Any, example: Any) -> Any:
+    """Rank zero's example input on every rank (each may have read its own first batch): the
+    trace, and the constants found on it, are then the same everywhere."""
+    if not _several_ranks(trainer):
+        return example
+    on_cpu = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, example)
+    return prepare(trainer, pl_module, trainer.strategy.broadcast(on_cpu, src=0))
+
+
+def _digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of ``model``'s state dict: every name, dtype, shape and byte."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _same_on_every_rank(trainer: Any, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` on every rank, which then learn whether every rank built it, and built the same
+    model, before any rank changes its module: an error on one rank is an error on all (never a
+    hang at the next collective), and so are ranks that differ."""
+    if not _several_ranks(trainer):
+        return build()
+    model, own_error, outcome = None, None, None
+    try:
+        model = build()
+        outcome = ("model", _digest(model))
+    except Exception as err:  # every rank must reach the gather below, whatever this one hit
+        own_error, outcome = err, ("error", f"{type(err).__name__}: {err}")
+    outcomes: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(outcomes, outcome)
+    if own_error is not None:
+        raise own_error
+    failed = [(rank, message) for rank, (kind, message) in enumerate(outcomes) if kind == "error"]
+    if failed:
+        rank, message = failed[0]
+        raise PruneExportError(
+            f"`PruneExportCallback(finetune='pruned')`: rank {rank} could not build the pruned model ({message}); "
+            "every rank stops here, with its full-size layers in place."
+        )
+    differ = [rank for rank, (_, digest) in enumerate(outcomes) if digest != outcomes[0][1]]
+    if differ:
+        raise PruneExportError(
+            f"`PruneExportCallback(finetune='pruned')`: ranks {differ} built a pruned model that differs from "
+            "rank 0's (the digests of their state dicts differ): their modules differed before the shrink, "
+            "though DDP keeps them in step (a change made on some ranks only, outside the optimizer step?). "
+            "HINT: change the module the same way on every rank, or use finetune='masked'."
+        )
+    return model
+
+
+def _wrap_again(trainer: Any, pl_module: Any) -> None:
+    """Under DDP: wrap the module in ``DistributedDataParallel`` again (as the strategy first did),
+    so the gradients of its new parameters are all-reduced; the old wrapper holds the old ones."""
+    strategy = trainer.strategy
+    if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        strategy.model = pl_module
+        strategy.configure_ddp()
 
 
 def _rebuild_optimizers(trainer: Any) -> None:
