@@ -6,7 +6,8 @@ A user's own LightningModule keeps its network in `self.model` and shards it wit
 plain loaders given to `fit`. CASE picks the callback: `l1`, `fpgm`, `l2`, `bn_scale` (one-shot at
 epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking) or `masks` (given masks).
 Flags: `resume=PATH` resumes from a (sharded) checkpoint; `every_epoch` keeps a checkpoint of every
-epoch; `fail` makes a user's shrink function raise (in the export, on every rank).
+epoch; `fail` makes a user's shrink function raise (in the export, on every rank); `rank1_fails`:
+rank 1 raises just before the pruning step, which rank 0 enters alone.
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
@@ -117,6 +118,14 @@ class TaylorSpy(pl.Callback):
         self.totals.append(None if totals is None else totals.copy())
 
 
+class Rank1Fails(pl.Callback):
+    """Rank 1 raises just before the callback's pruning step (at the end of epoch 0), rank 0 goes on into it."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 1 and trainer.current_epoch == 0:
+            raise RuntimeError("rank 1 failed before the pruning step")
+
+
 def broken_shrink(module: nn.Module, change: object) -> nn.Module:
     raise RuntimeError("the user's shrink function failed")
 
@@ -141,7 +150,12 @@ def main(out: str, case: str, flags: list[str]) -> None:
         enable_model_summary=False,
         enable_checkpointing="every_epoch" in flags,
         default_root_dir=out,
-        callbacks=[spy := TaylorSpy(callback), callback, *([checkpoints] if "every_epoch" in flags else [])],
+        callbacks=[
+            spy := TaylorSpy(callback),
+            *([Rank1Fails()] if "rank1_fails" in flags else []),
+            callback,
+            *([checkpoints] if "every_epoch" in flags else []),
+        ],
     )
     module = ShardedDigits()
     train, val = loaders()

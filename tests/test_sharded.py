@@ -170,3 +170,12 @@ def test_what_sharded_training_cannot_do_is_refused_before_training(tmp_path, ar
         trainer.fit(module, *loaders())
     assert "ModelParallelStrategy" in str(caught.value)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # refused before any step
+
+
+def test_a_rank_failing_before_the_pruning_step_ends_the_rank_that_entered_it(tmp_path) -> None:
+    start = time.monotonic()
+    result = run(tmp_path, "l1", "rank1_fails", timeout=240)  # rank 0 alone enters the collective gathers
+    assert result.returncode != 0 and time.monotonic() - start < 240  # no hang until the 30-minute timeout
+    assert "rank 1 failed before the pruning step" in result.stderr
+    assert "remote worker crashing" in result.stderr  # rank 0's gather fails at once, naming the cause
+    assert not (tmp_path / "export" / "pruned.ckpt").exists()
