@@ -29,7 +29,6 @@ from lightning_prune.lightning.pruning import Pruning
 from lightning_prune.lightning.recovery import Recovery
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
-from lightning_prune.lightning.sharding import same_buffers
 from lightning_prune.lightning.state import PruneState, StateField
 
 
@@ -267,7 +266,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        same_buffers(trainer, pl_module)  # FSDP2: a distributed checkpoint holds rank zero's norm statistics
+        self._recovery.save(trainer, pl_module, checkpoint)
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
