@@ -4,14 +4,17 @@ A user's own LightningModule keeps its network in `self.model` and shards it wit
 `fully_shard` in `configure_model` (each residual block, then the whole network), trained with
 `Trainer(strategy=ModelParallelStrategy(data_parallel_size=2), devices=2, accelerator="cpu")` on
 plain loaders given to `fit`. CASE picks the callback: `l1`, `fpgm`, `l2`, `bn_scale` (one-shot at
-epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking) or `masks` (given masks).
-Flags: `resume=PATH` resumes from a (sharded) checkpoint; `every_epoch` keeps a checkpoint of every
-epoch; `fail` makes a user's shrink function raise (in the export, on every rank); `rank1_fails`:
-rank 1 raises just before the pruning step, which rank 0 enters alone.
+epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking), `taylor-distill` (the same
+with distillation) or `masks` (given masks). Flags: `resume=PATH` resumes from a (sharded) checkpoint;
+`every_epoch` keeps a checkpoint of every epoch; `full_file` makes those single files (the strategy's
+`save_distributed_checkpoint=False`); `fail` makes a user's shrink function raise (in the export, on
+every rank); `rank1_fails`: rank 1 raises just before the pruning step, which rank 0 enters alone.
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
-before each epoch's pruning step, and its report; on a PruneExportError, OUT/error-rank<N>.txt.
+before each epoch's pruning step, each step's loss (and distillation term), and its report; with
+distillation, the gathered network before the first pruning step and what the teacher is (its gathered
+state, its local and full sizes, frozen or not). On a PruneExportError, OUT/error-rank<N>.txt.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
-from lightning_prune.core.sharded import whole
+from lightning_prune.core.sharded import is_dtensor, whole
 
 
 class Block(nn.Module):
@@ -97,9 +100,12 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 def callback_for(case: str, out: str) -> PruneExportCallback:
     common = {"export_dir": os.path.join(out, "export"), "verify_batches": 2}
-    if case == "taylor":
+    if case.startswith("taylor"):
         schedule = {"start_epoch": 1, "end_epoch": 2, "steps": 2}
-        return PruneExportCallback(pruner="taylor", sparsity=0.5, schedule=schedule, ranking="global", **common)
+        distill = case == "taylor-distill"
+        return PruneExportCallback(
+            pruner="taylor", sparsity=0.5, schedule=schedule, ranking="global", distill=distill, **common
+        )
     if case == "masks":
         keep = torch.tensor([True, False] * 8)
         masks = {"model.blocks.0.conv1": keep, "model.blocks.1.conv1": keep.roll(1)}
@@ -108,14 +114,40 @@ def callback_for(case: str, out: str) -> PruneExportCallback:
 
 
 class TaylorSpy(pl.Callback):
-    """Before each epoch's end (so before a pruning step there), the Taylor sums this rank accumulated."""
+    """Before each epoch's end (so before a pruning step there), the Taylor sums this rank accumulated,
+    and the gathered network before the first step; after each training step, its loss and distillation term."""
 
     def __init__(self, pruning: PruneExportCallback) -> None:
-        self.pruning, self.totals = pruning, []
+        self.pruning, self.totals, self.losses, self.dense = pruning, [], [], None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         totals = self.pruning._state.taylor.totals
         self.totals.append(None if totals is None else totals.copy())
+        if self.pruning.masks is None and self.pruning.distill is not None:  # what the teacher is copied from
+            self.dense = gathered(pl_module.model)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        distiller = self.pruning._distiller
+        term = distiller.last_loss if distiller is not None and distiller.teacher is not None else None
+        self.losses.append((float(outputs["loss"]), term))
+
+
+def gathered(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state dict, each sharded tensor gathered whole (collective)."""
+    return {name: whole(t).detach().clone() for name, t in network.state_dict().items()}
+
+
+def teacher_record(teacher: nn.Module | None) -> dict | None:
+    """What the teacher is: its gathered state, each parameter's local and full sizes, frozen or not."""
+    if teacher is None:
+        return None
+    parameters = dict(teacher.named_parameters())
+    return {
+        "state": gathered(teacher),
+        "sizes": {k: (p.to_local().numel() if is_dtensor(p) else None, p.numel()) for k, p in parameters.items()},
+        "frozen": not any(p.requires_grad for p in parameters.values()),
+        "training": any(m.training for m in teacher.modules()),
+    }
 
 
 class Rank1Fails(pl.Callback):
@@ -141,8 +173,10 @@ def main(out: str, case: str, flags: list[str]) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=4 if case == "taylor" else 2,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="full_file" not in flags
+        ),
+        max_epochs=4 if case.startswith("taylor") else 2,
         limit_train_batches=3,
         limit_val_batches=2,
         logger=False,
@@ -165,11 +199,15 @@ def main(out: str, case: str, flags: list[str]) -> None:
         with open(os.path.join(out, f"error-rank{trainer.global_rank}.txt"), "w") as handle:
             handle.write(str(err))
         raise
-    masked = {name: whole(t).detach().clone() for name, t in module.model.state_dict().items()}
+    masked = gathered(module.model)
+    teacher = teacher_record(callback._distiller.teacher if callback._distiller is not None else None)
     graph = callback._state.graph  # what the callback traced on the sharded module
     record = {
         "groups": sorted(sorted(group) for group in graph.group_members().values()) if graph is not None else None,
         "taylor": spy.totals,
+        "losses": spy.losses,
+        "dense": spy.dense,
+        "teacher": teacher,
         "params_at_end": sum(p.numel() for p in module.parameters()),
         "exported": callback.exported_network.state_dict(),
         "masked": masked,

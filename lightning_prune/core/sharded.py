@@ -24,10 +24,13 @@ True
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_prune.core.errors import ConfigurationError
 
 try:
     from torch.distributed.tensor import DTensor
@@ -44,6 +47,9 @@ _HOOK_DICTS = (
     "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
 )
 
 
@@ -72,6 +78,17 @@ def local_rows(tensor: Tensor, dim: int) -> tuple[Tensor, int, int]:
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tensor.to_local(), offset[dim], offset[dim] + shape[dim]
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """The part of ``full`` (a whole tensor) that this rank holds of ``like``, a ``DTensor`` of its shape
+    (``full`` itself when ``like`` is a plain tensor)."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(begin, begin + size) for begin, size in zip(offset, shape, strict=True))]
 
 
 @torch.no_grad()
@@ -123,6 +140,45 @@ def skeleton(model: nn.Module) -> nn.Module:
     return bare(model)
 
 
+def sharded_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network``, whose parameters ``fully_shard`` split, sharded the same way and never whole
+    on a rank: its :func:`skeleton` (meta) sharded at the modules the user sharded (children first, on the
+    same mesh; the copy's top module too), then given memory for its own shards only and filled from
+    ``network``'s local shards, with rank zero's buffers. Collective (every rank calls it)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    names = [name for name, module in network.named_modules() if isinstance(module, FSDPModule)]
+    twin = skeleton(network)
+    for name in reversed(names if "" in names else ["", *names]):  # pre-order reversed: children first
+        fully_shard(twin.get_submodule(name), mesh=_mesh_of(network.get_submodule(name)) or _mesh_of(network))
+    device = next(p.to_local().device for p in network.parameters() if is_dtensor(p))
+    twin.to_empty(device=device)
+    copy_into_shards(twin, {**dict(network.named_parameters()), **dict(network.named_buffers())})
+    broadcast_buffers(twin)  # each rank's norm statistics are its own until now
+    return twin
+
+
+@torch.no_grad()
+def copy_into_shards(target: nn.Module, source: Mapping[str, Tensor]) -> None:
+    """Write ``source``'s tensors (by name) into ``target``'s, each rank only its own part: a ``DTensor``
+    gives its local shard (sharded as the target is), a whole tensor the part of it this rank holds."""
+    tensors = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    for name, tensor in tensors.items():
+        if name not in source:
+            continue  # a buffer a state dict leaves out (non-persistent): the copy's own
+        value = source[name].detach()
+        if is_dtensor(tensor):
+            if is_dtensor(value) and value.placements != tensor.placements:
+                raise ConfigurationError(
+                    f"'{name}' is sharded as {value.placements}, which fully_shard does not reproduce "
+                    f"({tensor.placements}): a sharded copy follows fully_shard (FSDP2) alone, not tensor parallelism. "
+                    "HINT: shard the model with fully_shard only."
+                )
+            value = value.to_local() if is_dtensor(value) else local_part(value, tensor)
+            tensor = tensor.to_local()
+        tensor.copy_(value)
+
+
 class GatheredState:
     """The tensors of ``model`` by state-dict name, each given whole when asked for (a ``DTensor`` is
     gathered from its shards; every rank must ask for the same tensors in the same order).
@@ -149,6 +205,10 @@ class GatheredState:
         """The full value of tensor ``key``, as a new tensor the caller owns."""
         tensor = self._tensors[key].detach()
         return tensor.full_tensor() if is_dtensor(tensor) else tensor.clone()
+
+
+def _mesh_of(module: nn.Module) -> Any:
+    return next((p.device_mesh for p in module.parameters() if is_dtensor(p)), None)
 
 
 def _original_class(cls: type) -> type:
@@ -180,4 +240,15 @@ def _buffer_copy(buffer: Tensor, seen: dict[int, Tensor]) -> Tensor:
     return seen[id(buffer)]
 
 
-__all__ = ["GatheredState", "broadcast_buffers", "is_dtensor", "is_sharded", "local_rows", "skeleton", "whole"]
+__all__ = [
+    "GatheredState",
+    "broadcast_buffers",
+    "copy_into_shards",
+    "is_dtensor",
+    "is_sharded",
+    "local_part",
+    "local_rows",
+    "sharded_copy",
+    "skeleton",
+    "whole",
+]

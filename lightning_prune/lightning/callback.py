@@ -29,7 +29,6 @@ from lightning_prune.lightning.pruning import Pruning
 from lightning_prune.lightning.recovery import Recovery
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
-from lightning_prune.lightning.sharding import same_buffers
 from lightning_prune.lightning.state import PruneState, StateField
 
 
@@ -68,8 +67,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             rising on a cubic (AGP) or ``"linear"`` ramp; each step's masks contain the previous step's;
             a resumed run continues the schedule (:mod:`~lightning_prune.lightning.schedule`). Our own measures only.
         distill: ``True`` or ``{"weight": 0.5, "temperature": 4.0}``: from the first pruning step on, add
-            ``weight * T**2 * KL(teacher || student)`` to your training loss, the teacher a frozen copy of
-            the network made just before that step (:mod:`~lightning_prune.lightning.distill`); saved in checkpoints.
+            ``weight * T**2 * KL(teacher || student)`` to your training loss, the teacher a frozen copy of the
+            network made just before that step (FSDP2: sharded as the network is; :mod:`~lightning_prune.lightning.distill`); checkpointed.
         finetune: ``"masked"`` (fine-tune at full size, the pruned channels held at zero) or ``"pruned"``:
             export after the last pruning step (verified), put the smaller layers into your module, rebuild
             the optimizers (learning rates and scheduler state carried over) and fine-tune the smaller
@@ -267,7 +266,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        same_buffers(trainer, pl_module)  # FSDP2: a distributed checkpoint holds rank zero's norm statistics
+        self._recovery.save(trainer, pl_module, checkpoint)
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -9,7 +9,8 @@ with a ``logits`` entry (Hugging Face outputs). Classes lie along dim 1 (``(batc
 except for a 3-d ``logits`` entry, Hugging Face's ``(batch, tokens, vocabulary)``, whose classes are
 the last dim. For a causal LM whose head shares its weight with the embedding, the network is the
 whole ``...ForCausalLM`` (the callback counts the tied parameter under both names). The frozen teacher, a copy of that network made just
-before the first pruning step, runs on the same input, and
+before the first pruning step (under FSDP2 sharded as the network is, each rank holding its own shards),
+runs on the same input, and
 
     loss = your loss + weight * temperature**2 * KL(softmax(teacher / T) || softmax(student / T))
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.sharded import copy_into_shards, is_dtensor, is_sharded, sharded_copy
 
 DEFAULTS = {"weight": 0.5, "temperature": 4.0}
 
@@ -119,17 +121,22 @@ class Distiller:
 
     def make_teacher(self, network: nn.Module, state: Mapping[str, Tensor] | None = None) -> nn.Module:
         """A frozen copy of ``network`` (evaluation mode), with ``state`` loaded when given; the
-        recording hook is not copied with it."""
+        recording hook is not copied with it. A network whose parameters ``fully_shard`` split gets a
+        teacher sharded the same way (:func:`~lightning_prune.core.sharded.sharded_copy`; collective)."""
         hooked = self._handle is not None
         if hooked:
             self._handle.remove()
+        sharded = is_sharded(network)
         try:
-            teacher = copy.deepcopy(network)
+            teacher = sharded_copy(network) if sharded else copy.deepcopy(network)
         finally:
             if hooked:
                 self._handle = network.register_forward_hook(self._record, with_kwargs=True)
         if state is not None:
-            teacher.load_state_dict(state)
+            if sharded:  # whole tensors, each rank taking its own part
+                copy_into_shards(teacher, state)
+            else:
+                teacher.load_state_dict(state)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher
         return teacher
@@ -138,7 +145,8 @@ class Distiller:
         if self.teacher is None:
             return 0.0
         tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        local = [t.to_local() if is_dtensor(t) else t for t in tensors]  # a sharded teacher: this rank's shards
+        return sum(t.numel() * t.element_size() for t in local) / 2**20
 
     def attach(self, pl_module: Any) -> None:
         """Hook the network and wrap the instance's ``training_step`` (idempotent)."""

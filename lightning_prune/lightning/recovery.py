@@ -1,9 +1,11 @@
 """What survives a resume, and the teacher distillation learns from.
 
 The callback's checkpoint state (``state_dict``): the masks, the schedule's position, whether the
-module was shrunk and how (``finetune="pruned"``), the Taylor sums, the teacher's weights. Some of it
-must be in place before Lightning loads the module's weights (a shrunk module's smaller layers, the
-teacher copied from the dense network): a hook on the module's ``on_load_checkpoint`` does that
+module was shrunk and how (``finetune="pruned"``), the Taylor sums, the teacher's weights. Under FSDP2
+a distributed checkpoint keeps the callback's state from rank zero alone, so a sharded teacher's shards
+go beside the module's instead, each rank writing and reading its own. Some of the state must be in
+place before Lightning loads the module's weights (a shrunk module's smaller layers, the teacher copied
+from the dense network): a hook on the module's ``on_load_checkpoint`` does that
 early restore, and is taken off again once restoring is over.
 """
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.sharded import is_sharded
 from lightning_prune.lightning.compat import info
 from lightning_prune.lightning.distill import Distiller
 from lightning_prune.lightning.inputs import network_prefix
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
+from lightning_prune.lightning.sharding import load_teacher_shards, same_buffers, save_teacher
 from lightning_prune.lightning.state import PruneState
 
 
@@ -42,10 +46,23 @@ class Recovery:
             saved["taylor"] = state.taylor.state_dict()
         if state.shrunk and state.shrink_record is not None:
             saved["pruned"] = state.shrink_record  # what `load_pruned_module("last.ckpt", ...)` replays
-        teacher = state.distiller.teacher if state.distiller is not None else None
-        if teacher is not None:
+        teacher = self._teacher()
+        if teacher is not None and not is_sharded(teacher):  # a sharded one: see `save_teacher`
             saved["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
         return saved
+
+    def save(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """As a checkpoint is written, under FSDP2 (collective): rank zero's norm statistics on every rank
+        (a distributed checkpoint keeps one rank's), and a sharded teacher's shards beside the module's
+        (the callback's state is rank zero's alone there)."""
+        same_buffers(trainer, pl_module)
+        teacher = self._teacher()
+        saved = checkpoint.get("callbacks", {}).get(self.settings.state_key)
+        if teacher is not None and saved is not None and is_sharded(teacher):
+            save_teacher(trainer, teacher, checkpoint, saved)
+
+    def _teacher(self) -> Any:
+        return self.state.distiller.teacher if self.state.distiller is not None else None
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Take the state :meth:`state_dict` saved (or version 0.1.0 did)."""
@@ -100,6 +117,10 @@ class Recovery:
         distiller = self.state.distiller
         if distiller is not None and saved.get("teacher") is not None:
             distiller.make_teacher(distiller.network_of(pl_module), saved["teacher"])
+        elif distiller is not None and saved.get("teacher_shards") is not None:  # FSDP2: in the distributed checkpoint
+            load_teacher_shards(
+                trainer, distiller.make_teacher(distiller.network_of(pl_module)), saved["teacher_shards"]
+            )
         if saved.get("shrunk") and not self.state.shrunk:
             self.resizing.replay(trainer, pl_module, saved)
 

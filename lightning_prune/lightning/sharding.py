@@ -7,7 +7,10 @@ gathered when asked): the trace, the importance scores, the export and its check
 collective, so every rank runs these steps, on the same example input (rank zero's), in the same
 order; the masks are rank zero's on every rank, as under DDP. The hold zeroes each rank's own rows
 (:class:`~lightning_prune.core.graph.hold.MaskHold` writes into the local shards), and Taylor
-importance reduces each layer's per-channel sums across ranks.
+importance reduces each layer's per-channel sums across ranks. Distillation's teacher is a frozen copy
+sharded as the network is (:func:`~lightning_prune.core.sharded.sharded_copy`): each rank builds and
+fills only its own shards, and the teacher's forward, like the network's, runs on every rank at every
+step; a checkpoint keeps its shards (:func:`save_teacher`).
 """
 
 from __future__ import annotations
@@ -18,17 +21,25 @@ from typing import Any
 
 from torch import nn
 
-from lightning_prune.core.errors import ConfigurationError
+from lightning_prune.core.errors import CheckpointError, ConfigurationError
 from lightning_prune.core.export import ExportResult
 from lightning_prune.core.from_file import export_from_file
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.masks import Masks
-from lightning_prune.core.sharded import GatheredState, broadcast_buffers, is_sharded, skeleton
+from lightning_prune.core.sharded import (
+    GatheredState,
+    broadcast_buffers,
+    is_sharded,
+    skeleton,
+    whole,
+)
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.weights import StreamedWeights
 
 SHARDED_STRATEGIES = ("ModelParallelStrategy",)
 """Lightning strategies whose modules the callback reads as :class:`ShardedModule` (FSDP2)."""
+TEACHER_PREFIX = "lightning_prune.teacher."
+"""Where a sharded teacher's tensors are in a distributed checkpoint's ``state_dict``, beside the module's."""
 
 
 def uses_fsdp2(trainer: Any) -> bool:
@@ -64,8 +75,6 @@ def check_sharded_settings(settings: Any, trainer: Any) -> None:
             "a pruner object or masks read from the model's own zeros (they need every layer whole at once)",
             "name one of this package's measures, or give `masks=` (a dict or a mask file)",
         )
-    elif settings.distill is not None:
-        problem = ("distill (the teacher is a copy of the dense model, which this version makes unsharded only)", "")
     if problem is not None:
         what, hint = problem
         raise ConfigurationError(
@@ -131,4 +140,51 @@ class ShardedModule:
         )
 
 
-__all__ = ["OneAtATime", "ShardedModule", "check_sharded_settings", "read_sharded", "same_buffers", "uses_fsdp2"]
+def save_teacher(trainer: Any, teacher: nn.Module, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Put a sharded teacher into ``checkpoint`` (collective). In a distributed checkpoint (Lightning's
+    default under FSDP2) its shards go beside the module's in ``checkpoint["state_dict"]``, each rank
+    writing its own, and ``saved`` (the callback's state, which rank zero alone writes) says where; in a
+    single-file checkpoint (``save_distributed_checkpoint=False``) its whole tensors go into ``saved``,
+    gathered one at a time and kept on rank zero, as Lightning gathers the module's own for that file."""
+    state = teacher.state_dict()
+    if getattr(trainer.strategy, "_save_distributed_checkpoint", True):
+        checkpoint["state_dict"].update({TEACHER_PREFIX + key: value for key, value in state.items()})
+        saved["teacher_shards"] = TEACHER_PREFIX
+        return
+    gathered = {}
+    for key, value in state.items():
+        value = whole(value).cpu()
+        if trainer.is_global_zero:
+            gathered[key] = value
+    saved["teacher"] = gathered
+
+
+def load_teacher_shards(trainer: Any, teacher: nn.Module, prefix: str) -> None:
+    """Read a sharded teacher's shards from the distributed checkpoint being resumed (each rank its own;
+    collective)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = trainer.ckpt_path
+    state = {prefix + key: value for key, value in teacher.state_dict().items()}
+    try:
+        load({"state_dict": state}, checkpoint_id=path)
+    except (CheckpointException, OSError, RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"The checkpoint '{path}' says the distillation teacher's shards are in it (keys '{prefix}...'), "
+            f"but they cannot be read: {err}. HINT: resume from the distributed checkpoint directory Lightning "
+            "wrote, as it is."
+        ) from err
+
+
+__all__ = [
+    "TEACHER_PREFIX",
+    "OneAtATime",
+    "ShardedModule",
+    "check_sharded_settings",
+    "load_teacher_shards",
+    "read_sharded",
+    "same_buffers",
+    "save_teacher",
+    "uses_fsdp2",
+]
