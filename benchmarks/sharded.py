@@ -19,7 +19,8 @@ Each rank measures its own process: the peak RSS during each phase (the high-wat
 closes it), the RSS when the phase began, and its seconds. Phases: ``prune`` (``on_train_start``),
 ``step 1``, ``step 2`` (batch start to batch end: forward, backward, hold, optimizer step) and
 ``export`` (``on_train_end``: masked checkpoint, export, verification, ``pruned.ckpt``). "x fp32"
-divides by the whole model's fp32 parameter bytes. The run is one fresh process per rank, launched by
+divides by the whole model's fp32 parameter bytes. Also printed: each rank's own shard (its part of the
+parameters when training starts), the pruned model's size and the callback's report. The run is one fresh process per rank, launched by
 this script, which prints the table, the machine and the load average before and after.
 """
 
@@ -70,6 +71,7 @@ class Phases:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.shard_bytes = 0  # this rank's own part of the parameters, when training starts
         self._current: tuple[str, float, float] | None = None
 
     def open(self, name: str) -> None:
@@ -93,28 +95,39 @@ class Phases:
     def callbacks(self) -> tuple[Any, Any]:
         """Two Lightning callbacks: put the first before the callback measured and the second after it."""
         import pytorch_lightning as pl
+        from typing_extensions import override
 
         phases = self
 
         class Opens(pl.Callback):
+            @override
             def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                from lightning_prune.core.sharded import is_dtensor
+
+                local = [p.to_local() if is_dtensor(p) else p for p in pl_module.parameters()]
+                phases.shard_bytes = sum(t.numel() * t.element_size() for t in local)
                 phases.open("prune")
 
+            @override
             def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
                 phases.open(f"step {trainer.global_step + 1}")
 
+            @override
             def on_train_end(self, trainer: Any, pl_module: Any) -> None:
                 phases.open("export")
 
         class Closes(pl.Callback):
+            @override
             def on_train_start(self, trainer: Any, pl_module: Any) -> None:
                 phases.close()
 
+            @override
             def on_train_batch_end(
                 self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
             ) -> None:
                 phases.close()
 
+            @override
             def on_train_end(self, trainer: Any, pl_module: Any) -> None:
                 phases.close()
 
@@ -131,7 +144,6 @@ def worker(out: str, config: dict[str, int]) -> None:
     from torch.utils.data import DataLoader
 
     from lightning_prune import PruneExportCallback
-    from lightning_prune.core.sharded import is_dtensor
 
     class ShardedLlama(pl.LightningModule):
         """A user's module: ``self.model`` the Hugging Face model, sharded layer by layer in ``configure_model``."""
@@ -186,13 +198,12 @@ def worker(out: str, config: dict[str, int]) -> None:
         callbacks=[opens, callback, closes],
     )
     trainer.fit(module, DataLoader(samples, batch_size=config["batch"]))
-    local = [p.to_local() if is_dtensor(p) else p for p in module.parameters()]
     network = callback.exported_network
     report = callback.report
     record = {
         "rank": trainer.global_rank,
         "params": params,
-        "shard_bytes": sum(t.numel() * t.element_size() for t in local),
+        "shard_bytes": phases.shard_bytes,
         "pruned_params": sum(p.numel() for p in network.parameters()),
         "pruned_bytes": sum(p.numel() * p.element_size() for p in network.parameters()),
         "phases": phases.rows,

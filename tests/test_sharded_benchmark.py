@@ -28,6 +28,7 @@ def test_sharded_benchmark_measures_every_rank_and_phase(capsys) -> None:
         assert report["verified_batches"] == 1 and report["max_relative_error"] <= 1e-5  # the export was verified
         assert record["pruned_params"] < record["params"]
         assert 0 < record["shard_bytes"] < record["params"] * 4  # each rank holds a part of the model, not all of it
+    assert sum(r["shard_bytes"] for r in records) == records[0]["params"] * 4  # the two parts make the fp32 model
     assert records[0]["pruned_params"] == records[1]["pruned_params"]  # every rank built the same smaller model
     summary = result["summary"]
     assert "export_seconds" in summary and "load average" in summary and " cores, torch " in summary
