@@ -5,10 +5,12 @@ A user's own LightningModule keeps its network in `self.model` and shards it wit
 `Trainer(strategy=ModelParallelStrategy(data_parallel_size=2), devices=2, accelerator="cpu")` on
 plain loaders given to `fit`. CASE picks the callback: `l1`, `fpgm`, `l2`, `bn_scale` (one-shot at
 epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking), `taylor-distill` (the same
-with distillation) or `masks` (given masks). Flags: `resume=PATH` resumes from a (sharded) checkpoint;
-`every_epoch` keeps a checkpoint of every epoch; `full_file` makes those single files (the strategy's
-`save_distributed_checkpoint=False`); `fail` makes a user's shrink function raise (in the export, on
-every rank); `rank1_fails`: rank 1 raises just before the pruning step, which rank 0 enters alone.
+with distillation) or `masks` (given masks; one is on `model.head.2`, in the root's shard group, which
+the validation loop before the pruning step leaves gathered). Flags: `resume=PATH` resumes from a
+(sharded) checkpoint; `every_epoch` keeps a checkpoint of every epoch; `full_file` makes those single
+files (the strategy's `save_distributed_checkpoint=False`); `fail` makes a user's shrink function raise
+(in the export, on every rank); `rank1_fails`: rank 1 raises just before the pruning step, which rank 0
+enters alone.
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
@@ -109,6 +111,7 @@ def callback_for(case: str, out: str) -> PruneExportCallback:
     if case == "masks":
         keep = torch.tensor([True, False] * 8)
         masks = {"model.blocks.0.conv1": keep, "model.blocks.1.conv1": keep.roll(1)}
+        masks["model.head.2"] = torch.tensor([True, True, False, False] * 8)  # the root's shard group
         return PruneExportCallback(masks=masks, prune_on_epoch=1, **common)
     return PruneExportCallback(pruner=case, sparsity=0.5, prune_on_epoch=1, **common)
 

@@ -107,6 +107,22 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer, src=src)
 
 
+def reshard(model: nn.Module) -> None:
+    """Register the shards again as the parameters of every ``fully_shard`` module in ``model`` that FSDP2 left
+    unsharded, freeing the gathered copies (not collective; nothing happens to a plain module).
+
+    After a forward without a backward (a validation loop, a check) the root's parameters stay gathered:
+    plain tensors, views into a buffer that the next reshard frees. Whatever reads or writes the parameters
+    then must do it on the shards, which training updates."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def skeleton(model: nn.Module) -> nn.Module:
     """``model``'s modules as they were before sharding, with every parameter on the meta device at its
     full shape (ties kept) and every buffer a copy of its full value.
@@ -248,6 +264,7 @@ __all__ = [
     "is_sharded",
     "local_part",
     "local_rows",
+    "reshard",
     "sharded_copy",
     "skeleton",
     "whole",

@@ -23,7 +23,7 @@ from lightning_prune.lightning.checks import NNI_NAMES
 from lightning_prune.lightning.compat import info
 from lightning_prune.lightning.inputs import example_input
 from lightning_prune.lightning.schedule import Schedule
-from lightning_prune.lightning.sharding import ShardedModule, check_sharded_settings, read_sharded
+from lightning_prune.lightning.sharding import ShardedModule, check_sharded_settings, read_sharded, shards_registered
 from lightning_prune.lightning.state import PruneState
 
 
@@ -187,6 +187,7 @@ class Pruning:
         if graph is None:
             self.state.graph = None  # the layers may have changed since it was traced
             graph = self.graph(trainer, pl_module)
+        shards_registered(trainer, pl_module)  # FSDP2: hold the shards, not a gathered copy a validation left
         self.state.hold = MaskHold.build(pl_module, self.state.masks, graph=graph)
         self.state.hold.apply()
 

@@ -30,6 +30,7 @@ from lightning_prune.core.sharded import (
     GatheredState,
     broadcast_buffers,
     is_sharded,
+    reshard,
     skeleton,
     whole,
 )
@@ -48,8 +49,18 @@ def uses_fsdp2(trainer: Any) -> bool:
 
 
 def read_sharded(trainer: Any, pl_module: Any) -> bool:
-    """Whether the callback reads ``pl_module`` shard by shard: its parameters are ``DTensor`` shards."""
+    """Whether the callback reads ``pl_module`` shard by shard: its parameters are ``DTensor`` shards (once
+    :func:`shards_registered` has put back those a validation forward left gathered)."""
+    shards_registered(trainer, pl_module)
     return uses_fsdp2(trainer) and is_sharded(pl_module)
+
+
+def shards_registered(trainer: Any, pl_module: Any) -> None:
+    """Under FSDP2, the shards registered as ``pl_module``'s parameters again where a forward without a
+    backward (validation) left the root's gathered (:func:`~lightning_prune.core.sharded.reshard`), so that
+    what the callback reads, and what its hold writes, are the shards."""
+    if uses_fsdp2(trainer):
+        reshard(pl_module)
 
 
 def same_buffers(trainer: Any, pl_module: Any) -> None:
@@ -186,5 +197,6 @@ __all__ = [
     "read_sharded",
     "same_buffers",
     "save_teacher",
+    "shards_registered",
     "uses_fsdp2",
 ]
