@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.graph.changes import HeadCounts
 
 if TYPE_CHECKING:
@@ -90,6 +91,22 @@ def update_head_attributes(module: nn.Module, counts: HeadCounts) -> None:
             setattr(module, name, after)
 
 
+def with_head_dim(module: nn.Module, pruned_class: type[nn.Module], head_dim: int) -> None:
+    """Make ``module`` a ``pruned_class`` with ``head_dim`` set, in place: for library attention whose
+    ``forward`` derives ``head_dim`` from its input width (``C // num_heads``), so that heads cannot go
+    while the width stays. ``pruned_class`` subclasses the module's class and overrides only ``forward``,
+    reading ``self.head_dim``; parameters, buffers, hooks and names stay (a checkpoint loads as before).
+    The class is swapped rather than the module rebuilt, as ``torch.nn.utils.parametrize`` does, so that
+    an attention that is the whole model is changed too."""
+    if not issubclass(pruned_class, type(module)):
+        raise ConfigurationError(
+            f"with_head_dim: {pruned_class.__name__} does not subclass the module's class {type(module).__name__}; "
+            "give a subclass of it that overrides only forward."
+        )
+    module.__class__ = pruned_class
+    module.head_dim = head_dim
+
+
 def register_model_updater(fn: ModelUpdater) -> ModelUpdater:
     """Register ``fn(model, plan) -> None``, run on every exported model once its layers are shrunk
     (to update what describes the whole model, such as a Hugging Face ``config``)."""
@@ -110,4 +127,5 @@ __all__ = [
     "update_head_attributes",
     "update_heads",
     "update_model",
+    "with_head_dim",
 ]
