@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 from torchvision.models.vision_transformer import VisionTransformer
 
-from lightning_prune.core.shrink.attention import register_attention, register_model_updater, with_head_dim
+from lightning_prune.core.shrink.attention import register_head_dim_twins, register_model_updater
 
 if TYPE_CHECKING:
-    from lightning_prune.core.graph.changes import HeadCounts, Plan
+    from lightning_prune.core.graph.changes import Plan
 
 
 @register_model_updater
@@ -55,21 +55,9 @@ class PrunedShiftedWindowAttentionV2(_ExplicitHeadDim, ShiftedWindowAttentionV2)
     """A ``ShiftedWindowAttentionV2`` whose ``num_heads * head_dim`` may differ from its input width."""
 
 
-_PRUNED = {
-    ShiftedWindowAttention: PrunedShiftedWindowAttention,
-    ShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
-}
-
-
-@register_attention(ShiftedWindowAttention)
-def update_shifted_window_attention(module: ShiftedWindowAttention, counts: HeadCounts) -> None:
-    """Set ``num_heads``; torchvision's own classes (or their pruned twins, exported again) take the pruned
-    twin's ``forward``. A subclass of one's own is left its ``forward``: export's check keeps its heads if
-    that derives ``head_dim`` from the width."""
-    module.num_heads = counts.query
-    pruned = _PRUNED.get(type(module), type(module))
-    if pruned in _PRUNED.values():
-        with_head_dim(module, pruned, counts.head_dim)
+register_head_dim_twins(
+    {ShiftedWindowAttention: PrunedShiftedWindowAttention, ShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2}
+)
 
 
 def window_attention(x: Tensor, module: ShiftedWindowAttention, relative_position_bias: Tensor) -> Tensor:
@@ -131,7 +119,6 @@ def _shift_mask(x: Tensor, window: list[int], shift: list[int], pad_H: int, pad_
 __all__ = [
     "PrunedShiftedWindowAttention",
     "PrunedShiftedWindowAttentionV2",
-    "update_shifted_window_attention",
     "update_vision_transformers",
     "window_attention",
 ]
