@@ -28,7 +28,16 @@ from helpers import RTOL, randomize, zero_norm_affine
 from torch import nn
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
-from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
+from lightning_prune import (
+    ChannelGraph,
+    check_deployed,
+    export,
+    group_masks,
+    load_pruned,
+    save_pruned,
+    save_pt2,
+    verify_equivalence,
+)
 from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.shrink.attention import register_head_dim_twins
 from lightning_prune.core.shrink.torchvision_models import PrunedShiftedWindowAttention, PrunedShiftedWindowAttentionV2
@@ -192,3 +201,11 @@ def test_the_checkpoint_rebuilds_the_pruned_attention_from_the_original_architec
 def test_a_twin_that_does_not_subclass_its_class_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="PrunedShiftedWindowAttention does not subclass Linear"):
         register_head_dim_twins({nn.Linear: PrunedShiftedWindowAttention})
+
+
+def test_the_pruned_attention_exports_to_pt2(tmp_path) -> None:
+    """torch.export traces the twin's forward: the deployed file computes what the exported model does."""
+    _, _, result, _ = exported("swin_t")
+    path = save_pt2(result.model, images(2, 32, 0), tmp_path / "pruned.pt2")
+    checked = check_deployed(path, result.model, [images(3, 32, 1)], format="pt2")
+    assert checked["max_relative_error"] <= checked["rtol"]
