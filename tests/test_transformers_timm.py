@@ -11,9 +11,9 @@ takes one; strictly smaller; and
 - where heads go (ViT, DeiT, Swin, PVT-v2, Twins, XCiT, LeViT, MobileViT, EfficientFormer): every
   attention loses the heads the masks prune, the plan's notes count them, and the module's head
   count attribute (``num_heads``) says the new count;
-- where heads stay (BEiT, CaiT, CoaT, MaxViT, marked ``HEADS KEPT`` below): no head goes, and the
-  reason the graph gives for keeping them is the one expected, so a change there fails loudly and
-  the case can be moved to the other list.
+- where heads stay (BEiT, CaiT, CoaT, MaxViT, marked ``HEADS KEPT`` below): no head of the attentions
+  named goes (CaiT's class-attention blocks lose theirs), and the reason the graph gives for keeping
+  them is the one expected, so a change there fails loudly and the case can be moved to the other list.
 
 Tiny models spend their time in thread hand-offs, not arithmetic: the module runs single-threaded.
 """
@@ -144,7 +144,7 @@ CASES: dict[str, Case] = {
         32,
         None,
         # talking-heads attention mixes the heads (proj_l, proj_w act across them): the slices of
-        # q, k and v it takes from qkv cannot lose whole heads
+        # q, k and v it takes from qkv cannot lose whole heads (the class-attention blocks' heads go)
         heads_kept=(r"blocks\.\d+\.attn\.qkv$", "op 'getitem' keeps a fixed part of them"),
     ),
     "coat_lite": Case(  # strict patch embeddings fix the image size
@@ -289,13 +289,15 @@ def test_heads_removed_as_masked(name: str) -> None:
 
 @pytest.mark.parametrize("name", HEADS_KEPT)
 def test_heads_kept_for_the_known_reason(name: str) -> None:
-    """HEADS KEPT: no head goes, and the graph keeps the query channels for the reason expected."""
+    """HEADS KEPT: no head of the attentions named goes, and the graph keeps their query channels for the
+    reason expected."""
     case, run = CASES[name], export_case(name)
     pattern, reason = case.heads_kept
-    assert not [note for note in run.result.notes if note.unit == "head(s)"]
-    assert not run.result.plan.heads
     layers = [layer for layer in run.result.graph.trace.producers if re.search(pattern, layer)]
     assert layers, f"no layer matches {pattern!r}"
+    attentions = {layer.rpartition(".")[0] for layer in layers}
+    assert not [note for note in run.result.notes if note.unit == "head(s)" and note.layer in attentions]
+    assert not attentions & run.result.plan.heads.keys()
     for layer in layers:
         assert any(reason in why for why in block_reasons(run.result.graph, layer)), (
             f"{layer}: {block_reasons(run.result.graph, layer)}"

@@ -7,8 +7,9 @@
 - :mod:`~lightning_prune.core.shrink.multihead`: ``nn.MultiheadAttention`` with fewer heads;
 - :mod:`~lightning_prune.core.shrink.residual`: embeddings that lost columns, RMS norms rescaled to stay
   exact (the default for any module);
-- :mod:`~lightning_prune.core.shrink.hf`, :mod:`~lightning_prune.core.shrink.torchvision_models`: the
-  Hugging Face and torchvision adapters, imported once their library is
+- :mod:`~lightning_prune.core.shrink.hf`, :mod:`~lightning_prune.core.shrink.torchvision_models`,
+  :mod:`~lightning_prune.core.shrink.timm_models`: the Hugging Face, torchvision and timm adapters,
+  imported once their library is
   (:func:`~lightning_prune.core.integrations.load_integrations`).
 """
 
@@ -17,3 +18,4 @@ from lightning_prune.core.shrink import multihead, residual  # noqa: F401  (regi
 
 register_integration("transformers", "lightning_prune.core.shrink.hf")
 register_integration("torchvision", "lightning_prune.core.shrink.torchvision_models")
+register_integration("timm", "lightning_prune.core.shrink.timm_models")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.graph.changes import HeadCounts
 
 if TYPE_CHECKING:
@@ -90,6 +91,35 @@ def update_head_attributes(module: nn.Module, counts: HeadCounts) -> None:
             setattr(module, name, after)
 
 
+def register_head_dim_twins(twins: dict[type[nn.Module], type[nn.Module]]) -> None:
+    """Register a head updater for library attention whose ``forward`` derives ``head_dim`` from its input
+    width (``C // num_heads``, a reshape back to ``C``), so that heads cannot go while the width stays.
+
+    ``twins`` maps each such class to its pruned twin: a subclass overriding only ``forward``, reading
+    ``self.head_dim``. The updater sets the head counts (:func:`update_head_attributes`), then makes a
+    module of the class exactly (or an exported twin, exported again) its twin with ``head_dim`` set,
+    in place: parameters, buffers, hooks and names stay, so a checkpoint loads as before. The class is
+    swapped rather than the module rebuilt, as ``torch.nn.utils.parametrize`` does, so that an attention
+    that is the whole model is changed too. A subclass of one's own keeps its ``forward``: export's check
+    keeps its heads if that derives ``head_dim`` from the width.
+    """
+    for library_class, twin in twins.items():
+        if not issubclass(twin, library_class):
+            raise ConfigurationError(
+                f"register_head_dim_twins: {twin.__name__} does not subclass {library_class.__name__}; give a "
+                "subclass of it that overrides only forward."
+            )
+
+    def update(module: nn.Module, counts: HeadCounts) -> None:
+        update_head_attributes(module, counts)
+        twin = twins.get(type(module), type(module))
+        if twin in twins.values():
+            module.__class__ = twin
+            module.head_dim = counts.head_dim
+
+    register_attention(*twins)(update)
+
+
 def register_model_updater(fn: ModelUpdater) -> ModelUpdater:
     """Register ``fn(model, plan) -> None``, run on every exported model once its layers are shrunk
     (to update what describes the whole model, such as a Hugging Face ``config``)."""
@@ -106,6 +136,7 @@ def update_model(model: nn.Module, plan: Plan) -> None:
 
 __all__ = [
     "register_attention",
+    "register_head_dim_twins",
     "register_model_updater",
     "update_head_attributes",
     "update_heads",
