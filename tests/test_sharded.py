@@ -117,8 +117,11 @@ def test_resume_from_a_sharded_checkpoint_mid_schedule_equals_an_uninterrupted_r
     result = run(first, "taylor", "every_epoch")
     assert result.returncode == 0, result.stderr[-3000:]
     between = sorted((first / "ckpt").iterdir())
-    middle = next(path for path in between if path.name.startswith("epoch=1"))  # after step 1, before step 2
+    # saved at the end of epoch 0, after the pruning step taken there (step 1), before step 2 (end of epoch 1)
+    middle = next(path for path in between if path.name.startswith("epoch=0"))
     assert middle.is_dir()  # a distributed checkpoint: one directory, a shard per rank
+    states = torch.load(middle / "meta.pt", weights_only=False)["callbacks"]
+    assert [s["steps_done"] for k, s in states.items() if k.startswith("PruneExportCallback")] == [1]
     resumed = tmp_path / "resumed"
     result = run(resumed, "taylor", f"resume={middle}")
     assert result.returncode == 0, result.stderr[-3000:]
