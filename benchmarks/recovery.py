@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
     args = parser.parse_args(argv)
-    quiet()
     started = time.perf_counter()
     train, held_out = shapes(args.train, seed=0), shapes(args.held_out, seed=1)
     batch = 64
@@ -199,4 +198,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,21 +29,11 @@ Table = dict[tuple[str, str], dict[str, list[float]]]
 
 
 def quiet() -> None:
-    """No warnings or Lightning info lines, and no latency timing in the export report (seconds per run
-    that these benchmarks do not measure): every loaded module of the package that imported
-    ``compare_models`` gets one that only counts parameters."""
+    """No warnings or Lightning info lines, for a benchmark run as a script (the recipes' callbacks
+    time no latency: ``measure_latency=False``)."""
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_prune"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import lightning_prune.lightning.callback  # noqa: F401  (loads the modules to patch)
-    from lightning_prune.core.verify.report import count_params
-
-    def sizes(dense: nn.Module, exported: nn.Module, inputs: Any) -> dict[str, Any]:
-        return {"params_dense": count_params(dense), "params_exported": count_params(exported)}
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("lightning_prune.lightning") and hasattr(module, "compare_models"):
-            module.compare_models = sizes
 
 
 def recipes(distill: bool | Mapping[str, float] = True) -> dict[str, dict[str, Any]]:
@@ -99,7 +88,7 @@ def run_recipes(
         for budget, sparsity in budgets.items():
             for name, options in recipes.items():
                 L.seed_everything(100 + seed, verbose=False)
-                callback = PruneExportCallback(sparsity=sparsity, **common, **options)
+                callback = PruneExportCallback(sparsity=sparsity, measure_latency=False, **common, **options)
                 network, score = fit(seed, callback)
                 row = table.setdefault((budget, name), {"score": [], "kept": []})
                 row["score"].append(score)

@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     args = parser.parse_args(argv)
-    quiet()
     started = time.perf_counter()
     train_bytes, held_bytes = corpus()
     held_out = Windows(held_bytes, args.held_out, args.context, seed=12345)
@@ -198,4 +197,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet()
     main()

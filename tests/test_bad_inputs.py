@@ -64,6 +64,7 @@ CASES = {
     "callback-op-types-string": lambda t: PruneExportCallback(op_types="Conv2d"),
     "callback-inplace-dict-contents": lambda t: PruneExportCallback(inplace_dict=write(t, "d.json", "{oops")),
     "callback-verify-batches": lambda t: PruneExportCallback(verify_batches=-1),
+    "callback-measure-latency": lambda t: PruneExportCallback(measure_latency="no"),
     "callback-input-key": lambda t: PruneExportCallback(input_key=3),
     "callback-example-input": lambda t: PruneExportCallback(example_input="an image"),
     "callback-round-to": lambda t: PruneExportCallback(round_to=0),

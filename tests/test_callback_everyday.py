@@ -383,3 +383,12 @@ def test_deployable_files_and_speed_in_the_report(tmp_path) -> None:
         expected = callback.exported_model.eval()(VAL[:5]).numpy()
     got = session.run(None, {name: VAL[:5].numpy()})[0]
     assert abs(got - expected).max() <= 1e-4 * abs(expected).max()
+
+
+def test_a_report_without_latency_has_the_sizes_and_the_errors(tmp_path) -> None:
+    callback = PruneExportCallback(pruner="l1", measure_latency=False, export_dir=str(tmp_path / "out"))
+    run(tmp_path, callback, module=PLClassifier(width=16))
+    report = callback.report
+    assert not [key for key in report if key.startswith("latency_")]
+    assert report["params_exported"] < report["params_dense"] and report["macs_exported"] < report["macs_dense"]
+    assert report["max_relative_error"] <= 1e-5

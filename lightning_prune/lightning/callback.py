@@ -86,6 +86,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         deploy_formats: also write ``pruned.onnx`` (``"onnx"``, needs ``lightning-prune[deploy]``) and/or
             ``pruned.pt2`` (``"pt2"``, ``torch.export``), each checked on the verification batches.
         verify_batches: how many validation batches verification runs (``0``: the example input only).
+        measure_latency: time the dense and exported models for the report (``False``: sizes and errors only).
         gather_full_state: export from a fresh module built from the hyper-parameters and the full gathered
             state; default: under FSDP and DeepSpeed. Under FSDP2 the export reads the shards a module at a time.
 
@@ -128,6 +129,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         whole_channel: bool = False,
         deploy_formats: list[str] | None = None,
         verify_batches: int = 4,
+        measure_latency: bool = True,
         gather_full_state: bool | None = None,
         ranking: str = "uniform",
         min_channels: int = 1,
@@ -147,17 +149,15 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             self.inplace_dict = None if inplace_dict == "auto" else load_inplace_dict(inplace_dict)
         except PruneExportError as err:
             raise ConfigurationError(f"`PruneExportCallback(inplace_dict={inplace_dict!r})`: {err}") from err
-        self.example_input, self.input_key = example_input, input_key
-        self.prune_on_epoch = prune_on_epoch
+        self.example_input, self.input_key, self.prune_on_epoch = example_input, input_key, prune_on_epoch
         self._export_dir_argument = self.export_dir = export_dir
         self.on_failure, self.rtol = on_failure, rtol
         self.group_consistent, self.round_to, self.whole_channel = group_consistent, round_to, whole_channel
-        self.deploy_formats = list(deploy_formats or [])
-        self.verify_batches, self.gather_full_state = verify_batches, gather_full_state
+        self.deploy_formats, self.verify_batches = list(deploy_formats or []), verify_batches
+        self.measure_latency, self.gather_full_state = measure_latency, gather_full_state
         self.ranking, self.min_channels = ranking, min_channels
         self.schedule = Schedule.from_argument(schedule) if schedule is not None else None
-        self.distill = distill_settings(distill)
-        self.finetune = finetune
+        self.distill, self.finetune = distill_settings(distill), finetune
         self._state = PruneState()
         self._handoff = Handoff()
         self._pruning = Pruning(self, self._state, config_argument)

@@ -64,6 +64,7 @@ def validate_arguments(
     group_consistent: Any,
     verify_batches: Any,
     gather_full_state: Any,
+    measure_latency: Any = True,
     round_to: Any = None,
     whole_channel: Any = False,
     deploy_formats: Any = None,
@@ -141,6 +142,8 @@ def validate_arguments(
         raise _fail("group_consistent", group_consistent, "must be True or False.")
     if not _is_int(verify_batches) or verify_batches < 0:
         raise _fail("verify_batches", verify_batches, "must be an int >= 0 (0 verifies on the example input only).")
+    if not isinstance(measure_latency, bool):
+        raise _fail("measure_latency", measure_latency, "must be True or False.")
     if round_to is not None and (not _is_int(round_to) or round_to < 1):
         raise _fail("round_to", round_to, "must be an int >= 1 (1: no rounding; 8 suits GPU tensor cores) or None.")
     if not isinstance(whole_channel, bool):

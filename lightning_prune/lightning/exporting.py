@@ -198,7 +198,8 @@ class Exporting:
             round_to=export_rounding(settings),
         )
         small = result.model.to(pl_module.device).eval()
-        report = self._measure(reference, small, result, example, batches, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        report = self._measure(reference, small, result, example, batches, seconds, settings.measure_latency)
         return self._write(trainer, pl_module, result, report, example, batches)
 
     def _inputs(self, trainer: Any, pl_module: Any, dtype: Any) -> tuple[Any, list[tuple[Any, Any]]]:
