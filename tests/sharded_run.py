@@ -6,7 +6,9 @@ A user's own LightningModule keeps its network in `self.model` and shards it wit
 plain loaders given to `fit`. CASE picks the callback: `l1`, `fpgm`, `l2`, `bn_scale` (one-shot at
 epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking) or `masks` (given masks).
 Flags: `resume=PATH` resumes from a (sharded) checkpoint; `every_epoch` keeps a checkpoint of every
-epoch; `fail` makes a user's shrink function raise (in the export, on every rank).
+epoch; `fail` makes a user's shrink function raise (in the export, on every rank); `pruned` fine-tunes
+at the pruned size (`finetune="pruned"`, three epochs: the shrink after the first) and records what
+the module held right after the shrink (OUT/rank<N>.pt's "shrink").
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
@@ -27,6 +29,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
@@ -94,8 +97,10 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=32, shuffle=False), DataLoader(val, batch_size=32)
 
 
-def callback_for(case: str, out: str) -> PruneExportCallback:
+def callback_for(case: str, out: str, flags: list[str]) -> PruneExportCallback:
     common = {"export_dir": os.path.join(out, "export"), "verify_batches": 2}
+    if "pruned" in flags:
+        common["finetune"] = "pruned"
     if case == "taylor":
         schedule = {"start_epoch": 1, "end_epoch": 2, "steps": 2}
         return PruneExportCallback(pruner="taylor", sparsity=0.5, schedule=schedule, ranking="global", **common)
@@ -117,6 +122,37 @@ class TaylorSpy(pl.Callback):
         self.totals.append(None if totals is None else totals.copy())
 
 
+def gathered(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The network's full state (collective: every rank gathers)."""
+    return {name: whole(t).detach().clone() for name, t in pl_module.model.state_dict().items()}
+
+
+class ShrinkSpy(pl.Callback):
+    """`finetune="pruned"`: the gathered masked weights at the last validation before the shrink (before
+    the epoch's end, where the shrink comes), and right after the shrink (this spy's hooks run after the
+    pruning callback's) the parameter count, each parameter's full and local sizes (``None``: not a
+    DTensor) and the gathered weights."""
+
+    def __init__(self, pruning: PruneExportCallback) -> None:
+        self.pruning, self.before, self.seen = pruning, None, None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruning.finetune == "pruned" and not self.pruning.shrunk:
+            self.before = gathered(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seen is None and self.before is not None and self.pruning.shrunk:
+            self.seen = {
+                "params": sum(p.numel() for p in pl_module.parameters()),
+                "sizes": {
+                    n: (p.numel(), p.to_local().numel() if isinstance(p, DTensor) else None)
+                    for n, p in pl_module.model.named_parameters()
+                },
+                "before": self.before,
+                "weights": gathered(pl_module),
+            }
+
+
 def broken_shrink(module: nn.Module, change: object) -> nn.Module:
     raise RuntimeError("the user's shrink function failed")
 
@@ -127,13 +163,13 @@ def main(out: str, case: str, flags: list[str]) -> None:
         register_shrinker(nn.Conv2d)(broken_shrink)
     pl.seed_everything(0, verbose=False)
     resume = next((f.split("=", 1)[1] for f in flags if f.startswith("resume=")), None)
-    callback = callback_for(case, out)
+    callback = callback_for(case, out, flags)
     checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=4 if case == "taylor" else 2,
+        max_epochs=4 if case == "taylor" else 3 if "pruned" in flags else 2,
         limit_train_batches=3,
         limit_val_batches=2,
         logger=False,
@@ -141,7 +177,12 @@ def main(out: str, case: str, flags: list[str]) -> None:
         enable_model_summary=False,
         enable_checkpointing="every_epoch" in flags,
         default_root_dir=out,
-        callbacks=[spy := TaylorSpy(callback), callback, *([checkpoints] if "every_epoch" in flags else [])],
+        callbacks=[
+            spy := TaylorSpy(callback),
+            callback,
+            shrink := ShrinkSpy(callback),
+            *([checkpoints] if "every_epoch" in flags else []),
+        ],
     )
     module = ShardedDigits()
     train, val = loaders()
@@ -151,12 +192,13 @@ def main(out: str, case: str, flags: list[str]) -> None:
         with open(os.path.join(out, f"error-rank{trainer.global_rank}.txt"), "w") as handle:
             handle.write(str(err))
         raise
-    masked = {name: whole(t).detach().clone() for name, t in module.model.state_dict().items()}
+    masked = gathered(module)
     graph = callback._state.graph  # what the callback traced on the sharded module
     record = {
         "groups": sorted(sorted(group) for group in graph.group_members().values()) if graph is not None else None,
         "taylor": spy.totals,
         "params_at_end": sum(p.numel() for p in module.parameters()),
+        "shrink": shrink.seen,
         "exported": callback.exported_network.state_dict(),
         "masked": masked,
         "masks": callback.masks,

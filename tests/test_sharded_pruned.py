@@ -1,0 +1,117 @@
+"""`finetune="pruned"` under FSDP2 (ModelParallelStrategy, fully_shard per block and on the whole network): after
+the shrink every rank holds the smaller layers, sharded again, and training goes on at the pruned size. Each run
+is a real Trainer on 2 CPU processes with gloo, in a subprocess (tests/sharded_run.py, flag `pruned`)."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
+from sharded_run import Net, ShardedDigits, loaders
+from test_sharded import records, relative_error, run
+from torch.distributed.fsdp import fully_shard
+
+from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
+
+DENSE = sum(p.numel() for p in Net().parameters())
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """Three epochs, the shrink after the first, a distributed checkpoint kept at every epoch."""
+    out = tmp_path_factory.mktemp("pruned")
+    result = run(out, "l1", "pruned", "every_epoch")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def small_network(out, state: dict) -> Net:
+    """The bare network at the pruned size (as pruned.ckpt records it) holding ``state``."""
+    network = load_pruned(out / "export" / "pruned.ckpt", Net())
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def test_training_goes_on_at_the_pruned_size_on_layers_sharded_again(pruned_run) -> None:
+    for record in records(pruned_run):
+        shrink = record["shrink"]
+        assert shrink is not None, "the spy never saw the shrink"
+        assert shrink["params"] < DENSE and record["params_at_end"] == shrink["params"]
+        for name, (full, local) in shrink["sizes"].items():
+            assert local is not None, f"{name} is not a DTensor after the shrink"
+            assert local < full, f"{name} is not sharded across the ranks ({local} of {full} here)"
+        for name, value in shrink[
+            "weights"
+        ].items():  # trained on after the shrink (a bias before a norm has no gradient)
+            if name.endswith(".weight"):
+                assert not torch.equal(record["masked"][name], value), f"{name} did not change after the shrink"
+
+
+def test_the_shrink_under_fsdp2_computes_what_the_masked_network_did(pruned_run) -> None:
+    rank0 = records(pruned_run)[0]
+    shrink, state = rank0["shrink"], dict(rank0["shrink"]["before"])  # the dense weights just before the prune
+    for layer, keep in rank0["masks"].items():  # the whole pruned channel zeroed: filter, bias, the norm it feeds
+        conv = layer.removeprefix("model.")
+        for name in (
+            f"{conv}.weight",
+            f"{conv}.bias",
+            f"{conv.replace('conv', 'bn')}.weight",
+            f"{conv.replace('conv', 'bn')}.bias",
+        ):
+            state[name] = state[name] * keep.view(-1, *[1] * (state[name].ndim - 1))
+    masked = Net()
+    masked.load_state_dict(state)
+    unseen = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = masked.eval()(unseen)
+        assert relative_error(expected, small_network(pruned_run, shrink["weights"])(unseen)) <= 1e-5
+
+
+def test_every_rank_exports_the_same_network_and_pruned_ckpt_loads_into_the_bare_net(pruned_run) -> None:
+    rank0, rank1 = records(pruned_run)
+    assert rank0["exported"].keys() == rank1["exported"].keys()
+    assert all(torch.equal(v, rank1["exported"][k]) for k, v in rank0["exported"].items())
+    small = load_pruned(pruned_run / "export" / "pruned.ckpt", Net())
+    assert sum(p.numel() for p in small.parameters()) == rank0["params_at_end"] < DENSE
+    assert small.state_dict().keys() == rank0["exported"].keys()
+    assert all(torch.equal(v, rank0["exported"][k]) for k, v in small.state_dict().items())
+    assert all(torch.equal(v, rank0["masked"][k]) for k, v in small.state_dict().items())  # the trained small net
+
+
+def test_resume_from_a_distributed_checkpoint_taken_after_the_shrink(pruned_run, tmp_path) -> None:
+    after = next(path for path in (pruned_run / "ckpt").iterdir() if path.name.startswith("epoch=1"))
+    assert after.is_dir()  # a distributed checkpoint of the small sharded module
+    result = run(tmp_path, "l1", "pruned", f"resume={after}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted, resumed = records(pruned_run)[0], records(tmp_path)[0]
+    assert resumed["params_at_end"] == uninterrupted["params_at_end"] < DENSE
+    assert resumed["exported"].keys() == uninterrupted["exported"].keys()
+    for key, value in uninterrupted["exported"].items():
+        torch.testing.assert_close(resumed["exported"][key], value, rtol=1e-5, atol=1e-6)
+    small = load_pruned(tmp_path / "export" / "pruned.ckpt", Net())
+    assert all(torch.equal(v, resumed["exported"][k]) for k, v in small.state_dict().items())
+
+
+class ShardsItself(ShardedDigits):
+    """A user's module that makes the LightningModule itself the FSDP unit."""
+
+    def configure_model(self) -> None:
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+def test_a_sharding_the_shrink_cannot_redo_is_refused_before_training(tmp_path) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[PruneExportCallback(pruner="l1", prune_on_epoch=1, finetune="pruned", export_dir=str(tmp_path))],
+    )
+    with pytest.raises(ConfigurationError, match="ShardsItself itself is an FSDP unit.*HINT: shard `self.model`"):
+        trainer.fit(ShardsItself(), *loaders())
+    assert trainer.global_step == 0
