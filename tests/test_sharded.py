@@ -145,7 +145,6 @@ def test_a_failing_export_ends_every_rank_with_its_error_and_keeps_the_training(
     [
         pytest.param({"pruner": "nni-l1", "sparsity": 0.5}, "pruner='nni-l1'", id="nni-pruner"),
         pytest.param({"pruner": "l1", "sparsity": 0.5, "distill": True}, "distill", id="distill"),
-        pytest.param({"pruner": "l1", "sparsity": 0.5, "finetune": "pruned"}, "finetune='pruned'", id="pruned-size"),
     ],
 )
 def test_what_sharded_training_cannot_do_is_refused_before_training(tmp_path, arguments, match) -> None:
