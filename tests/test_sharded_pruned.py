@@ -8,9 +8,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
-from sharded_run import Net, ShardedDigits, loaders
+from sharded_run import Net, ShardedDigits, gathered, loaders
 from test_sharded import records, relative_error, run
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
 
@@ -115,3 +115,55 @@ def test_a_sharding_the_shrink_cannot_redo_is_refused_before_training(tmp_path) 
     with pytest.raises(ConfigurationError, match="ShardsItself itself is an FSDP unit.*HINT: shard `self.model`"):
         trainer.fit(ShardsItself(), *loaders())
     assert trainer.global_step == 0
+
+
+class BlocksKeptWhole(ShardedDigits):
+    """Each block sharded with its parameters kept whole between forward and backward."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=False)
+        fully_shard(self.model, mesh=mesh)
+
+
+def fit_in_one_process(tmp_path, module: ShardedDigits, finetune: str) -> PruneExportCallback:
+    """A real ModelParallelStrategy run in this process (one rank: the shards are whole, still DTensors)."""
+    callback = PruneExportCallback(pruner="l1", prune_on_epoch=1, finetune=finetune, export_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.fit(module, *loaders())
+    return callback
+
+
+def test_each_unit_is_sharded_again_with_its_own_settings(tmp_path) -> None:
+    module = BlocksKeptWhole()
+    fit_in_one_process(tmp_path, module, "pruned")
+    units = {name for name, unit in module.named_modules() if isinstance(unit, FSDPModule)}
+    assert units == {"model", "model.blocks.0", "model.blocks.1"}
+    # half of 16 channels: the prune read and held the shards (validation had left the blocks whole), so
+    # no pruned channel was kept for a norm's nonzero constant
+    assert [block.conv1.weight.shape[0] for block in module.model.blocks] == [8, 8]
+    for block in module.model.blocks:  # reshard_after_forward=False carried over (the default would reshard)
+        assert block._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
+
+
+def test_masks_are_held_on_the_shards_of_a_unit_that_validation_left_whole(tmp_path) -> None:
+    module = BlocksKeptWhole()
+    callback = fit_in_one_process(tmp_path, module, "masked")
+    state = gathered(module)
+    for layer, keep in callback.masks.items():
+        name = layer.removeprefix("model.")
+        for tensor in (f"{name}.weight", f"{name}.bias", f"{name.replace('conv', 'bn')}.bias"):
+            assert torch.count_nonzero(state[tensor][~keep]) == 0, tensor

@@ -57,6 +57,21 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
+def reshard_units(model: nn.Module) -> None:
+    """Put every ``fully_shard`` unit of ``model`` back in its sharded state (local shards registered).
+
+    A unit keeps its parameters whole after a forward that no backward follows (validation) when it is
+    the root or was sharded with ``reshard_after_forward=False``; what is read or written then is a
+    temporary whole copy, freed at the next reshard. Nothing happens without FSDP2 units."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def whole(tensor: Tensor) -> Tensor:
     """``tensor`` itself, or the full value of a ``DTensor`` gathered from its shards (collective)."""
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
@@ -180,4 +195,13 @@ def _buffer_copy(buffer: Tensor, seen: dict[int, Tensor]) -> Tensor:
     return seen[id(buffer)]
 
 
-__all__ = ["GatheredState", "broadcast_buffers", "is_dtensor", "is_sharded", "local_rows", "skeleton", "whole"]
+__all__ = [
+    "GatheredState",
+    "broadcast_buffers",
+    "is_dtensor",
+    "is_sharded",
+    "local_rows",
+    "reshard_units",
+    "skeleton",
+    "whole",
+]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.errors import CheckpointError, ConfigurationError
-from lightning_prune.core.sharded import is_dtensor
+from lightning_prune.core.sharded import is_dtensor, reshard_units
 
 _METADATA = "meta.pt"  # what Lightning's distributed checkpoint directory keeps besides the shards
 
@@ -58,8 +58,7 @@ class ShardLayout:
                 f"{type(pl_module).__name__} itself is an FSDP unit (`fully_shard(self)`)",
                 "shard `self.model` (or its blocks) in `configure_model`",
             )
-        for name in units:
-            pl_module.get_submodule(name).reshard()
+        reshard_units(pl_module)
         sharded = [(name, p) for name, p in pl_module.named_parameters() if is_dtensor(p)]
         meshes = {p.device_mesh for _, p in sharded}
         if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
@@ -91,7 +90,13 @@ def _settings(unit: nn.Module) -> dict[str, Any]:
     group = state._fsdp_param_group
     if group is None:  # a unit without parameters of its own
         return {}
-    reshard = None if state._auto_reshard_after_forward else group.post_forward_mesh_info is not None
+    after = group.post_forward_mesh_info  # None: kept whole after forward; a smaller mesh: an int was given
+    if state._auto_reshard_after_forward:
+        reshard: bool | int | None = None
+    elif after is None or after.shard_mesh_size == group.mesh_info.shard_mesh_size:
+        reshard = after is not None
+    else:
+        reshard = after.shard_mesh_size
     return {"mp_policy": group.mp_policy, "offload_policy": group.offload_policy, "reshard_after_forward": reshard}
 
 

@@ -23,7 +23,7 @@ from lightning_prune.core.export import ExportResult
 from lightning_prune.core.from_file import export_from_file
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.masks import Masks
-from lightning_prune.core.sharded import GatheredState, broadcast_buffers, is_sharded, skeleton
+from lightning_prune.core.sharded import GatheredState, broadcast_buffers, is_sharded, reshard_units, skeleton
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.weights import StreamedWeights
 
@@ -37,8 +37,12 @@ def uses_fsdp2(trainer: Any) -> bool:
 
 
 def read_sharded(trainer: Any, pl_module: Any) -> bool:
-    """Whether the callback reads ``pl_module`` shard by shard: its parameters are ``DTensor`` shards."""
-    return uses_fsdp2(trainer) and is_sharded(pl_module)
+    """Whether the callback reads ``pl_module`` shard by shard: its parameters are ``DTensor`` shards
+    (under FSDP2 every unit is resharded first, so what the callback reads and holds is the shards)."""
+    if not uses_fsdp2(trainer):
+        return False
+    reshard_units(pl_module)
+    return is_sharded(pl_module)
 
 
 def same_buffers(trainer: Any, pl_module: Any) -> None:
