@@ -8,7 +8,8 @@ epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking) or `m
 Flags: `resume=PATH` resumes from a (sharded) checkpoint; `every_epoch` keeps a checkpoint of every
 epoch; `fail` makes a user's shrink function raise (in the export, on every rank); `pruned` fine-tunes
 at the pruned size (`finetune="pruned"`, three epochs: the shrink after the first) and records what
-the module held right after the shrink (OUT/rank<N>.pt's "shrink").
+the module held right after the shrink (OUT/rank<N>.pt's "shrink"); `full_checkpoint` saves each
+checkpoint as one file of full tensors instead of a distributed checkpoint directory.
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
@@ -168,7 +169,9 @@ def main(out: str, case: str, flags: list[str]) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="full_checkpoint" not in flags
+        ),
         max_epochs=4 if case == "taylor" else 3 if "pruned" in flags else 2,
         limit_train_batches=3,
         limit_val_batches=2,

@@ -79,18 +79,27 @@ def test_every_rank_exports_the_same_network_and_pruned_ckpt_loads_into_the_bare
     assert all(torch.equal(v, rank0["masked"][k]) for k, v in small.state_dict().items())  # the trained small net
 
 
-def test_resume_from_a_distributed_checkpoint_taken_after_the_shrink(pruned_run, tmp_path) -> None:
-    after = next(path for path in (pruned_run / "ckpt").iterdir() if path.name.startswith("epoch=1"))
-    assert after.is_dir()  # a distributed checkpoint of the small sharded module
-    result = run(tmp_path, "l1", "pruned", f"resume={after}")
+@pytest.mark.parametrize("form", ["distributed", "full"])
+def test_resume_from_a_checkpoint_taken_after_the_shrink(pruned_run, tmp_path, form) -> None:
+    """A distributed checkpoint directory, or one file of full tensors (`save_distributed_checkpoint=False`)."""
+    flags = ("full_checkpoint",) if form == "full" else ()
+    first = pruned_run
+    if form == "full":
+        first = tmp_path / "first"
+        result = run(first, "l1", "pruned", "every_epoch", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+    after = next(path for path in (first / "ckpt").iterdir() if path.name.startswith("epoch=1"))
+    assert after.is_dir() == (form == "distributed")  # the small sharded module's checkpoint
+    resumed = tmp_path / "resumed"
+    result = run(resumed, "l1", "pruned", f"resume={after}", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
-    uninterrupted, resumed = records(pruned_run)[0], records(tmp_path)[0]
-    assert resumed["params_at_end"] == uninterrupted["params_at_end"] < DENSE
-    assert resumed["exported"].keys() == uninterrupted["exported"].keys()
+    uninterrupted, again = records(first)[0], records(resumed)[0]
+    assert again["params_at_end"] == uninterrupted["params_at_end"] < DENSE
+    assert again["exported"].keys() == uninterrupted["exported"].keys()
     for key, value in uninterrupted["exported"].items():
-        torch.testing.assert_close(resumed["exported"][key], value, rtol=1e-5, atol=1e-6)
-    small = load_pruned(tmp_path / "export" / "pruned.ckpt", Net())
-    assert all(torch.equal(v, resumed["exported"][k]) for k, v in small.state_dict().items())
+        torch.testing.assert_close(again["exported"][key], value, rtol=1e-5, atol=1e-6)
+    small = load_pruned(resumed / "export" / "pruned.ckpt", Net())
+    assert all(torch.equal(v, again["exported"][k]) for k, v in small.state_dict().items())
 
 
 class ShardsItself(ShardedDigits):
