@@ -8,9 +8,11 @@ epoch 1), `taylor` (a two-step schedule at epochs 1 and 2, global ranking), `tay
 with distillation) or `masks` (given masks; one is on `model.head.2`, in the root's shard group, which
 the validation loop before the pruning step leaves gathered). Flags: `resume=PATH` resumes from a
 (sharded) checkpoint; `every_epoch` keeps a checkpoint of every epoch; `full_file` makes those single
-files (the strategy's `save_distributed_checkpoint=False`); `fail` makes a user's shrink function raise
-(in the export, on every rank); `rank1_fails`: rank 1 raises just before the pruning step, which rank 0
-enters alone.
+files of full tensors (the strategy's `save_distributed_checkpoint=False`); `fail` makes a user's
+shrink function raise (in the export, on every rank); `rank1_fails`: rank 1 raises just before the
+pruning step, which rank 0 enters alone; `pruned` fine-tunes at the pruned size (`finetune="pruned"`,
+three epochs: the shrink after the first) and records what the module held right after the shrink
+(OUT/rank<N>.pt's "shrink").
 
 Each rank writes OUT/rank<N>.pt: its exported network's state dict, the full (gathered) masked
 network's state dict at the end, the masks, the coupled groups the callback traced, the Taylor sums
@@ -33,6 +35,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
@@ -100,8 +103,10 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=32, shuffle=False), DataLoader(val, batch_size=32)
 
 
-def callback_for(case: str, out: str) -> PruneExportCallback:
+def callback_for(case: str, out: str, flags: list[str]) -> PruneExportCallback:
     common = {"export_dir": os.path.join(out, "export"), "verify_batches": 2}
+    if "pruned" in flags:
+        common["finetune"] = "pruned"
     if case.startswith("taylor"):
         schedule = {"start_epoch": 1, "end_epoch": 2, "steps": 2}
         distill = case == "taylor-distill"
@@ -161,6 +166,32 @@ class Rank1Fails(pl.Callback):
             raise RuntimeError("rank 1 failed before the pruning step")
 
 
+class ShrinkSpy(pl.Callback):
+    """`finetune="pruned"`: the gathered masked weights at the last validation before the shrink (before
+    the epoch's end, where the shrink comes), and right after the shrink (this spy's hooks run after the
+    pruning callback's) the parameter count, each parameter's full and local sizes (``None``: not a
+    DTensor) and the gathered weights."""
+
+    def __init__(self, pruning: PruneExportCallback) -> None:
+        self.pruning, self.before, self.seen = pruning, None, None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruning.finetune == "pruned" and not self.pruning.shrunk:
+            self.before = gathered(pl_module.model)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seen is None and self.before is not None and self.pruning.shrunk:
+            self.seen = {
+                "params": sum(p.numel() for p in pl_module.parameters()),
+                "sizes": {
+                    n: (p.numel(), p.to_local().numel() if isinstance(p, DTensor) else None)
+                    for n, p in pl_module.model.named_parameters()
+                },
+                "before": self.before,
+                "weights": gathered(pl_module.model),
+            }
+
+
 def broken_shrink(module: nn.Module, change: object) -> nn.Module:
     raise RuntimeError("the user's shrink function failed")
 
@@ -171,7 +202,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
         register_shrinker(nn.Conv2d)(broken_shrink)
     pl.seed_everything(0, verbose=False)
     resume = next((f.split("=", 1)[1] for f in flags if f.startswith("resume=")), None)
-    callback = callback_for(case, out)
+    callback = callback_for(case, out, flags)
     checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -179,7 +210,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
         strategy=ModelParallelStrategy(
             data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="full_file" not in flags
         ),
-        max_epochs=4 if case.startswith("taylor") else 2,
+        max_epochs=4 if case.startswith("taylor") else 3 if "pruned" in flags else 2,
         limit_train_batches=3,
         limit_val_batches=2,
         logger=False,
@@ -191,6 +222,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
             spy := TaylorSpy(callback),
             *([Rank1Fails()] if "rank1_fails" in flags else []),
             callback,
+            shrink := ShrinkSpy(callback),
             *([checkpoints] if "every_epoch" in flags else []),
         ],
     )
@@ -212,6 +244,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
         "dense": spy.dense,
         "teacher": teacher,
         "params_at_end": sum(p.numel() for p in module.parameters()),
+        "shrink": shrink.seen,
         "exported": callback.exported_network.state_dict(),
         "masked": masked,
         "masks": callback.masks,

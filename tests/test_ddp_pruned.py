@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -98,18 +99,20 @@ def test_a_rank_that_fails_to_shrink_stops_every_rank(tmp_path) -> None:
     assert os.listdir(tmp_path / "export") == []
 
 
-@pytest.mark.parametrize(
-    ("strategy", "message"),
-    [
-        ("ddp_spawn", "cannot run under DDPStrategy started by `ddp_spawn` or `ddp_fork`.*HINT: use strategy='ddp'"),
-        (
-            pl.strategies.ModelParallelStrategy(),
-            "single device and under DDP \\(strategy='ddp'\\) only; the trainer uses ModelParallelStrategy",
-        ),
-    ],
-)
-def test_other_multi_process_strategies_are_refused(strategy, message, tmp_path) -> None:
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, default_root_dir=tmp_path, logger=False)
+def test_other_multi_process_strategies_are_refused(tmp_path) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path, logger=False)
+    message = "cannot run under DDPStrategy started by `ddp_spawn` or `ddp_fork`.*HINT: use strategy='ddp'"
     with pytest.raises(ConfigurationError, match=message):
         PruneExportCallback(finetune="pruned")._resizing.check_strategy(trainer)
     PruneExportCallback(finetune="masked")._resizing.check_strategy(trainer)  # the masked fine-tune runs there
+    # Lightning builds no CPU trainer with FSDPStrategy, so the strategy alone stands in a trainer's place
+    fsdp = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())
+    message = "single device, under DDP \\(strategy='ddp'\\) and under ModelParallelStrategy \\(FSDP2\\) only; the trainer uses FSDPStrategy"
+    with pytest.raises(ConfigurationError, match=message):
+        PruneExportCallback(finetune="pruned")._resizing.check_strategy(fsdp)
+    model_parallel = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=pl.strategies.ModelParallelStrategy(), logger=False
+    )
+    PruneExportCallback(finetune="pruned")._resizing.check_strategy(
+        model_parallel
+    )  # FSDP2: tests/test_sharded_pruned.py

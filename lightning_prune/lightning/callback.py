@@ -73,7 +73,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             export after the last pruning step (verified), put the smaller layers into your module, rebuild
             the optimizers (learning rates and scheduler state carried over) and fine-tune the smaller
             model; checkpoints then hold and resume the small model; ``load_pruned_module(path, YourModule)``
-            loads either file or such a checkpoint. On one device or under ``strategy="ddp"``.
+            loads either file or such a checkpoint. On one device, under ``strategy="ddp"`` or FSDP2.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
@@ -231,6 +231,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # after a checkpoint is restored: a dense one is ranked on its own weights
         self._recovery.remove_hook()
+        self._resizing.check_layout(trainer, pl_module)  # FSDP2: configure_model has sharded it by now
         if self.masks is not None and self.hold is None and not self.shrunk:  # restored masks, or a second fit
             self._pruning.hold(trainer, pl_module)
         self._recovery.resume_teacher(pl_module)
@@ -246,8 +247,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             self._prune(trainer, pl_module, step)
 
     def _prune(self, trainer: Any, pl_module: Any, step: int = 1) -> None:
-        """Pruning step ``step``: the teacher first (from the dense network), then the masks; after
-        the last step, ``finetune="pruned"`` shrinks the module."""
+        """Step ``step``: the teacher (from the dense network), the masks; the last: ``finetune="pruned"`` shrinks."""
         self._recovery.start_teacher(trainer, pl_module)
         self._pruning.take(trainer, pl_module, step)
         if step == self._pruning.steps.steps and self.finetune == "pruned":

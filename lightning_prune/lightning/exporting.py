@@ -159,7 +159,7 @@ class Exporting:
         try:
             start = time.perf_counter()
             result = ShardedModule(pl_module).export(
-                state.masks,
+                {} if state.shrunk else state.masks,  # at the pruned size already: checked against itself
                 example,
                 round_to=export_rounding(settings),
                 whole_channel=settings.whole_channel,

@@ -18,9 +18,10 @@ from lightning_prune.core.sharded import is_sharded
 from lightning_prune.lightning.compat import info
 from lightning_prune.lightning.distill import Distiller
 from lightning_prune.lightning.inputs import network_prefix
+from lightning_prune.lightning.resharding import before_strategy_load
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
-from lightning_prune.lightning.sharding import load_teacher_shards, same_buffers, save_teacher
+from lightning_prune.lightning.sharding import load_teacher_shards, same_buffers, save_teacher, uses_fsdp2
 from lightning_prune.lightning.state import PruneState
 
 
@@ -31,7 +32,7 @@ class Recovery:
 
     def __init__(self, settings: Any, state: PruneState, resizing: Resizing) -> None:
         self.settings, self.state, self.resizing = settings, state, resizing
-        self._hook: tuple[Any, Any] | None = None  # (module, its own on_load_checkpoint) while ours is on it
+        self._hook: tuple[Any, str] | None = None  # (the module or strategy, the method) while ours is on it
 
     # ------------------------------------------------------------ the checkpoint's state
     def state_dict(self) -> dict[str, Any]:
@@ -101,6 +102,11 @@ class Recovery:
                 self.state.distiller = Distiller(**self.settings.distill, network_name=network_prefix(pl_module))
             self.state.distiller.attach(pl_module)
         if self.settings.finetune == "pruned" or self.settings.distill is not None:
+            if uses_fsdp2(trainer):  # its strategy loads the weights itself, before any on_load_checkpoint hook
+                self._hook = before_strategy_load(
+                    trainer.strategy, lambda c: self._early_restore(trainer, pl_module, c)
+                )
+                return
             user_hook = pl_module.on_load_checkpoint
 
             def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -108,7 +114,7 @@ class Recovery:
                 user_hook(checkpoint)
 
             pl_module.on_load_checkpoint = on_load_checkpoint
-            self._hook = (pl_module, user_hook)
+            self._hook = (pl_module, "on_load_checkpoint")
 
     def _early_restore(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Before the weights load: rebuild the teacher from its saved state, and shrink the module
@@ -128,7 +134,8 @@ class Recovery:
         """Take the early-restore hook off the module once restoring is over: nothing of ours that
         holds the trainer stays on it (a copy of it pickles under ``ddp_spawn``)."""
         if self._hook is not None:
-            vars(self._hook[0]).pop("on_load_checkpoint", None)
+            owner, attribute = self._hook
+            vars(owner).pop(attribute, None)
             self._hook = None
 
     def stop(self) -> None:

@@ -8,7 +8,9 @@ shrink from the checkpoint's record before the small weights are loaded.
 Under DDP every rank builds the smaller model itself (the same masks, weights and example input
 give the same export); the ranks compare digests of it before any rank swaps its layers, and the
 module is wrapped in ``DistributedDataParallel`` again, the way Lightning wrapped it, so the new
-parameters' gradients are all-reduced.
+parameters' gradients are all-reduced. Under FSDP2 every rank builds it from the shards, a module
+at a time, and the smaller layers are sharded again as the full-size ones were
+(:mod:`~lightning_prune.lightning.resharding`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from torch.utils._pytree import tree_map
 from lightning_prune.core.errors import ConfigurationError, PruneExportError
 from lightning_prune.core.export import export
 from lightning_prune.core.files.checkpoint import replay_shrink, shrink_record
+from lightning_prune.core.sharded import skeleton
 from lightning_prune.core.verify.equivalence import verify_on_batches
 from lightning_prune.lightning.checks import is_sharded
 from lightning_prune.lightning.compat import info, launched_in_new_processes
 from lightning_prune.lightning.exporting import export_rounding
 from lightning_prune.lightning.inputs import example_input, network_prefix, prepare
+from lightning_prune.lightning.resharding import ShardLayout, materialize
+from lightning_prune.lightning.sharding import ShardedModule, read_sharded, same_buffers, uses_fsdp2
 from lightning_prune.lightning.state import PruneState
 
 
@@ -40,8 +45,8 @@ class Resizing:
         self.settings, self.state = settings, state
 
     def check_strategy(self, trainer: Any) -> None:
-        """``finetune="pruned"`` replaces layers while training: a single device, or DDP launched as
-        separate scripts (``strategy="ddp"``)."""
+        """``finetune="pruned"`` replaces layers while training: a single device, DDP launched as
+        separate scripts (``strategy="ddp"``), or FSDP2 (``ModelParallelStrategy``)."""
         if self.settings.finetune != "pruned":
             return
         strategy = trainer.strategy
@@ -54,18 +59,26 @@ class Resizing:
                 "which still has the full-size layers, and the smaller weights do not fit there. "
                 "HINT: use strategy='ddp' (separate processes, one script each), or finetune='masked'."
             )
-        if name != "SingleDeviceStrategy" and not ddp:
+        if name != "SingleDeviceStrategy" and not ddp and not uses_fsdp2(trainer):
             raise ConfigurationError(
                 f"`PruneExportCallback(finetune='pruned')` replaces layers inside the module while training, which "
-                f"this version supports on a single device and under DDP (strategy='ddp') only; the trainer uses {name}. "
-                "HINT: use finetune='masked' (the default) under this strategy."
+                "this version supports on a single device, under DDP (strategy='ddp') and under ModelParallelStrategy "
+                f"(FSDP2) only; the trainer uses {name}. HINT: use finetune='masked' (the default) under this strategy."
             )
+
+    def check_layout(self, trainer: Any, pl_module: Any) -> None:
+        """Under FSDP2, once ``configure_model`` has sharded the module: refuse, before training, a
+        sharding that the shrink could not redo on the smaller layers."""
+        if self.settings.finetune == "pruned" and not self.state.shrunk and uses_fsdp2(trainer):
+            ShardLayout.of(pl_module)
 
     def shrink(self, trainer: Any, pl_module: Any, rebuild_optimizers: bool = True) -> None:
         """Export now and put the smaller layers into the module itself; with ``rebuild_optimizers``
         (the masked model is live, not about to be overwritten by a checkpoint) verify the small
         model against it and give the optimizers the new parameters."""
         state = self.state
+        layout = ShardLayout.of(pl_module) if uses_fsdp2(trainer) else None  # first: it reshards the units
+        same_buffers(trainer, pl_module)  # FSDP2: each rank's norm statistics are its own; rank zero's count
         example = _rank_zeros(
             trainer, pl_module, example_input(trainer, pl_module, self.settings.example_input, self.settings.input_key)
         )
@@ -73,42 +86,56 @@ class Resizing:
         if paused:
             state.distiller.detach()  # the copy export makes must not carry the hooks
         try:
-            small = _same_on_every_rank(trainer, lambda: self._smaller(pl_module, example, verify=rebuild_optimizers))
+            small = _same_on_every_rank(
+                trainer, lambda: self._smaller(trainer, pl_module, example, verify=rebuild_optimizers)
+            )
             before = sum(p.numel() for p in pl_module.parameters())
-            for name, child in list(pl_module.named_children()):
-                replacement = small.get_submodule(name)
-                if replacement is not child:
-                    setattr(pl_module, name, replacement)
+            _put_in(pl_module, small)
         finally:
             if paused:
                 state.distiller.attach(pl_module)
-        self._at_pruned_size()
-        _wrap_again(trainer, pl_module)
+        self._settle(trainer, pl_module, layout, rebuild_optimizers)
         if rebuild_optimizers:
-            _rebuild_optimizers(trainer)
             after = sum(p.numel() for p in pl_module.parameters())
             info(
                 trainer,
                 f"PruneExportCallback: fine-tuning at the pruned size from here: {after:,} parameters (was {before:,}).",
             )
 
-    def _smaller(self, pl_module: Any, example: Any, verify: bool) -> torch.nn.Module:
-        """The exported copy of ``pl_module`` (its shrink recorded in the state), checked against it when ``verify``."""
-        result = export(
-            pl_module,
-            self.state.masks,
-            example,
-            inplace_dict=self.settings.inplace_dict,
-            round_to=export_rounding(self.settings),
-        )
+    def _settle(self, trainer: Any, pl_module: Any, layout: ShardLayout | None, rebuild: bool) -> None:
+        """With the smaller layers in: wrapped (DDP) or sharded (FSDP2) again as before; the optimizers
+        rebuilt when ``rebuild``, or under FSDP2 (the strategy set them up before a checkpoint loads into them)."""
+        self._at_pruned_size()
+        _wrap_again(trainer, pl_module)
+        if layout is not None:
+            layout.apply(pl_module)
+        if rebuild or layout is not None:
+            _rebuild_optimizers(trainer)
+
+    def _smaller(self, trainer: Any, pl_module: Any, example: Any, verify: bool) -> torch.nn.Module:
+        """The exported copy of ``pl_module`` (its shrink recorded in the state), checked against it when
+        ``verify``; under FSDP2 built from the shards a module at a time, on every rank (collective)."""
+        settings = self.settings
+        if read_sharded(trainer, pl_module):
+            result = ShardedModule(pl_module).export(
+                self.state.masks, example, round_to=export_rounding(settings), whole_channel=False, progress=False
+            )
+        else:
+            result = export(
+                pl_module,
+                self.state.masks,
+                example,
+                inplace_dict=settings.inplace_dict,
+                round_to=export_rounding(settings),
+            )
         small = result.model.to(pl_module.device)
         self.state.shrink_record = {
             **shrink_record(result),
             "network_prefix": network_prefix(pl_module),
             "notes": [str(note) for note in result.notes],
         }
-        if verify:
-            verify_on_batches(pl_module, small, [(example, None)], self.settings.rtol)
+        if verify:  # FSDP2: the sharded module's forward is collective, and every rank runs it here
+            verify_on_batches(pl_module, small, [(example, None)], settings.rtol)
         return small
 
     def replay(self, trainer: Any, pl_module: Any, saved: dict[str, Any]) -> None:
@@ -119,12 +146,27 @@ class Resizing:
         if record is None:  # saved before the record existed: shrink as the masks say
             self.shrink(trainer, pl_module, rebuild_optimizers=False)  # the weights come from the checkpoint next
             return
-        replay_shrink(pl_module, record["layers"], record["heads"], "the resumed checkpoint")
+        layout = ShardLayout.of(pl_module) if uses_fsdp2(trainer) else None
+        if layout is not None:  # the small layers built on meta, then sharded as the full ones were
+            small = replay_shrink(skeleton(pl_module), record["layers"], record["heads"], "the resumed checkpoint")
+            materialize(small, pl_module.device)
+            _put_in(pl_module, small)
+            self._settle(trainer, pl_module, layout, rebuild=False)
+        else:
+            replay_shrink(pl_module, record["layers"], record["heads"], "the resumed checkpoint")
+            self._at_pruned_size()
         self.state.shrink_record = record
-        self._at_pruned_size()
 
     def _at_pruned_size(self) -> None:
         self.state.hold, self.state.shrunk, self.state.graph = None, True, None
+
+
+def _put_in(pl_module: Any, small: torch.nn.Module) -> None:
+    """``small``'s children in place of ``pl_module``'s (the module object the trainer holds stays)."""
+    for name, child in list(pl_module.named_children()):
+        replacement = small.get_submodule(name)
+        if replacement is not child:
+            setattr(pl_module, name, replacement)
 
 
 def _several_ranks(trainer: Any) -> bool:
