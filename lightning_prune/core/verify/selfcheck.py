@@ -5,10 +5,10 @@ batch 1, under ``torch.inference_mode()``, against row 0 of the masked model's o
 recorded on the whole example (no forward of the masked model). Row 0 is the masked model's output on
 the first sample only where the model treats each sample alone in eval mode; where it does not
 (statistics over the batch, a batch dim other than dim 0, a model that needs several samples), the
-batch-1 comparison fails, and a failure at batch 1 is never final: the whole example decides it, against
-the whole recorded output, as before. So the check is cheaper, never weaker on the example: what
-passes at batch 1 reproduces the masked output of that sample, and what fails is judged, and retried,
-on exactly the check export always made. The contracts that matter stay where they were: the
+batch-1 comparison fails, and a failure at batch 1 is never final: the whole example decides it,
+against the whole recorded output, as before, and the retries work from that failure. What passes
+is checked on one sample instead of every sample of the example: the exported layers compute each
+sample alike, so a wrong size or slice shows on any one. The contracts stay where they were: the
 callback's verification on real batches and :func:`~lightning_prune.core.verify.equivalence.verify_equivalence`.
 
 >>> import torch
@@ -49,7 +49,7 @@ class Failure(NamedTuple):
 
 def self_check(model: nn.Module, example_input: Any, expected: Any, rtol: float = 1e-4) -> Failure | None:
     """``None`` if ``model`` reproduces ``expected`` (the masked model's output on ``example_input``),
-    else the :data:`Failure`. Checked on the first sample where the input and output can be cut to
+    else the :class:`Failure`. Checked on the first sample where the input and output can be cut to
     it (see :func:`first_sample`), and on the whole example where that fails or cannot be done."""
     one = first_sample(example_input, expected)
     if one is not None and _failure(model, *one, rtol) is None:
