@@ -442,7 +442,7 @@ def profile(name: str, threads: int) -> None:
         "plan": "plan",
         "_structural_copy": "copy (_structural_copy)",
         "shrink_model": "shrink",
-        "_failure": "check (forward of the export)",
+        "_checked": "check (forward of the export)",
         "unshare_tensors": "unshare tensors",
         "_output": "forward of the given model",
     }

@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_prune.core.errors import VerificationError
 from lightning_prune.core.graph.changes import LayerChange, Note, Plan
-from lightning_prune.core.graph.channel_graph import ChannelGraph, Override
+from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.inplace_dict import (
     InplaceDict,
     check_inplace_dict,
@@ -40,18 +40,16 @@ from lightning_prune.core.graph.masks import (
 )
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
-from lightning_prune.core.modules import copy_training_modes, evaluating, running_modules, tensor_places
+from lightning_prune.core.modules import copy_training_modes, evaluating, tensor_places, within
 from lightning_prune.core.progress import Progress
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for
 from lightning_prune.core.trace.records import call_model
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
+from lightning_prune.core.verify.retries import Retries
+from lightning_prune.core.verify.selfcheck import Failure, self_check
 from lightning_prune.core.weights import Loading, TensorSource
-
-_RESHAPED_WRONG = (
-    "shrinking the tensor a view or an indexed write puts them in changed the model's output (its code fixes that size)"
-)
 
 
 @dataclass
@@ -70,6 +68,9 @@ class ExportResult:
     """Seconds per phase, in the order they ran (``trace``, ``plan``, ``shrink``, ``check``, ...)."""
     blocks: list[tuple[str, float]] = field(default_factory=list)
     """From a file, with ``verify="blocks"``: each block checked, and the relative error of its output."""
+    retries: int = 0
+    """How many times the self-check failed and the export was planned again, each time keeping at once
+    the channels of every module the failure implicates (:class:`~lightning_prune.core.verify.retries.Retries`)."""
 
     @property
     def notes(self) -> list[Note]:
@@ -132,20 +133,18 @@ def export(
 
     decided = planned()
     work = shrunk(decided)
-    tries: dict[str, int] = {}
+    retries = Retries()
     while (failure := _checked(steps, work, example_input, graph.trace.output)) is not None:
         if inplace:
             raise VerificationError(
-                f"The exported model does not reproduce the masked one ({failure[1]}), and with inplace=True the "
+                f"The exported model does not reproduce the masked one ({failure.what}), and with inplace=True the "
                 "dense layers are gone, so export cannot retry with the channels its forward fixes kept. Export "
                 "again from the saved model with inplace=False."
             )
-        # the model's code fixes a size export changed (a view's factor, a width read from another
-        # tensor's shape): keep the channels of the module that failed, then of every guess
-        overrides = _retry_overrides(graph, failure, tries)
+        overrides = retries.overrides(graph, failure, work, example_input, graph.trace.output)
         if not overrides:
             raise VerificationError(
-                f"The exported model does not reproduce the masked one ({failure[1]}), even with every channel "
+                f"The exported model does not reproduce the masked one ({failure.what}), even with every channel "
                 "whose size was a guess kept. Please report this model: its forward fixes a size the tracer did not see."
             )
         graph = graph.with_blocked(overrides)
@@ -155,7 +154,7 @@ def export(
         with steps.phase("copy"):
             unshare_tensors(work, model)
         copy_training_modes(model, work)
-    return ExportResult(work, keep, decided, graph, function_change, steps.timings)
+    return ExportResult(work, keep, decided, graph, function_change, steps.timings, retries=retries.count)
 
 
 def shrink_model(
@@ -169,9 +168,9 @@ def shrink_model(
     names = [name for name, module in model.named_modules() if source is not None and source.owned(module)]
     loaded: set[str] = set()
 
-    def load(within: str) -> None:
+    def load(under: str) -> None:
         for name in names:
-            if name not in loaded and _within(name, within):
+            if name not in loaded and within(name, under):
                 loaded.add(name)
                 source.load(name)  # type: ignore[union-attr]
                 source.keep(name)  # type: ignore[union-attr]
@@ -213,9 +212,9 @@ def finish_shrink(model: nn.Module, plan: Plan, ties: list[list[tuple[str, str]]
     update_model(model, plan)
 
 
-def _checked(steps: Progress, model: nn.Module, example_input: Any, expected: Any) -> tuple[str | None, str] | None:
+def _checked(steps: Progress, model: nn.Module, example_input: Any, expected: Any) -> Failure | None:
     with steps.phase("check"):
-        return _failure(model, example_input, expected)
+        return self_check(model, example_input, expected)
 
 
 def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
@@ -231,29 +230,6 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
                     held[name] = tensor
 
 
-def _retry_overrides(graph: ChannelGraph, failure: tuple[str | None, str], tries: dict[str, int]) -> list[Override]:
-    """What to keep after the exported model failed: the size guesses made inside the module that
-    raised, then all its channels; where nothing localises the failure, every size guess."""
-    module, what = failure
-    if module is not None and tries.get(module, 0) < 2:
-        tries[module] = tries.get(module, 0) + 1
-        inside = [labels for labels, owner in graph.trace.reshaped if _within(owner, module)]
-        if inside and tries[module] == 1:
-            return [(labels, f"{_RESHAPED_WRONG}: '{module}' raised {what}") for labels in inside]
-        labels = [graph.trace.module_inputs.get(module, torch.empty(0, dtype=torch.long))]
-        labels += [out for name, out in graph.producers.items() if _within(name, module)]
-        why = f"'{module}' fixes their size in its code (with them pruned it raised {what}), so they are kept"
-        return [(torch.cat([x.flatten() for x in labels]), why)]
-    if "*" not in tries:
-        tries["*"] = 1
-        return [(labels, f"{_RESHAPED_WRONG}, in '{owner}'") for labels, owner in graph.trace.reshaped]
-    return []
-
-
-def _within(name: str, module: str) -> bool:
-    return module == "" or name == module or name.startswith(module + ".")
-
-
 def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy whose modules are new but whose tensors are shared (shrinking replaces tensors)."""
     return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
@@ -262,17 +238,6 @@ def _structural_copy(model: nn.Module) -> nn.Module:
 def _output(model: nn.Module, example_input: Any) -> Any:
     with torch.no_grad(), evaluating(model):
         return call_model(model, example_input)
-
-
-def _failure(model: nn.Module, example_input: Any, expected: Any, rtol: float = 1e-4) -> tuple[str | None, str] | None:
-    """``None`` if ``model`` reproduces ``expected`` on ``example_input``; else the innermost of the
-    model's modules that raised (``None`` for a numerical difference) and what went wrong."""
-    try:
-        with running_modules(model) as running, torch.no_grad(), evaluating(model):
-            report = compare_outputs(expected, call_model(model, example_input), rtol=rtol)
-    except Exception as err:  # a view the exported sizes no longer fit
-        return (running[-1] if running else ""), f"{type(err).__name__}: {err}"
-    return None if report.passed else (None, f"relative error {report.max_relative_error:.2e}")
 
 
 def export_pruned_model(

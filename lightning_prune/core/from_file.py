@@ -31,23 +31,19 @@ import torch
 from torch import nn
 
 from lightning_prune.core.errors import MaskError, VerificationError
-from lightning_prune.core.export import (
-    ExportResult,
-    _failure,
-    _retry_overrides,
-    finish_shrink,
-    shared_tensor_names,
-    shrink_layer,
-)
+from lightning_prune.core.export import ExportResult, finish_shrink, shared_tensor_names, shrink_layer
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.masked_view import tensor_ties, zero_module
 from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
+from lightning_prune.core.modules import within
 from lightning_prune.core.progress import Progress
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.verify.equivalence import compare_outputs
+from lightning_prune.core.verify.retries import Retries
+from lightning_prune.core.verify.selfcheck import self_check
 from lightning_prune.core.weights import Loading, StreamedWeights, TensorStore
 from lightning_prune.core.weights import blocks as default_blocks
 
@@ -107,7 +103,7 @@ def export_from_file(
             function_change = compare_outputs(given, graph.trace.output).max_relative_error
     blocks = default_blocks(skeleton) if blocks is None else list(blocks)
     rtol = 1e-4 if _dtype(skeleton) in (torch.float32, torch.float64) else 5e-2
-    tries: dict[str, int] = {}
+    retries = Retries()
     while True:
         with steps.phase("plan"):
             loading = Loading(weights, skeleton)
@@ -117,17 +113,17 @@ def export_from_file(
                 loading.release()
         model = _build(skeleton, file, prepare, decided, blocks, steps)
         with steps.phase("check"):
-            failure = _failure(model, example_input, graph.trace.output, rtol)
+            failure = self_check(model, example_input, graph.trace.output, rtol)
         if failure is None:
             break
-        overrides = _retry_overrides(graph, failure, tries)
+        overrides = retries.overrides(graph, failure, model, example_input, graph.trace.output)
         if not overrides:
             raise VerificationError(
-                f"The model exported from '{file.path}' does not reproduce the masked one ({failure[1]}), even with "
+                f"The model exported from '{file.path}' does not reproduce the masked one ({failure.what}), even with "
                 "every channel whose size was a guess kept. Please report this model."
             )
         graph = graph.with_blocked(overrides)
-    result = ExportResult(model, keep, decided, graph, function_change, steps.timings)
+    result = ExportResult(model, keep, decided, graph, function_change, steps.timings, retries=retries.count)
     if verify:
         with steps.counter("verify block", len(blocks)) as tick:
             result.blocks = verify_blocks(model, weights, blocks, example_input, on_block=lambda _: tick())
@@ -170,8 +166,8 @@ def _build(
     model = copy.deepcopy(skeleton)  # modules only: the parameters are on meta
     source = StreamedWeights(model, file, prepare)
     ties = shared_tensor_names(model)
-    inside = {name: [c for c in decided.changes if _within(c, name)] for name in blocks}
-    rest = [name for name, module in model.named_modules() if not any(_within(name, b) for b in blocks)]
+    inside = {name: [c for c in decided.changes if within(c, name)] for name in blocks}
+    rest = [name for name, module in model.named_modules() if not any(within(name, b) for b in blocks)]
     for name in rest:  # what no block holds: the model's (or a large module's) own tensors
         if source.owned(model.get_submodule(name)):
             source.load(name)
@@ -181,14 +177,10 @@ def _build(
         for layer in inside[name]:
             model = shrink_layer(model, layer, decided.changes[layer])
     for layer, change in decided.changes.items():  # a change outside every block (the model's own tensors)
-        if not any(_within(layer, b) for b in blocks):
+        if not any(within(layer, b) for b in blocks):
             model = shrink_layer(model, layer, change)
     finish_shrink(model, decided, ties)
     return model
-
-
-def _within(name: str, block: str) -> bool:
-    return block == "" or name == block or name.startswith(block + ".")
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

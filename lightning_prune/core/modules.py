@@ -86,6 +86,11 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def within(name: str, module: str) -> bool:
+    """Whether the module (or tensor) at dotted path ``name`` is ``module`` or inside it (``""``: the model)."""
+    return module == "" or name == module or name.startswith(module + ".")
+
+
 Places = dict[int, list[tuple[nn.Module, str]]]
 """Tensor id -> every ``(module, name)`` holding it as a parameter or buffer (see :func:`tensor_places`)."""
 
@@ -147,4 +152,5 @@ __all__ = [
     "replace_tensor",
     "set_submodule",
     "tensor_places",
+    "within",
 ]
