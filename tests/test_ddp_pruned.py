@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from processes import run_script
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
 from lightning_prune.lightning.demo import DigitsCNN
@@ -22,7 +22,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_pruned_ru
 
 def run(out, *flags: str) -> subprocess.CompletedProcess:
     # a hang would time out here (start-up included)
-    return subprocess.run([sys.executable, SCRIPT, str(out), *flags], capture_output=True, text=True, timeout=240)
+    return run_script(SCRIPT, out, *flags, timeout=240)
 
 
 def network() -> torch.nn.Module:

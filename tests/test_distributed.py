@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from processes import run_script
 
 from lightning_prune import load_pruned, verify_equivalence
 from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
@@ -15,18 +15,8 @@ from lightning_prune.lightning.demo import DigitsCNN, DigitsDataModule
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 
 
-# A spawned gloo worker can abort in its C++ teardown after its work is done, when the process group's
-# threads are destroyed at exit (seen once in CI, in ddp_spawn); the run is then repeated once. Any other
-# failure, and this one twice, fails the test.
-_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def run(out, devices: int, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, SCRIPT, str(out), str(devices), *flags]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0 and _GLOO_TEARDOWN_ABORT in result.stderr:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    return result
+    return run_script(SCRIPT, out, devices, *flags, timeout=timeout)
 
 
 def masked_module(path) -> DigitsCNN:

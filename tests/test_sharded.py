@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from helpers import randomize
+from processes import run_script
 from sharded_run import Net, ShardedDigits, loaders
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
@@ -20,9 +20,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.p
 
 
 def run(out, case: str, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(SCRIPT)), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, SCRIPT, str(out), case, *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script(SCRIPT, out, case, *flags, timeout=timeout)
 
 
 def records(out) -> list[dict]:
