@@ -37,6 +37,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
+from user_modules import quiet_trainer
 
 from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
 from lightning_prune.core.sharded import is_dtensor, whole
@@ -92,6 +93,13 @@ class ShardedDigits(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def one_rank_trainer(root, callbacks: list, **settings) -> pl.Trainer:
+    """A real ModelParallelStrategy Trainer in this process (one rank: each shard is whole, still a DTensor)."""
+    return quiet_trainer(
+        pl, root, callbacks, accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), **settings
+    )
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import randomize
 from processes import run_script
-from sharded_run import Net, ShardedDigits, loaders
+from sharded_run import Net, ShardedDigits, loaders, one_rank_trainer
 
 from lightning_prune import ConfigurationError, PruneExportCallback, load_pruned
 from lightning_prune.core.graph.channel_graph import ChannelGraph
@@ -149,23 +149,11 @@ def test_a_failing_export_ends_every_rank_with_its_error_and_keeps_the_training(
     ],
 )
 def test_what_sharded_training_cannot_do_is_refused_before_training(tmp_path, arguments, match) -> None:
-    import pytorch_lightning as pl
-    from pytorch_lightning.strategies import ModelParallelStrategy
-
     module = ShardedDigits()
     randomize(module)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=ModelParallelStrategy(),
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[PruneExportCallback(export_dir=str(tmp_path / "export"), **arguments)],
-    )
+    callback = PruneExportCallback(export_dir=str(tmp_path / "export"), **arguments)
+    trainer = one_rank_trainer(tmp_path, [callback], max_steps=2)
     with pytest.raises(ConfigurationError, match=match) as caught:
         trainer.fit(module, *loaders())
     assert "ModelParallelStrategy" in str(caught.value)

@@ -5,10 +5,8 @@ is a real Trainer on 2 CPU processes with gloo, in a subprocess (tests/sharded_r
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import ModelParallelStrategy
-from sharded_run import Net, ShardedDigits, gathered, loaders
+from sharded_run import Net, ShardedDigits, gathered, loaders, one_rank_trainer
 from test_sharded import records, relative_error, run
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -110,17 +108,8 @@ class ShardsItself(ShardedDigits):
 
 
 def test_a_sharding_the_shrink_cannot_redo_is_refused_before_training(tmp_path) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=ModelParallelStrategy(),
-        max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[PruneExportCallback(pruner="l1", prune_on_epoch=1, finetune="pruned", export_dir=str(tmp_path))],
-    )
+    callback = PruneExportCallback(pruner="l1", prune_on_epoch=1, finetune="pruned", export_dir=str(tmp_path))
+    trainer = one_rank_trainer(tmp_path, [callback], max_epochs=2)
     with pytest.raises(ConfigurationError, match="ShardsItself itself is an FSDP unit.*HINT: shard `self.model`"):
         trainer.fit(ShardsItself(), *loaders())
     assert trainer.global_step == 0
@@ -139,19 +128,7 @@ class BlocksKeptWhole(ShardedDigits):
 def fit_in_one_process(tmp_path, module: ShardedDigits, finetune: str) -> PruneExportCallback:
     """A real ModelParallelStrategy run in this process (one rank: the shards are whole, still DTensors)."""
     callback = PruneExportCallback(pruner="l1", prune_on_epoch=1, finetune=finetune, export_dir=str(tmp_path))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=ModelParallelStrategy(),
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = one_rank_trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(module, *loaders())
     return callback
 
