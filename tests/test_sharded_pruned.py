@@ -148,7 +148,7 @@ def test_each_unit_is_sharded_again_with_its_own_settings(tmp_path) -> None:
 def test_masks_are_held_on_the_shards_of_a_unit_that_validation_left_whole(tmp_path) -> None:
     module = BlocksKeptWhole()
     callback = fit_in_one_process(tmp_path, module, "masked")
-    state = gathered(module)
+    state = gathered(module.model)
     for layer, keep in callback.masks.items():
         name = layer.removeprefix("model.")
         for tensor in (f"{name}.weight", f"{name}.bias", f"{name.replace('conv', 'bn')}.bias"):
