@@ -242,6 +242,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
         with open(os.path.join(out, f"error-rank{trainer.global_rank}.txt"), "w") as handle:
             handle.write(str(err))
         raise
+    sharded_at_end = all(is_dtensor(p) for p in module.parameters())  # the export left no layer gathered
     masked = gathered(module.model)
     teacher = teacher_record(callback._distiller.teacher if callback._distiller is not None else None)
     graph = callback._state.graph  # what the callback traced on the sharded module
@@ -252,6 +253,7 @@ def main(out: str, case: str, flags: list[str]) -> None:
         "dense": spy.dense,
         "teacher": teacher,
         "params_at_end": sum(p.numel() for p in module.parameters()),
+        "sharded_at_end": sharded_at_end,
         "shrink": shrink.seen,
         "exported": callback.exported_network.state_dict(),
         "masked": masked,

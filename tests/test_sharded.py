@@ -71,6 +71,7 @@ def test_export_equals_the_gathered_masked_network(finished, case) -> None:
     assert all(torch.equal(rank0["masks"][k], rank1["masks"][k]) for k in rank0["masks"])
     assert rank0["exported"].keys() == rank1["exported"].keys()
     assert all(torch.equal(v, rank1["exported"][k]) for k, v in rank0["exported"].items())  # the same on each rank
+    assert rank0["sharded_at_end"] and rank1["sharded_at_end"]  # the export's forward left no layer gathered
     small = load_pruned(out / "export" / "pruned.ckpt", Net()).eval()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in Net().parameters())
     assert all(torch.equal(v, rank0["exported"][k]) for k, v in small.state_dict().items())

@@ -39,7 +39,7 @@ from lightning_prune.lightning.inputs import (
     verification_batches,
 )
 from lightning_prune.lightning.schedule import Schedule
-from lightning_prune.lightning.sharding import ShardedModule, read_sharded, same_buffers
+from lightning_prune.lightning.sharding import ShardedModule, read_sharded, same_buffers, shards_registered
 from lightning_prune.lightning.state import PruneState
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -170,6 +170,8 @@ class Exporting:
             report = self._measure(pl_module, small, result, example, batches, seconds, latency=False)
         except Exception as err:  # the same on every rank: each computed the same thing
             error = f"{'' if isinstance(err, PruneExportError) else type(err).__name__ + ': '}{err}{kept}"
+        finally:
+            shards_registered(trainer, pl_module)  # the verification's forward left the root gathered: free it
         error = strategy.broadcast(error, src=0)
         if error is not None:
             return None, error
