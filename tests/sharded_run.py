@@ -10,7 +10,8 @@ the validation loop before the pruning step leaves gathered). Flags: `resume=PAT
 (sharded) checkpoint; `every_epoch` keeps a checkpoint of every epoch; `full_file` makes those single
 files of full tensors (the strategy's `save_distributed_checkpoint=False`); `fail` makes a user's
 shrink function raise (in the export, on every rank); `rank1_fails`: rank 1 raises just before the
-pruning step, which rank 0 enters alone; `pruned` fine-tunes at the pruned size (`finetune="pruned"`,
+pruning step, which rank 0 enters alone; `shard_at=layer|network` shards each conv and linear layer, or only the whole network,
+instead of each residual block; `pruned` fine-tunes at the pruned size (`finetune="pruned"`,
 three epochs: the shrink after the first) and records what the module held right after the shrink
 (OUT/rank<N>.pt's "shrink").
 
@@ -69,15 +70,20 @@ class Net(nn.Module):
 
 
 class ShardedDigits(pl.LightningModule):
-    def __init__(self, width: int = 8, lr: float = 0.05) -> None:
+    """``shard_at``: what ``configure_model`` shards before the whole network: each residual block
+    (``"block"``), each conv and linear layer (``"layer"``), or nothing (``"network"``)."""
+
+    def __init__(self, width: int = 8, lr: float = 0.05, shard_at: str = "block") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = Net(width)
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
+        kinds = {"block": (Block,), "layer": (nn.Conv2d, nn.Linear), "network": ()}[self.hparams.shard_at]
+        for module in self.model.modules():
+            if isinstance(module, kinds):
+                fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +240,8 @@ def main(out: str, case: str, flags: list[str]) -> None:
             *([checkpoints] if "every_epoch" in flags else []),
         ],
     )
-    module = ShardedDigits()
+    shard_at = next((f.split("=", 1)[1] for f in flags if f.startswith("shard_at=")), "block")
+    module = ShardedDigits(shard_at=shard_at)
     train, val = loaders()
     try:
         trainer.fit(module, train, val, ckpt_path=resume)

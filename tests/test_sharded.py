@@ -168,3 +168,22 @@ def test_a_rank_failing_before_the_pruning_step_ends_the_rank_that_entered_it(tm
     assert "rank 1 failed before the pruning step" in result.stderr
     assert "remote worker crashing" in result.stderr  # rank 0's gather fails at once, naming the cause
     assert not (tmp_path / "export" / "pruned.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "shard_at", [pytest.param("layer", id="each-layer"), pytest.param("network", id="whole-network")]
+)
+def test_any_sharding_granularity_gives_the_same_masks_and_export(tmp_path, finished, shard_at) -> None:
+    result = run(tmp_path, "l1", f"shard_at={shard_at}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = records(tmp_path)
+    per_block = records(finished("l1"))[0]  # the same run, each residual block sharded
+    assert rank0["sharded_at_end"] and rank1["sharded_at_end"]
+    for record in (rank0, rank1):
+        assert record["masks"].keys() == per_block["masks"].keys()
+        assert all(torch.equal(record["masks"][k], per_block["masks"][k]) for k in per_block["masks"])
+        assert all(torch.equal(v, record["exported"][k]) for k, v in rank0["exported"].items())
+    unseen = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    small = load_pruned(tmp_path / "export" / "pruned.ckpt", Net()).eval()
+    with torch.no_grad():
+        assert relative_error(masked_network(rank0["masked"])(unseen), small(unseen)) <= 1e-5
