@@ -90,7 +90,7 @@ def check_sharded_settings(settings: Any, trainer: Any) -> None:
         what, hint = problem
         raise ConfigurationError(
             f"`PruneExportCallback` under {strategy} (fully sharded, FSDP2) does not support {what}. "
-            f"HINT: {hint or 'train without it under this strategy, or use DDP'}; see docs/distributed.md."
+            f"HINT: {hint}; see docs/distributed.md."
         )
 
 
