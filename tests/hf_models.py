@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 VOCAB = 100
-GQA = {
+BASE = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
     "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
 }
+"""Every tiny config's sizes: 4 heads of 16, MLP 128, 2 layers."""
+GQA = {**BASE, "num_key_value_heads": 2}
 GPT2 = {
     "vocab_size": VOCAB,
     "n_embd": 64,

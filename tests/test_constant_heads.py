@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
-from hf_models import GPT2, GQA, VOCAB, tokens
+from hf_models import BASE, GPT2, GQA, tokens
 from torch import nn
 
 from lightning_prune import export, verify_equivalence
@@ -21,14 +21,7 @@ from lightning_prune import export, verify_equivalence
 transformers = pytest.importorskip("transformers")
 T = transformers
 
-BERT = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "max_position_embeddings": 32,
-}
+BERT = {**BASE, "max_position_embeddings": 32}
 
 
 @torch.no_grad()

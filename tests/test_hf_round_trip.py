@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize
-from hf_models import GPT2, VOCAB, tokens
+from hf_models import BASE, GPT2, GQA, VOCAB, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, CheckpointError, export, from_pretrained, group_masks, verify_equivalence
@@ -23,14 +23,6 @@ from lightning_prune.core.verify.report import count_params
 
 transformers = pytest.importorskip("transformers")
 T = transformers
-
-BASE = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-}
 
 BUILDS: dict[str, Callable[[], nn.Module]] = {
     "opt": lambda: T.OPTForCausalLM(
@@ -45,10 +37,10 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
         )
     ),
     "gpt-neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**BASE)),
-    "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**BASE, num_key_value_heads=2)),
+    "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**GQA)),
     "bert": lambda: T.BertForSequenceClassification(T.BertConfig(**BASE, max_position_embeddings=32)),
     "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
-    "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**BASE, num_key_value_heads=2, head_dim=16)),
+    "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**GQA, head_dim=16)),
 }
 
 
@@ -86,7 +78,7 @@ def test_a_described_model_carries_no_shrink_record(tmp_path) -> None:
     """LLaMA at uniform widths: the config says them, so no record is written and transformers'
     own from_pretrained suffices (ours gives the same)."""
     torch.manual_seed(0)
-    model = randomize(T.LlamaForCausalLM(T.LlamaConfig(**BASE, num_key_value_heads=2)))
+    model = randomize(T.LlamaForCausalLM(T.LlamaConfig(**GQA)))
     masks = group_masks(ChannelGraph.from_model(model, tokens(2, 7, 0)), 0.5, model=model)
     small = export(model, masks, tokens(2, 7, 0), whole_channel=True).model
     assert small.config.to_dict().get("lightning_prune_shrink") is None

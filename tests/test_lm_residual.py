@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
-from hf_models import GPT2, GQA, VOCAB, LogitsOnly, tokens
+from hf_models import BASE, GPT2, GQA, VOCAB, LogitsOnly, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
@@ -40,16 +40,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, lo
         True,
     ),
     "bert": (
-        lambda: T.BertForSequenceClassification(
-            T.BertConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                num_attention_heads=4,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                max_position_embeddings=32,
-            )
-        ),
+        lambda: T.BertForSequenceClassification(T.BertConfig(**BASE, max_position_embeddings=32)),
         True,
     ),
     # T5 keeps its heads (a per-head position bias shared across layers is passed as the attention mask)

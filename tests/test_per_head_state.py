@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
-from hf_models import VOCAB, tokens
+from hf_models import BASE, GQA, VOCAB, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
@@ -28,24 +28,10 @@ T = transformers
 
 
 BUILDS: dict[str, Callable[[], nn.Module]] = {
-    "cohere-qk-norm": lambda: T.CohereForCausalLM(
-        T.CohereConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            use_qk_norm=True,
-        )
-    ),
+    "cohere-qk-norm": lambda: T.CohereForCausalLM(T.CohereConfig(**GQA, use_qk_norm=True)),
     "deberta-v2": lambda: T.DebertaV2ForSequenceClassification(
         T.DebertaV2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_attention_heads=4,
-            intermediate_size=128,
-            num_hidden_layers=2,
+            **BASE,
             max_position_embeddings=32,
             relative_attention=True,
             pos_att_type=["c2p", "p2c"],
@@ -53,17 +39,7 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
         )
     ),
     "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_head=4, n_layer=2)),
-    "stablelm-qk-layernorm": lambda: T.StableLmForCausalLM(
-        T.StableLmConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            qk_layernorm=True,
-        )
-    ),
+    "stablelm-qk-layernorm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**GQA, qk_layernorm=True)),
     "gpt-j": lambda: T.GPTJForCausalLM(
         T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=32)
     ),
