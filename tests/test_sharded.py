@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
 import torch
@@ -132,10 +131,8 @@ def test_resume_from_a_sharded_checkpoint_mid_schedule_equals_an_uninterrupted_r
 
 
 def test_a_failing_export_ends_every_rank_with_its_error_and_keeps_the_training(tmp_path) -> None:
-    start = time.monotonic()
-    result = run(tmp_path, "l1", "fail", timeout=240)
+    result = run(tmp_path, "l1", "fail", timeout=240)  # a hang raises TimeoutExpired: the test fails
     assert result.returncode != 0
-    assert time.monotonic() - start < 240
     for rank in (0, 1):
         message = (tmp_path / f"error-rank{rank}.txt").read_text()
         assert "the user's shrink function failed" in message and "masked.ckpt" in message
@@ -162,9 +159,10 @@ def test_what_sharded_training_cannot_do_is_refused_before_training(tmp_path, ar
 
 
 def test_a_rank_failing_before_the_pruning_step_ends_the_rank_that_entered_it(tmp_path) -> None:
-    start = time.monotonic()
-    result = run(tmp_path, "l1", "rank1_fails", timeout=240)  # rank 0 alone enters the collective gathers
-    assert result.returncode != 0 and time.monotonic() - start < 240  # no hang until the 30-minute timeout
+    # rank 0 alone enters the collective gathers; a hang (until gloo's 30-minute timeout) would raise
+    # TimeoutExpired at 240 s and fail the test
+    result = run(tmp_path, "l1", "rank1_fails", timeout=240)
+    assert result.returncode != 0
     assert "rank 1 failed before the pruning step" in result.stderr
     assert "remote worker crashing" in result.stderr  # rank 0's gather fails at once, naming the cause
     assert not (tmp_path / "export" / "pruned.ckpt").exists()
