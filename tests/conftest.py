@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from processes import RENDEZVOUS
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -16,8 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def no_rendezvous_left_behind():
     """An in-process ``ddp_spawn`` run leaves MASTER_PORT and its kin in this worker's environment;
     later tests would then start their process groups on that same port."""
-    names = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
-    before = {name: os.environ.get(name) for name in names}
+    before = {name: os.environ.get(name) for name in RENDEZVOUS}
     yield
     for name, value in before.items():
         if value is None:

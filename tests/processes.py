@@ -18,13 +18,14 @@ import subprocess
 import sys
 
 RACES = ("EADDRINUSE", "terminate called without an active exception")
-_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+"""What a process group's rendezvous reads from the environment."""
 
 
 def run_script(script: str, *arguments: str, timeout: int) -> subprocess.CompletedProcess:
     """``python script *arguments`` with the repository importable, one torch thread per rank and no
     rendezvous settings inherited from this process; repeated once after a race of :data:`RACES`."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     env.update(PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(script))), OMP_NUM_THREADS="1")
     command = [sys.executable, script, *map(str, arguments)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
