@@ -107,6 +107,16 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer, src=src)
 
 
+def fsdp_units(model: nn.Module) -> list[str]:
+    """The names of ``model``'s modules that ``fully_shard`` made FSDP units, children before parents
+    (``""``: ``model`` itself); none for a plain model or a torch without distributed support."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)][::-1]
+
+
 def reshard(model: nn.Module) -> None:
     """Register the shards again as the parameters of every ``fully_shard`` module in ``model`` that FSDP2 left
     unsharded, freeing the gathered copies (not collective; nothing happens to a plain module).
@@ -114,13 +124,8 @@ def reshard(model: nn.Module) -> None:
     After a forward without a backward (a validation loop, a check) the root's parameters stay gathered:
     plain tensors, views into a buffer that the next reshard frees. Whatever reads or writes the parameters
     then must do it on the shards, which training updates."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed support
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for name in fsdp_units(model):
+        model.get_submodule(name).reshard()
 
 
 def skeleton(model: nn.Module) -> nn.Module:
@@ -161,11 +166,11 @@ def sharded_copy(network: nn.Module) -> nn.Module:
     on a rank: its :func:`skeleton` (meta) sharded at the modules the user sharded (children first, on the
     same mesh; the copy's top module too), then given memory for its own shards only and filled from
     ``network``'s local shards, with rank zero's buffers. Collective (every rank calls it)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    names = [name for name, module in network.named_modules() if isinstance(module, FSDPModule)]
+    names = fsdp_units(network)
     twin = skeleton(network)
-    for name in reversed(names if "" in names else ["", *names]):  # pre-order reversed: children first
+    for name in names if "" in names else [*names, ""]:  # children first, the copy's top module last
         fully_shard(twin.get_submodule(name), mesh=_mesh_of(network.get_submodule(name)) or _mesh_of(network))
     device = next(p.to_local().device for p in network.parameters() if is_dtensor(p))
     twin.to_empty(device=device)
@@ -260,6 +265,7 @@ __all__ = [
     "GatheredState",
     "broadcast_buffers",
     "copy_into_shards",
+    "fsdp_units",
     "is_dtensor",
     "is_sharded",
     "local_part",

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from lightning_prune.core.errors import CheckpointError, ConfigurationError
-from lightning_prune.core.sharded import is_dtensor, reshard
+from lightning_prune.core.sharded import fsdp_units, is_dtensor, reshard
 
 _METADATA = "meta.pt"  # what Lightning's distributed checkpoint directory keeps besides the shards
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Which modules of a LightningModule ``fully_shard`` made FSDP units (deepest first), the
+    """Which modules of a LightningModule ``fully_shard`` made FSDP units (children first), the
     mesh they were sharded on, and each unit's ``fully_shard`` settings."""
 
     units: tuple[str, ...]
@@ -43,10 +43,9 @@ class ShardLayout:
         """The layout of ``pl_module`` as ``configure_model`` sharded it (``None``: no FSDP unit), each
         unit's parameters resharded first (a root unit keeps them whole after a forward without a
         backward, e.g. validation); a ``ConfigurationError`` for what :meth:`apply` could not redo."""
-        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import Shard
 
-        units = [name for name, module in pl_module.named_modules() if isinstance(module, FSDPModule)]
+        units = fsdp_units(pl_module)
         if not units and not any(is_dtensor(p) for p in pl_module.parameters()):
             return None  # nothing sharded: the smaller layers stay as they are
         if not units:
@@ -72,7 +71,6 @@ class ShardLayout:
                 f"parameter '{other[0]}' placed as {other[1]} (a `shard_placement_fn`)",
                 "shard parameters by rows (fully_shard's default)",
             )
-        units.sort(key=lambda name: -name.count("."))  # children before parents
         settings = {name: _settings(pl_module.get_submodule(name)) for name in units}
         return cls(tuple(units), next(iter(meshes)), settings)
 
