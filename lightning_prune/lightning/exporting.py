@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightning_prune.core.errors import ConfigurationError, InplaceDictError, PruneExportError
+from lightning_prune.core.errors import ConfigurationError, InplaceDictError
 from lightning_prune.core.export import export
 from lightning_prune.core.files.atomic import remove_path, remove_stale_temporaries, replace_path, temporary_path
 from lightning_prune.core.files.checkpoint import save_pruned
@@ -27,7 +27,7 @@ from lightning_prune.core.verify.equivalence import verify_on_batches
 from lightning_prune.core.verify.report import compare_models, format_report
 from lightning_prune.lightning.checks import is_sharded, writable_problem
 from lightning_prune.lightning.compat import info, warn
-from lightning_prune.lightning.handoff import on_rank_zero
+from lightning_prune.lightning.handoff import error_message, on_rank_zero
 from lightning_prune.lightning.inputs import (
     batch_size,
     cast,
@@ -169,7 +169,7 @@ class Exporting:
             small = result.model.to(pl_module.device).eval()
             report = self._measure(pl_module, small, result, example, batches, seconds, latency=False)
         except Exception as err:  # the same on every rank: each computed the same thing
-            error = f"{'' if isinstance(err, PruneExportError) else type(err).__name__ + ': '}{err}{kept}"
+            error = error_message(err, kept)
         finally:
             shards_registered(trainer, pl_module)  # the verification's forward left the root gathered: free it
         error = strategy.broadcast(error, src=0)

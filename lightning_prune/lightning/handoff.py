@@ -22,6 +22,12 @@ from lightning_prune.lightning.compat import launched_in_new_processes
 from lightning_prune.lightning.state import PruneState
 
 
+def error_message(err: Exception, after: str = "") -> str:
+    """What every rank reports of ``err``: our errors as they are, others prefixed with their type."""
+    kind = "" if isinstance(err, PruneExportError) else f"{type(err).__name__}: "
+    return f"{kind}{err}{after}"
+
+
 def on_rank_zero(trainer: Any, work: Callable[[], Any], after_error: str = "") -> tuple[Any, str | None]:
     """Run ``work`` on rank zero; every rank gets its result and the error it raised (as a message
     ending in ``after_error``), or ``None``. The other ranks wait at the broadcast meanwhile."""
@@ -30,8 +36,7 @@ def on_rank_zero(trainer: Any, work: Callable[[], Any], after_error: str = "") -
         try:
             result = work()
         except Exception as err:  # whatever rank zero hits must reach every rank, never hang them
-            kind = "" if isinstance(err, PruneExportError) else f"{type(err).__name__}: "
-            error = f"{kind}{err}{after_error}"
+            error = error_message(err, after_error)
     error = trainer.strategy.broadcast(error, src=0)
     return trainer.strategy.broadcast(result, src=0), error
 
@@ -64,4 +69,4 @@ class Handoff:
         state.report, state.exported_model, state.network_prefix = data["report"], data["model"], data["network_prefix"]
 
 
-__all__ = ["Handoff", "on_rank_zero"]
+__all__ = ["Handoff", "error_message", "on_rank_zero"]
