@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from user_modules import CausalLM, Images, PLClassifier, Sentences, quiet_trainer, small_cnn
 
 from lightning_prune import CheckpointError, PruneExportCallback, load_pruned, load_pruned_module, verify_equivalence
-from lightning_prune.core.verify.report import format_report
+from lightning_prune.core.verify.report import count_macs, count_params, format_report
 from lightning_prune.lightning.distill import distill_loss
 
 RTOL = 1e-5
@@ -81,6 +81,33 @@ def test_pruned_size_checkpoints_load_into_the_bare_network_and_the_module(tmp_p
         CheckpointError, match=r"Lightning checkpoint of the model at its full size .*load_from_checkpoint\(path\)"
     ):
         load_pruned_module(before_shrink, PLClassifier)
+
+
+def test_the_report_after_a_pruned_size_fine_tune_compares_with_the_full_size_model(tmp_path) -> None:
+    """The final export runs on the already-small module: its dense column must still be the original
+    network's (counted at the shrink, carried through a resume), and no latency is claimed for a dense
+    model that no longer exists."""
+    pl.seed_everything(0, verbose=False)
+    full = PLClassifier()
+    full_params, full_macs = count_params(full), count_macs(full, torch.randn(1, 3, 8, 8))
+    callback = PruneExportCallback(
+        pruner="l1", prune_on_epoch=1, finetune="pruned", round_to=1, export_dir=str(tmp_path / "out")
+    )
+    trainer(pl, tmp_path, [callback, last_checkpoint(pl, tmp_path)], checkpoints=True).fit(PLClassifier(), *images())
+    first = callback.report
+    assert (first["params_dense"], first["macs_dense"]) == (full_params, full_macs)
+    assert first["params_exported"] < full_params and first["macs_exported"] < full_macs
+    assert not [key for key in first if key.startswith("latency_") and "_dense" in key]
+    assert [key for key in first if key.startswith("latency_") and key.endswith("_exported_ms")]
+
+    resumed = PruneExportCallback(
+        pruner="l1", prune_on_epoch=1, finetune="pruned", round_to=1, export_dir=str(tmp_path / "again")
+    )
+    trainer(pl, tmp_path, [resumed], max_epochs=3).fit(
+        PLClassifier(), *images(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert (resumed.report["params_dense"], resumed.report["macs_dense"]) == (full_params, full_macs)
+    assert resumed.report["params_exported"] == first["params_exported"]
 
 
 def test_pruned_size_checkpoint_of_a_language_model_loads(tmp_path) -> None:

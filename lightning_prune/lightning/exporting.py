@@ -222,6 +222,8 @@ class Exporting:
         report = verify_on_batches(reference, small, batches or [(example, None)], settings.rtol)
         inputs = {f"b{batch_size(x)}": x for x in (first_sample(example), batches[0][0] if batches else example)}
         report.update(compare_models(reference, small, inputs, measure_latency=latency))
+        if state.shrunk:
+            report = _against_the_full_size(report, state.shrink_record)
         steps = Schedule.of(settings.schedule, settings.prune_on_epoch).steps
         report.update(
             export_seconds=seconds,
@@ -267,6 +269,19 @@ class Exporting:
         state.exported_model = result.model
         _log(trainer, report)
         return report
+
+
+def _against_the_full_size(report: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
+    """At the pruned size the final export compares the small model with itself: its dense column
+    comes from the full-size module as the shrink counted it (``record["dense"]``), and what only the
+    full-size model could give (its latency, a count the shrink did not make) is left out, not repeated."""
+    dense = (record or {}).get("dense", {})
+    kept = {
+        key: value
+        for key, value in report.items()
+        if not (key in ("params_dense", "macs_dense") or (key.startswith("latency_") and "_exported" not in key))
+    }
+    return {**kept, **dense}
 
 
 def _log(trainer: Any, report: dict[str, Any]) -> None:

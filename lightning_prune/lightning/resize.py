@@ -28,10 +28,11 @@ from lightning_prune.core.export import export
 from lightning_prune.core.files.checkpoint import replay_shrink, shrink_record
 from lightning_prune.core.sharded import skeleton
 from lightning_prune.core.verify.equivalence import verify_on_batches
+from lightning_prune.core.verify.report import count_macs, count_params
 from lightning_prune.lightning.checks import is_sharded
 from lightning_prune.lightning.compat import info, launched_in_new_processes
 from lightning_prune.lightning.exporting import export_rounding
-from lightning_prune.lightning.inputs import example_input, network_prefix, prepare
+from lightning_prune.lightning.inputs import example_input, first_sample, network_prefix, prepare
 from lightning_prune.lightning.resharding import ShardLayout, materialize
 from lightning_prune.lightning.sharding import ShardedModule, read_sharded, same_buffers, uses_fsdp2
 from lightning_prune.lightning.state import PruneState
@@ -116,6 +117,7 @@ class Resizing:
         """The exported copy of ``pl_module`` (its shrink recorded in the state), checked against it when
         ``verify``; under FSDP2 built from the shards a module at a time, on every rank (collective)."""
         settings = self.settings
+        dense = _dense_size(trainer, pl_module, example)
         if read_sharded(trainer, pl_module):
             result = ShardedModule(pl_module).export(
                 self.state.masks, example, round_to=export_rounding(settings), whole_channel=False, progress=False
@@ -133,6 +135,7 @@ class Resizing:
             **shrink_record(result),
             "network_prefix": network_prefix(pl_module),
             "notes": [str(note) for note in result.notes],
+            "dense": dense,  # the final report's dense column: no full-size model is left by then
         }
         if verify:  # FSDP2: the sharded module's forward is collective, and every rank runs it here
             verify_on_batches(pl_module, small, [(example, None)], settings.rtol)
@@ -167,6 +170,14 @@ def _put_in(pl_module: Any, small: torch.nn.Module) -> None:
         replacement = small.get_submodule(name)
         if replacement is not child:
             setattr(pl_module, name, replacement)
+
+
+def _dense_size(trainer: Any, pl_module: Any, example: Any) -> dict[str, int]:
+    """The full-size module's parameters (and, where its forward is not collective, its MACs on one
+    sample), as :func:`compare_models` counts them, for the report at the end of a pruned-size fine-tune."""
+    if read_sharded(trainer, pl_module):  # the full shapes on meta; a sharded forward is collective
+        return {"params_dense": count_params(skeleton(pl_module))}
+    return {"params_dense": count_params(pl_module), "macs_dense": count_macs(pl_module, first_sample(example))}
 
 
 def _several_ranks(trainer: Any) -> bool:
