@@ -20,6 +20,7 @@ import torch
 from helpers import RTOL, randomize, zero_norm_affine
 from hf_models import T5, VOCAB, LogitsOnly, tokens
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_prune import ChannelGraph, export, group_masks, verify_equivalence
 
@@ -84,3 +85,50 @@ def test_cross_attention_layers_keep_heads_of_their_own(implementation: str) -> 
     assert torch.equal(
         result.model.model.generate(**prompt, **settings), reference.model.generate(**prompt, **settings)
     )
+
+
+class SharedBiasStack(nn.Module):
+    """A user's two sdpa attention layers sharing one per-head bias from a table (T5's pattern, in
+    plain torch). Given ``per_head`` ids, the bias is computed from them instead: no channel explains
+    it, so the heads must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(8, 4)  # bucket -> one bias per head
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.out = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, per_head: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        buckets = (torch.arange(n)[None] - torch.arange(n)[:, None]).clamp(-4, 3) + 4
+        bias = self.table(buckets).permute(2, 0, 1)[None]  # (1, heads, n, n)
+        if per_head is not None:
+            bias = per_head.float()[:, :, None, None].expand(b, 4, n, n)
+        for qkv, out in zip(self.qkv, self.out, strict=True):
+            q, k, v = qkv(x).view(b, n, 3, -1, 4).permute(2, 0, 3, 1, 4)
+            x = out(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, -1))
+        return x
+
+
+def test_a_per_head_bias_from_a_table_ties_the_heads_of_every_layer_it_reaches() -> None:
+    """The table's column j goes with head j of both layers: both keep the same heads, exactly."""
+    torch.manual_seed(0)
+    model = randomize(SharedBiasStack())
+    x = torch.randn(2, 5, 16)
+    masks = group_masks(ChannelGraph.from_model(model, x), 0.5, model=model)
+    result = export(model, masks, x, whole_channel=True)
+    assert torch.equal(result.masks["qkv.0"], result.masks["qkv.1"])  # one group: the same heads
+    assert [layer.out_features for layer in result.model.qkv] == [24, 24]
+    assert result.model.table.embedding_dim == 2
+    report = verify_equivalence(zero_norm_affine(model, masks, x), result.model, torch.randn(3, 7, 16), rtol=RTOL)
+    assert report.passed, str(report)
+
+
+def test_a_per_head_mask_from_the_data_keeps_the_heads() -> None:
+    """A mask that differs per head and carries no channel: the heads stay, with the reason."""
+    model = SharedBiasStack()
+    graph = ChannelGraph.from_model(model, (torch.randn(2, 5, 16), torch.randint(0, 3, (2, 4))))
+    labels = graph.producers["qkv.0"].numpy()
+    assert graph.blocked[graph.root[labels]].all()
+    reasons = {graph.reasons[code] for code in graph.block_reason[graph.root[labels]].tolist()}
+    assert reasons == {"op 'scaled_dot_product_attention' meets an attention mask that differs per head"}

@@ -12,6 +12,8 @@ the package does not depend on it. It registers:
   ``num_key_value_heads``) are set by :func:`~lightning_prune.core.shrink.attention.update_head_attributes`,
   and LLaMA-style ``num_key_value_groups`` stays valid because whole key/value groups go with their
   query heads;
+- a model updater for T5's attention (:func:`update_shared_bias_attentions`): a cross-attention layer
+  that keeps another head count than the stack's first builds its own zero position bias;
 - a model updater that re-ties input and output embeddings the export untied, and makes each
   ``PreTrainedModel``'s ``config`` say the exported sizes where one config can: the same heads,
   key/value heads, ``head_dim`` and MLP width in every layer, in a model that reads ``head_dim``
