@@ -13,6 +13,8 @@ from lightning_prune.core.graph.masks import Masks, zero_pruned_parameters
 from lightning_prune.core.graph.prunable import channel_tensors, is_prunable, out_channels
 
 RTOL = 1e-5
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
+"""A timm ViT built small (``timm.create_model`` keywords): 4 heads of 8, 2 blocks, 16 patches of 32 x 32 images."""
 
 
 def images(batch: int, seed: int, size: int = 64) -> torch.Tensor:

@@ -26,6 +26,26 @@ GPT2 = {
     "bos_token_id": 0,
     "eos_token_id": 0,
 }
+OPT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "ffn_dim": 128,
+    "num_hidden_layers": 2,
+    "word_embed_proj_dim": 64,
+    "max_position_embeddings": 32,
+}
+VISION = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+"""A tiny vision transformer's sizes (BASE's, over 16 patches of 32 x 32 images)."""
+T5 = {"vocab_size": VOCAB, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4, "num_layers": 2}
+BLOOM = {"vocab_size": VOCAB, "hidden_size": 64, "n_head": 4, "n_layer": 2}
 
 
 class LogitsOnly(nn.Module):
@@ -52,3 +72,8 @@ def tokens(batch: int, length: int, seed: int, decoder: bool = False) -> dict[st
     mask = torch.ones_like(ids)
     mask[-1, -2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pixels(batch: int, size: int, seed: int) -> dict[str, torch.Tensor]:
+    """``pixel_values``: ``batch`` random 3-channel ``size`` x ``size`` images."""
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import RTOL, randomize, zero_norm_affine
-from hf_models import BASE, GPT2, GQA, VOCAB, LogitsOnly, tokens
+from hf_models import BASE, GPT2, GQA, T5, VOCAB, LogitsOnly, tokens
 from torch import nn
 
 from lightning_prune import ChannelGraph, export, group_masks, load_pruned, save_pruned, verify_equivalence
@@ -43,15 +43,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], bool]] = {  # name -> (build, lo
         lambda: T.BertForSequenceClassification(T.BertConfig(**BASE, max_position_embeddings=32)),
         True,
     ),
-    # T5 keeps its heads (a per-head position bias shared across layers is passed as the attention mask)
-    "t5": (
-        lambda: LogitsOnly(
-            T.T5ForConditionalGeneration(
-                T.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2)
-            )
-        ),
-        False,
-    ),
+    # T5's relative position bias (one column per head) is shared by every layer of a stack
+    "t5": (lambda: LogitsOnly(T.T5ForConditionalGeneration(T.T5Config(**T5))), True),
 }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import RTOL, randomize, zero_norm_affine
+from helpers import RTOL, TINY_VIT, randomize, zero_norm_affine
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -38,7 +38,6 @@ from lightning_prune.core.verify.report import count_params
 timm = pytest.importorskip("timm")
 from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block  # noqa: E402
 
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
 PYRAMID = {"embed_dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}
 
 

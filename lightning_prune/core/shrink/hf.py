@@ -12,6 +12,8 @@ the package does not depend on it. It registers:
   ``num_key_value_heads``) are set by :func:`~lightning_prune.core.shrink.attention.update_head_attributes`,
   and LLaMA-style ``num_key_value_groups`` stays valid because whole key/value groups go with their
   query heads;
+- a model updater for T5's attention (:func:`update_shared_bias_attentions`): a cross-attention layer
+  that keeps another head count than the stack's first builds its own zero position bias;
 - a model updater that re-ties input and output embeddings the export untied, and makes each
   ``PreTrainedModel``'s ``config`` say the exported sizes where one config can: the same heads,
   key/value heads, ``head_dim`` and MLP width in every layer, in a model that reads ``head_dim``
@@ -134,6 +136,35 @@ def update_per_head_norms(module: nn.Module, counts: HeadCounts) -> None:
 
 
 register_attention(*_classes(PER_HEAD_NORMS))(update_per_head_norms)
+
+
+SHARED_BIAS_ATTENTIONS = (("transformers.models.t5.modeling_t5", "T5Attention"),)
+"""Attentions handed the position bias of the stack's first layer, one tensor for every layer; where a
+layer has no relative position table of its own (T5's cross-attention) that is zeros sized by the
+first layer's head count."""
+
+
+@register_model_updater
+def update_shared_bias_attentions(model: nn.Module, plan: Plan) -> None:
+    """Where heads went, a pre-hook on each attention of :data:`SHARED_BIAS_ATTENTIONS` without a table
+    of its own: a zero bias sized for another head count (cross-attention layers keep heads of their
+    own) becomes its own (``None``: ``forward`` builds zeros for its heads). A self-attention bias is
+    sized right already: it carries channels of the first layer's table, which the trace couples with
+    the heads of every layer it reaches, so those layers keep the same heads."""
+    classes = tuple(_classes(SHARED_BIAS_ATTENTIONS))
+    if not plan.heads or not classes:
+        return
+    for module in model.modules():
+        if isinstance(module, classes) and not module.has_relative_attention_bias:
+            if _own_zero_bias not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_own_zero_bias, with_kwargs=True)
+
+
+def _own_zero_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    bias = kwargs.get("position_bias")
+    if isinstance(bias, torch.Tensor) and bias.shape[1] != module.n_heads and not bias.any():
+        kwargs["position_bias"] = None
+    return args, kwargs
 
 
 @register_model_updater
@@ -281,11 +312,13 @@ __all__ = [
     "ALIBI_ATTENTIONS",
     "MLP_WIDTHS",
     "PER_HEAD_NORMS",
+    "SHARED_BIAS_ATTENTIONS",
     "SHRINK_RECORD",
     "SPLIT_ATTENTIONS",
     "shrink_conv1d",
     "update_alibi_attention",
     "update_per_head_norms",
+    "update_shared_bias_attentions",
     "update_split_attention",
     "update_transformers",
 ]

@@ -183,11 +183,8 @@ def scaled_dot_product_attention(t: Bookkeeping, call: OpCall) -> None:
     if query.ndim < 3 or any(rep is None or rep.dims != expected for rep in reps):
         return t.give_up(call, "reaches attention other than along (heads, head_dim)")
     q_labels, k_labels, v_labels = (rep.labels for rep in reps)
-    if isinstance(mask, Tensor) and (t.rep(mask) is not None or _spans(mask, query, head_dim)):
-        # a per-head bias gathered from a table (MaxViT's relative positions) is sliced with the heads
-        per_head = head_dim - (query.ndim - mask.ndim)
-        if t.rep(mask) is not None or not t.slice_parameter(mask, per_head, q_labels[:, 0]):
-            return t.give_up(call, "meets an attention mask that differs per head")
+    if isinstance(mask, Tensor) and not _per_head_mask(t, mask, query, q_labels[:, 0]):
+        return t.give_up(call, "meets an attention mask that differs per head")
     groups, rest = divmod(q_labels.shape[0], k_labels.shape[0])
     if rest:
         return t.give_up(call, "has query heads that no key/value head divides")
@@ -215,9 +212,25 @@ def record_heads(t: Bookkeeping, query: Tensor, key_value: Tensor, head_dim: int
     t.trace.heads.setdefault(module, AttentionHeads(query.flatten(), key_value.flatten(), head_dim))
 
 
-def _spans(mask: Tensor, query: Tensor, dim: int) -> bool:
-    shift = query.ndim - mask.ndim
-    return dim >= shift and mask.shape[dim - shift] > 1
+def _per_head_mask(t: Bookkeeping, mask: Tensor, query: Tensor, heads: Tensor) -> bool:
+    """Whether whole heads can go under ``mask`` (added to the scores): one that is the same for every
+    head; a per-head bias gathered from a table (MaxViT's relative positions), whose table is then
+    sliced with the heads; or one whose channels lie along the heads alone (T5's relative position
+    embedding, one column per head), each coupled with its head. T5 hands one layer's bias to the
+    next: its heads are then the same heads in every layer of the stack, which keeps each layer's
+    bias the one the first layer computes."""
+    per_head = query.ndim - 3 - (query.ndim - mask.ndim)
+    rep = t.rep(mask)
+    if rep is not None:
+        if rep.dims != (per_head,) or rep.labels.numel() != heads.numel():
+            return False
+        t.couple(rep.labels, heads)
+        return True
+    if per_head < 0 or mask.shape[per_head] == 1:
+        return True
+    if t.slice_parameter(mask, per_head, heads):
+        return True
+    return bool((mask == mask.narrow(per_head, 0, 1)).all())  # T5's zero bias of cross-attention
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
