@@ -259,6 +259,8 @@ class Tracer(Bookkeeping):
     def follow_parameter(self, call: OpCall) -> None:
         """A view or index of a parameter: remember which parameter element each output element is."""
         source = call.args[0] if call.args else None
+        if call.op in ("cat", "concat", "concatenate"):
+            return self.follow_concatenation(call)
         origin = self.parameter_origin(source)
         if origin is None:
             return

@@ -71,7 +71,7 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
     for tensor in plain:
         shift = len(shape) - tensor.ndim
         spans = [d for d in dims if d >= shift and tensor.shape[d - shift] > 1]
-        is_param = t.parameter_origin(tensor) is not None  # a parameter, or a view or index of one
+        is_param = t.from_parameters(tensor)  # a parameter, a view or index of one, a cat of those
         if not spans:
             if tensor.numel() == 1 or is_param or t.is_fresh(tensor):  # input-independent constants
                 continue
