@@ -243,17 +243,19 @@ def test_heads_with_live_biases_go_without_the_embedding_width(name: str) -> Non
     assert all(counts.query == counts.query_before - 1 for counts in result.plan.heads.values())
 
 
-def test_the_checkpoint_rebuilds_the_pruned_attention_from_the_original_architecture(tmp_path) -> None:
-    """load_pruned on a freshly built swin_t gives the same classes, head counts and outputs; a deep copy runs."""
-    model, _, result, _ = exported("swin_t")
+@pytest.mark.parametrize("name", ["swin_t", "timm-eva02_tiny_patch14_224", "timm-swinv2_tiny_window8_256"])
+def test_the_checkpoint_rebuilds_the_pruned_attention_from_the_original_architecture(tmp_path, name: str) -> None:
+    """load_pruned on a freshly built model gives the same classes, head counts and outputs (EVA's and Swin V2's
+    key bias, a buffer not in the checkpoint, sized too); a deep copy runs."""
+    case, (model, _, result, _) = CASES[name], exported(name)
     assert result.plan.heads
     save_pruned(tmp_path / "pruned.ckpt", result)
     rebuilt = load_pruned(tmp_path / "pruned.ckpt", copy.deepcopy(model))
     for attention_name, counts in result.plan.heads.items():
         attention = rebuilt.get_submodule(attention_name)
-        assert type(attention) is PrunedShiftedWindowAttention and attention.num_heads == counts.query
+        assert type(attention) in case.twins and attention.num_heads == counts.query
     for twin in (rebuilt, copy.deepcopy(result.model)):
-        assert verify_equivalence(result.model, twin, images(3, 32, 1), rtol=0.0).passed
+        assert verify_equivalence(result.model, twin, images(3, case.size, 1), rtol=0.0).passed
 
 
 def test_a_twin_that_does_not_subclass_its_class_is_refused() -> None:

@@ -2,10 +2,10 @@
 
 Imported only once ``timm`` is (:func:`~lightning_prune.core.integrations.load_integrations`).
 XCiT's cross-covariance attention (``XCA``: ``C // num_heads``, its per-head ``temperature``), the
-class attention XCiT and CaiT share (``ClassAttn``), PVT-v2's ``Attention``, EVA's ``EvaAttention`` (EVA-02,
-DINOv3, ROPE-ViT) and Swin V2's ``WindowAttention`` (a reshape back to ``C``) cannot lose heads while
-the embedding width stays. An attention that loses heads becomes its
-pruned twin (:func:`~lightning_prune.core.shrink.attention.register_head_dim_twins`): the same module,
+class attention XCiT and CaiT share (``ClassAttn``), PVT-v2's ``Attention``, EVA's ``EvaAttention``
+(EVA-02, DINOv3) and Swin V2's ``WindowAttention`` (a reshape back to ``C``) cannot lose heads
+while the embedding width stays. An attention that loses heads becomes its pruned twin
+(:func:`~lightning_prune.core.shrink.attention.register_head_dim_twins`): the same module,
 parameters and call, whose ``forward`` reads ``head_dim``. Per-head state (XCA's temperature) is
 sliced with its heads by the plan, as are Swin V2's logit scale and bias MLP; EVA's and Swin V2's
 query/key/value bias, a ``cat`` of the query bias, a key bias buffer of zeros and the value bias, is
@@ -88,7 +88,7 @@ class PrunedPvtAttention(PvtAttention):
 
 
 class PrunedEvaAttention(EvaAttention):
-    """timm's ``EvaAttention`` (EVA-02, DINOv3, ROPE-ViT) whose ``num_heads * head_dim`` may differ from its input width."""
+    """timm's ``EvaAttention`` (EVA-02, DINOv3) whose ``num_heads * head_dim`` may differ from its input width."""
 
     def forward(
         self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False

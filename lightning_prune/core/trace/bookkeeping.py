@@ -3,9 +3,9 @@
 A rule (:mod:`lightning_prune.core.trace.op_rules`) receives the running tracer as a
 :class:`Bookkeeping`: ``rep``, ``set_rep``, ``full_labels``, ``couple``, ``block``, ``block_inputs``,
 ``give_up``, ``add_axis``, ``param_name``, ``parameter_origin``, ``slice_parameter``,
-``from_parameters``, ``follow_concatenation``, ``size_guess``, ``outputs_unlabeled``, ``is_fresh``, and ``trace`` (what the run records). Running
-the model and dispatching each call to its rule is :class:`~lightning_prune.core.trace.tracer.Tracer`'s
-part, built on this one.
+``from_parameters``, ``follow_concatenation``, ``size_guess``, ``outputs_unlabeled``, ``is_fresh``,
+and ``trace`` (what the run records). Running the model and dispatching each call to its rule is
+:class:`~lightning_prune.core.trace.tracer.Tracer`'s part, built on this one.
 """
 
 from __future__ import annotations
