@@ -58,6 +58,9 @@ def randomize(model: nn.Module, seed: int = 0, example: Any = None) -> nn.Module
                     fill(tensor, -0.2, 0.2)
                 elif not tensor.any():  # a zero-initialised classifier (torchvision's ViT head): output ignores input
                     fill(tensor, -0.05, 0.05)
+        for name, parameter in module.named_parameters(recurse=False):
+            if name in ("q_bias", "v_bias"):  # timm's BEiT, EVA, Swin V2: the qkv bias is a cat of them (and zeros)
+                fill(parameter, -0.2, 0.2)
     if example is not None:
         _calibrate_batch_norms(model, example, seed)
     return model.eval()

@@ -177,3 +177,53 @@ def test_an_attention_export_cannot_update_keeps_its_heads_with_a_note_then_one_
     assert result.model.attn.groups == 2
     reference = zero_norm_affine(model, masks, example)
     assert verify_equivalence(reference, result.model, torch.randn(3, 7, 6), rtol=RTOL).passed
+
+
+class JoinedBias(nn.Module):
+    """BEiT's and EVA's form: one query/key/value weight without a bias, the bias joined in ``forward``
+    from the query bias, a key bias of zeros (``key_bias`` says how it is made) and the value bias."""
+
+    def __init__(self, key_bias: str) -> None:
+        super().__init__()
+        self.key_bias, self.num_heads = key_bias, HEADS
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(WIDTH)), nn.Parameter(torch.zeros(WIDTH))
+        self.register_buffer("k_bias", torch.zeros(WIDTH), persistent=False)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        keys = {
+            "buffer": lambda: self.k_bias,
+            "zeros_like": lambda: torch.zeros_like(self.v_bias, requires_grad=False),
+            "zeros": lambda: torch.zeros(self.v_bias.shape[0]),
+            "data": lambda: x.mean((0, 1)),  # computed from the input: export cannot slice it
+        }
+        bias = torch.cat((self.q_bias, keys[self.key_bias](), self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("key_bias", ["buffer", "zeros_like", "zeros", "data"])
+def test_a_bias_joined_in_forward_is_sliced_part_by_part(key_bias: str) -> None:
+    """Parts made from parameters, buffers and constants are sliced with the heads (randomized query and
+    value biases: the kept heads' values, in order); a part computed from data keeps the heads, saying why."""
+    torch.manual_seed(0)
+    model, example = randomize(Net(JoinedBias(key_bias))), torch.randn(2, 5, 6)
+    masks = group_masks(ChannelGraph.from_model(model, example), 0.5, model=model, layers=["attn.qkv", "attn.proj"])
+    result = export(model, masks, example, whole_channel=True)
+    if key_bias == "data":
+        assert not masks and not result.plan.heads
+        assert any("adds a computed bias" in reason for reason in result.graph.reasons), result.graph.reasons
+        return
+    reference = zero_norm_affine(model, masks, example)
+    assert not verify_equivalence(model, reference, example, rtol=RTOL).passed
+    for x in (example, torch.randn(3, 7, 6)):
+        assert verify_equivalence(reference, result.model, x, rtol=RTOL).passed
+    kept = list(result.plan.heads["attn"].kept)
+    assert len(kept) == 2 and result.model.attn.num_heads == 2
+    for name in ("q_bias", "v_bias"):
+        before = model.attn.get_parameter(name).view(HEADS, -1)
+        assert torch.equal(result.model.attn.get_parameter(name), before[kept].flatten()), name
+    if key_bias == "buffer":
+        assert result.model.attn.k_bias.numel() == 2 * WIDTH // HEADS

@@ -5,8 +5,11 @@ keys in interleaved pairs (``x[..., ::2]``, ``x[..., 1::2]``, stacked and flatte
 half of a head's channels labels of their own; DeBERTa-v2's disentangled attention picks its
 relative-position scores per query with ``torch.gather``; BLOOM's model builds ALiBi biases for all
 its heads once per forward, which each attention must cut to the heads it kept; StableLM's
-``qk_layernorm`` is one LayerNorm module per head, applied through a split into one piece per head. At 50% group masks both lose heads, exactly on a
-second input of another batch size and length.
+``qk_layernorm`` is one LayerNorm module per head, applied through a split into one piece per head; Beam
+adds a bias per head (``gate_bias[None, None, :, None]``) to its output gate. At 50% group masks each
+loses heads, exactly on a second input of another batch size and length. A user's attention with a
+learnable gate per head (``[heads]``, ``[heads, 1, 1]``, ``[1, heads, 1, 1]`` or ``[heads, 1]``, through
+``sigmoid`` or ``tanh``, before the heads are merged) keeps the gates of its kept heads, in order.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import RTOL, randomize, zero_norm_affine
 from hf_models import BASE, GQA, VOCAB, tokens
 from torch import nn
@@ -44,14 +48,20 @@ BUILDS: dict[str, Callable[[], nn.Module]] = {
         T.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=32)
     ),
 }
+if hasattr(T, "BeamForCausalLM"):  # a sigmoid output gate with one bias per head; dense MLPs at this depth
+    BUILDS["beam-gate-bias"] = lambda: T.BeamForCausalLM(
+        T.BeamConfig(
+            **GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, sliding_window=4
+        )
+    )
 
 
 @torch.no_grad()
 def randomize_head_norms(model: nn.Module) -> nn.Module:
-    """Cohere's query/key norm weights away from one, so a wrong slice shows."""
+    """Cohere's query/key norm weights away from one and Beam's gate biases away from zero, so a wrong slice shows."""
     generator = torch.Generator().manual_seed(2)
     for name, parameter in model.named_parameters():
-        if name.endswith(("q_norm.weight", "k_norm.weight")):
+        if name.endswith(("q_norm.weight", "k_norm.weight", "gate_bias")):
             parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
     return model
 
@@ -126,3 +136,89 @@ def test_generate_and_round_trip_with_per_head_state(tmp_path, name: str) -> Non
     result.model.save_pretrained(tmp_path)
     rebuilt = from_pretrained(tmp_path)
     assert verify_equivalence(result.model, rebuilt, tokens(3, 11, 1), rtol=RTOL).passed
+
+
+def test_per_head_gate_bias_is_sliced_by_heads() -> None:
+    """Beam's gate bias (one per query head) keeps its kept heads' values, in order."""
+    if "beam-gate-bias" not in BUILDS:
+        pytest.skip("this transformers has no Beam")
+    model, _, result = exported("beam-gate-bias")
+    assert result.plan.heads
+    for name, counts in result.plan.heads.items():
+        before, after = model.get_submodule(name).gate_bias, result.model.get_submodule(name).gate_bias
+        assert torch.equal(after, before[list(counts.kept)]) and after.numel() == counts.query < before.numel()
+
+
+GATES = {  # gate shape, activation, applied to (batch, heads, tokens, head_dim) or (batch, tokens, heads, head_dim)
+    "heads-sigmoid": ((4,), torch.sigmoid, "bhtd"),
+    "heads11-sigmoid": ((4, 1, 1), torch.sigmoid, "bhtd"),
+    "1heads11-tanh": ((1, 4, 1, 1), torch.tanh, "bhtd"),
+    "heads1-tanh-tokens-first": ((4, 1), torch.tanh, "bthd"),
+}
+
+
+class GatedAttention(nn.Module):
+    """A user's self-attention whose heads each have a learnable gate, applied before the heads are merged."""
+
+    def __init__(self, dim: int, num_heads: int, gate: str, fused: bool) -> None:
+        super().__init__()
+        self.num_heads, self.fused = num_heads, fused
+        shape, self.activation, self.layout = GATES[gate]
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.gate = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+        gate = self.activation(self.gate)
+        if self.layout == "bthd":
+            out = out.transpose(1, 2) * gate
+        else:
+            out = (out * (gate.view(1, -1, 1, 1) if gate.ndim == 1 else gate)).transpose(1, 2)
+        return self.proj(out.reshape(B, N, -1))
+
+
+class GatedEncoder(nn.Module):
+    """Tokens in, two pre-norm gated attention blocks, a mean-pooled classifier."""
+
+    def __init__(self, gate: str, fused: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(2))
+        self.blocks = nn.ModuleList(GatedAttention(32, 4, gate, fused) for _ in range(2))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for norm, block in zip(self.norms, self.blocks, strict=True):
+            h = h + block(norm(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("gate", "fused"),
+    [pytest.param(gate, True, id=gate) for gate in GATES] + [pytest.param("heads11-sigmoid", False, id="explicit")],
+)
+def test_per_head_gates_are_sliced_with_their_heads(gate: str, fused: bool) -> None:
+    """Half the heads of each attention go (group masks over its projections); each gate keeps its kept
+    heads' values in order, and the export equals the masked model on another batch size and length."""
+    torch.manual_seed(0)
+    model = randomize(GatedEncoder(gate, fused))
+    x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(1))
+    layers = [f"blocks.{i}.{name}" for i in range(2) for name in ("qkv", "proj")]
+    masks = group_masks(ChannelGraph.from_model(model, x), 0.5, model=model, layers=layers)
+    reference, result = zero_norm_affine(model, masks, x), export(model, masks, x, whole_channel=True)
+    assert not verify_equivalence(model, reference, x, rtol=RTOL).passed
+    for other in (x, torch.randn(3, 11, 8, generator=torch.Generator().manual_seed(2))):
+        report = verify_equivalence(reference, result.model, other, rtol=RTOL)
+        assert report.passed, str(report)
+    assert result.plan.heads.keys() == {"blocks.0", "blocks.1"}, [str(note) for note in result.notes]
+    for name, counts in result.plan.heads.items():
+        before, after = model.get_submodule(name), result.model.get_submodule(name)
+        assert after.num_heads == counts.query == 2 < before.num_heads == 4
+        heads_dim = next(d for d, size in enumerate(before.gate.shape) if size == 4)
+        assert torch.equal(after.gate, before.gate.index_select(heads_dim, torch.tensor(counts.kept)))

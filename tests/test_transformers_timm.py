@@ -8,10 +8,11 @@ channels are zeroed (filters, biases, norms, tokens, position embeddings, tables
 example, on a second input of another batch size, and on another image size where the architecture
 takes one; strictly smaller; and
 
-- where heads go (ViT, DeiT, Swin, PVT-v2, Twins, XCiT, LeViT, MobileViT, EfficientFormer): every
+- where heads go (ViT, DeiT, Swin, PVT-v2, Twins, XCiT, LeViT, MobileViT, EfficientFormer, BEiT, EVA-02,
+  Swin V2): every
   attention loses the heads the masks prune, the plan's notes count them, and the module's head
   count attribute (``num_heads``) says the new count;
-- where heads stay (BEiT, CaiT, CoaT, MaxViT, marked ``HEADS KEPT`` below): no head of the attentions
+- where heads stay (CaiT, CoaT, MaxViT, marked ``HEADS KEPT`` below): no head of the attentions
   named goes (CaiT's class-attention blocks lose theirs), and the reason the graph gives for keeping
   them is the one expected, so a change there fails loudly and the case can be moved to the other list.
 
@@ -129,14 +130,37 @@ CASES: dict[str, Case] = {
         None,
         {"stages.3.blocks.1.token_mixer.attention_biases": 0},
     ),
-    # HEADS KEPT (each case says why; once the tracer prunes them, drop heads_kept to test the heads)
+    # the query/key/value bias is cat(q_bias, a buffer of zeros, v_bias): sliced part by part
     "beit": Case(  # relative position bias tables fix the image size
         "beit_base_patch16_224",
         TINY_VIT,
         32,
         None,
-        heads_kept=(r"attn\.qkv$", "their layer adds a computed bias"),  # qkv bias = cat(q_bias, zeros, v_bias)
+        {"blocks.0.attn.relative_position_bias_table": 1, "blocks.0.attn.q_bias": 0},
     ),
+    "eva02": Case(  # rotary embedding past the class token, SwiGLU MLP
+        "eva02_tiny_patch14_224",
+        {"img_size": 28, "embed_dim": 32, "depth": 2, "num_heads": 4, "dynamic_img_size": True},
+        28,
+        42,
+        {"cls_token": -1, "pos_embed": -1, "blocks.0.attn.q_bias": 0},
+    ),
+    "swinv2": Case(  # cosine attention, a per-head logit scale, a bias MLP with one output per head
+        "swinv2_tiny_window8_256",
+        {
+            "img_size": 32,
+            "patch_size": 4,
+            "window_size": 4,
+            "embed_dim": 16,
+            "depths": (2, 1),
+            "num_heads": (2, 4),
+            "dynamic_img_size": True,
+        },
+        32,
+        64,
+        {"layers.0.blocks.0.attn.logit_scale": 0, "layers.1.blocks.0.attn.cpb_mlp.2.weight": 0},
+    ),
+    # HEADS KEPT (each case says why; once the tracer prunes them, drop heads_kept to test the heads)
     "cait": Case(  # the position embedding fixes the image size
         "cait_xxs24_224",
         {**TINY_VIT, "depth_token_only": 1},
@@ -270,7 +294,11 @@ def test_heads_removed_as_masked(name: str) -> None:
     """Every attention loses the heads its masks prune whole; the notes and ``num_heads`` say so."""
     run = export_case(name)
     removed = {note.layer: note.channels for note in run.result.notes if note.unit == "head(s)"}
-    multi_head = [n for n, m in run.model.named_modules() if (query_heads(m) or 0) > 1]
+    multi_head = [  # a block that records its attention's count (Swin V2's) is not an attention
+        n
+        for n, m in run.model.named_modules()
+        if (query_heads(m) or 0) > 1 and not any(query_heads(inner) for inner in list(m.modules())[1:])
+    ]
     assert multi_head, "no module says it has heads"
     missing = set(multi_head) - run.graph.trace.heads.keys()
     assert not missing, f"attentions whose heads the tracer did not find: {sorted(missing)}"

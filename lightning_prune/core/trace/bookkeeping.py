@@ -3,9 +3,9 @@
 A rule (:mod:`lightning_prune.core.trace.op_rules`) receives the running tracer as a
 :class:`Bookkeeping`: ``rep``, ``set_rep``, ``full_labels``, ``couple``, ``block``, ``block_inputs``,
 ``give_up``, ``add_axis``, ``param_name``, ``parameter_origin``, ``slice_parameter``,
-``size_guess``, ``outputs_unlabeled``, ``is_fresh``, and ``trace`` (what the run records). Running
-the model and dispatching each call to its rule is :class:`~lightning_prune.core.trace.tracer.Tracer`'s
-part, built on this one.
+``from_parameters``, ``follow_concatenation``, ``size_guess``, ``outputs_unlabeled``, ``is_fresh``,
+and ``trace`` (what the run records). Running the model and dispatching each call to its rule is
+:class:`~lightning_prune.core.trace.tracer.Tracer`'s part, built on this one.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Bookkeeping:
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)
         self.derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        # A cat of such tensors and constants (BEiT's, EVA's query/key/value bias): id -> (tensor
+        # kept alive, the dim of the cat, its parts); sliced part by part
+        self.concatenated: dict[int, tuple[Tensor, int, tuple[Tensor, ...]]] = {}
         self.module_stack: list[str] = []  # the model's modules now running, outermost first (see run)
         self.op = ""  # the op being recorded, for block reasons
         # Storages of fresh tensors (factories such as new_empty, zeros): storage key -> (tensor kept
@@ -166,6 +169,9 @@ class Bookkeeping:
         ``dim``: possible when one parameter dim follows ``dim`` one to one and no other parameter
         dim varies along it (a class token expanded over the batch, a per-head table gathered
         over positions). ``False`` (nothing recorded) where no such dim exists."""
+        entry = self.concatenated.get(id(tensor))
+        if entry is not None and entry[0] is tensor and labels.ndim == 1 and labels.numel() == tensor.shape[dim]:
+            return self._slice_parts(entry[1], entry[2], dim, labels)
         origin = self.parameter_origin(tensor)
         if origin is None or labels.ndim != 1 or labels.numel() != tensor.shape[dim]:
             return False
@@ -180,6 +186,40 @@ class Bookkeeping:
                 per_index[position] = labels
                 return self.add_axis(parameter, p, per_index)
         return False
+
+    def follow_concatenation(self, call: OpCall) -> None:
+        """``torch.cat`` of parameters (or tensors made from them by views) and constants, with no
+        channels yet: remember its parts, which :meth:`slice_parameter` slices one by one. A constant
+        part is a buffer, a ``zeros_like`` of a parameter or a sized factory's fresh tensor (a key
+        bias of zeros); any other part (computed from data) leaves the result unknown."""
+        parts, dim, out = call.arg(0, "tensors"), call.arg(1, "dim", 0), call.out
+        if not isinstance(parts, (list, tuple)) or not isinstance(out, Tensor) or not isinstance(dim, int):
+            return
+        known = [
+            isinstance(p, Tensor) and p.ndim == out.ndim and (self.from_parameters(p) or self.is_fresh(p))
+            for p in parts
+        ]
+        if parts and all(known) and any(self.from_parameters(p) for p in parts):
+            self.concatenated[id(out)] = (out, dim % out.ndim, tuple(parts))
+
+    def from_parameters(self, tensor: Any) -> bool:
+        """Whether ``tensor`` is made from the model's parameters alone, so that :meth:`slice_parameter` may
+        slice it: a parameter, a view or index of one, or a cat of those (and constants)."""
+        entry = self.concatenated.get(id(tensor))
+        return self.parameter_origin(tensor) is not None or (entry is not None and entry[0] is tensor)
+
+    def _slice_parts(self, cat_dim: int, parts: tuple[Tensor, ...], dim: int, labels: Tensor) -> bool:
+        """:meth:`slice_parameter` for a cat: each part takes its own labels (along the cat's dim) or all of
+        them (along another). A fresh part's size is the model code's: export checks it. All or nothing."""
+        pieces = labels.split([p.shape[dim] for p in parts]) if dim == cat_dim else [labels] * len(parts)
+        axes, guesses = len(self.trace.axes), len(self.trace.reshaped)
+        for part, piece in zip(parts, pieces, strict=True):
+            if not self.from_parameters(part):
+                self.size_guess(piece)
+            elif not self.slice_parameter(part, dim, piece):
+                del self.trace.axes[axes:], self.trace.reshaped[guesses:]
+                return False
+        return True
 
     def size_guess(self, labels: Tensor) -> None:
         """The exported size of ``labels``' tensor is a guess (the model's code may fix it): export checks it."""

@@ -87,7 +87,9 @@ class Deferred:
     inside one head), ``"in_heads"`` (blocked unless they all belong to heads: a head's output is
     checked where it is projected, so what is added to its scores does not matter) or
     ``"fixed_part"`` (``labels`` blocked unless each of their heads keeps a label in ``survivors``,
-    so that what the op drops is a fixed part of every head).
+    so that what the op drops is a fixed part of every head). A ``"within"`` whose ``axes`` is one
+    parameter's only axis has that parameter's slice by heads in ``per_head``: where each index
+    along the axis is one whole head instead (a gate ``[heads, 1, 1]``), the parameter is sliced so.
     """
 
     kind: str
@@ -95,6 +97,7 @@ class Deferred:
     reason: str
     axes: tuple[int, ...] = ()
     survivors: Tensor | None = None
+    per_head: tuple[ParamAxis, ...] = ()
 
 
 @dataclass

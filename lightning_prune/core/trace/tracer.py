@@ -159,7 +159,8 @@ class Tracer(Bookkeeping):
         A split whose labels all belong to heads is not coupled across heads (the heads dim is the
         one that shrinks, and export updates the module's head count); any other split gets
         :func:`movement`'s guess. Then a ``"within"`` or ``"fixed_part"`` block is dropped where
-        it only concerns positions inside whole heads, and applied otherwise.
+        it only concerns positions inside whole heads (or, for a per-head parameter, where each
+        index along its axis is a whole head: it is sliced with them), and applied otherwise.
         """
         trace = self.trace
         # a label coupled with a head's channels goes with that head (an interleaved rotary embedding
@@ -181,6 +182,10 @@ class Tracer(Bookkeeping):
             labels = item.labels
             if item.kind == "within":
                 fine = all_in_heads(labels) and all(_constant_along(root, labels, axis) for axis in item.axes)
+                if not fine and item.per_head and all_in_heads(labels):  # one value per whole head: sliced
+                    others = [axis for axis in range(labels.ndim) if axis not in item.axes]
+                    fine = all(_constant_along(root, labels, axis) for axis in others)
+                    trace.axes.extend(item.per_head if fine else ())
             elif item.kind == "in_heads":
                 fine = all_in_heads(labels)
             elif item.kind == "fixed_part":
@@ -259,6 +264,8 @@ class Tracer(Bookkeeping):
     def follow_parameter(self, call: OpCall) -> None:
         """A view or index of a parameter: remember which parameter element each output element is."""
         source = call.args[0] if call.args else None
+        if call.op in ("cat", "concat", "concatenate"):
+            return self.follow_concatenation(call)
         origin = self.parameter_origin(source)
         if origin is None:
             return

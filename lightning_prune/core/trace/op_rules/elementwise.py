@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.trace.records import Deferred, Rep
+from lightning_prune.core.trace.records import Deferred, ParamAxis, Rep
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -37,7 +37,8 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
     An unlabelled operand broadcast over the channels is fine if it is input-independent (a
     scalar, a parameter, a fresh constant); a data-dependent factor taints the channels (their
     constant may not fold); anything else added across them blocks them. A per-channel parameter
-    is sliced with them.
+    is sliced with them, and so is a per-head one (a gate ``[heads, 1, 1]`` times an attention's
+    output before its heads are merged) where the pass shows whole heads along its axis.
     """
     op, args, out = call.op, call.args, call.out
     outs = [tensor for tensor in tree_leaves(out) if isinstance(tensor, Tensor)]
@@ -71,7 +72,7 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
     for tensor in plain:
         shift = len(shape) - tensor.ndim
         spans = [d for d in dims if d >= shift and tensor.shape[d - shift] > 1]
-        is_param = t.parameter_origin(tensor) is not None  # a parameter, or a view or index of one
+        is_param = t.from_parameters(tensor)  # a parameter, a view or index of one, a cat of those
         if not spans:
             if tensor.numel() == 1 or is_param or t.is_fresh(tensor):  # input-independent constants
                 continue
@@ -90,9 +91,12 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
             t.size_guess(result.flatten())
         else:
             why = f"op '{op}' combines them position by position with a tensor that belongs to no prunable channel"
-            # fine if it only varies inside heads (rotary embeddings, a norm's weight): decided at the end
+            # fine if it only varies inside heads (rotary embeddings, a norm's weight), or if it is a
+            # parameter with one value per head (a gate [heads, 1, 1]): decided at the end
             if len(dims) > 1:
-                t.trace.deferred.append(Deferred("within", result, why, axes=tuple(dims.index(d) for d in spans)))
+                axes = tuple(dims.index(d) for d in spans)
+                per_head = _per_head_slice(t, tensor, result, axes, shift, dims) if is_param else ()
+                t.trace.deferred.append(Deferred("within", result, why, axes=axes, per_head=per_head))
             else:
                 t.block(result, why)
     for tensor in outs:
@@ -117,6 +121,24 @@ def _per_head(
             t.trace.deferred.append(Deferred("within", result, why, axes=others))
             return True
     return False
+
+
+def _per_head_slice(
+    t: Bookkeeping, tensor: Tensor, labels: Tensor, axes: tuple[int, ...], shift: int, dims: tuple[int, ...]
+) -> tuple[ParamAxis, ...]:
+    """How to slice a parameter that varies along one axis of ``labels`` alone (a per-head gate or
+    scale), should each index along that axis turn out to be one whole head: the axes
+    :meth:`~lightning_prune.core.trace.bookkeeping.Bookkeeping.slice_parameter` would record, not
+    recorded yet (``()`` where it cannot)."""
+    if len(axes) != 1:
+        return ()
+    line = labels.movedim(axes[0], 0).reshape(labels.shape[axes[0]], -1)[:, 0]
+    recorded = len(t.trace.axes)
+    if not t.slice_parameter(tensor, dims[axes[0]] - shift, line):
+        return ()
+    sliced = tuple(t.trace.axes[recorded:])
+    del t.trace.axes[recorded:]
+    return sliced
 
 
 def spatial(t: Bookkeeping, call: OpCall) -> None:

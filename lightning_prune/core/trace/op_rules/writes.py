@@ -36,6 +36,8 @@ def factory(t: Bookkeeping, call: OpCall) -> None:
         source = call.args[0] if call.args else call.kwargs.get("input")
         rep = t.rep(source) if isinstance(source, Tensor) else None
         t.set_rep(out, Rep(rep.dims, rep.labels) if rep is not None else None)
+        if rep is None and (origin := t.parameter_origin(source)) is not None:  # sized as the parameter is
+            t.derived[id(out)] = (out, *origin)
         return
     t.set_rep(out, None)
     if out.numel() and (key := storage_key(out)) is not None:
