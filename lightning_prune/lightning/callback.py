@@ -135,7 +135,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         ranking: str = "uniform",
         min_channels: int = 1,
         schedule: dict[str, Any] | None = None,
-        distill: bool | dict[str, float] | None = None,
+        distill: bool | dict[str, float | str] | None = None,
         finetune: str = "masked",
     ) -> None:
         validate_arguments(**{name: value for name, value in locals().items() if name != "self"})

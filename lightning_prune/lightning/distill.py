@@ -14,15 +14,15 @@ as the network is, each rank holding its own shards), runs on the same input, an
 
     loss = your loss + weight * temperature**2 * KL(softmax(teacher / T) || softmax(student / T))
 
-is returned to Lightning instead of your loss (for a dict result, its ``"loss"``).
+is returned to Lightning instead of your loss (for a dict result, its ``"loss"``) once the teacher
+exists. The term is logged as ``prune/distill_loss``. ``training_step`` is replaced on the instance
+for the fit and put back afterwards; your class is not touched.
 
 Which teacher: by default the network just before the first pruning step, what a run that trains the
 dense network first (``prune_on_epoch >= 1`` from scratch) needs. A run that starts from trained weights
 and whose first step comes later (a schedule from epoch 1, Taylor) wants ``"fit_start"``: the epochs
 before that step fine-tune the dense network at the run's learning rate, and a copy taken mid-way can
-be worse than the weights fit began with (docs/recipes.md: 0.70 against 0.83 held-out accuracy). The term is
-logged as ``prune/distill_loss``. ``training_step`` is replaced on the instance for the fit and put
-back afterwards; your class is not touched.
+be worse than the weights fit began with (docs/recipes.md: 0.70 against 0.83 held-out accuracy).
 
 Where it cannot work it says so before training: manual optimization (``automatic_optimization =
 False``: Lightning never sees a loss to add to), and during training: a network called twice in
