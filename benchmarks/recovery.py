@@ -11,7 +11,8 @@ each, a 1x1 projection on every shortcut), 0.15M parameters. A user's LightningM
 (SGD, momentum 0.9, weight decay 5e-4, cosine learning rate per step): the dense model
 ``--dense-epochs`` over the training images at learning rate 0.1 (seed 0), then every recipe of
 ``recovery_common.recipes`` starts from that checkpoint and gets the same ``--steps`` steps of 64
-images (drawn by the seed) in 8 epochs, pruning inside them, at learning rate ``--lr``.
+images (drawn by the seed) in 8 epochs, pruning inside them, at learning rate ``--lr``; distillation
+with the defaults, the teacher the dense checkpoint (``distill={"teacher": "fit_start"}``).
 
 Budgets are the channel sparsities that keep about 50% and 30% of the parameters (the stem's input and
 the classifier's outputs are not pruned; ``round_to=1``, as the layers are 16 to 64 wide); the table
@@ -43,6 +44,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from recovery_common import EPOCHS, quiet, recipes, run_recipes, spread_table, trainer
 
 SPARSITY = {"50%": 0.3, "30%": 0.46}  # channel sparsity -> about this share of params kept
+DISTILL = {"teacher": "fit_start"}  # the defaults, the teacher the dense checkpoint (docs/recipes.md: why)
 
 
 def shapes(count: int, seed: int, size: int = 32) -> TensorDataset:
@@ -169,17 +171,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_accuracy = accuracy(dense.model, held_out)
         print(f"dense: {dense_accuracy:.3f} held-out accuracy", flush=True)
 
-        def fit(seed: int, callback: L.Callback) -> tuple[nn.Module, float]:
+        def fit(seed: int, name: str, callback: L.Callback) -> tuple[nn.Module, dict[str, float]]:
             module = Classifier(lr=args.lr, steps=per_epoch * EPOCHS)
             module.load_state_dict(dense.state_dict())
             sampler = RandomSampler(train, num_samples=per_epoch * batch, generator=torch.Generator().manual_seed(seed))
             trainer(root, [callback], max_epochs=EPOCHS).fit(module, DataLoader(train, batch, sampler=sampler))
             network = callback.exported_network
-            return network, accuracy(network, held_out)
+            return network, {"test": accuracy(network, held_out)}
 
         table = run_recipes(
             fit,
-            {name: options for name, options in recipes().items() if name in (args.recipes or [name])},
+            {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])},
             {budget: SPARSITY[budget] for budget in args.budgets},
             range(args.first_seed, args.first_seed + args.seeds),
             dense.model,

@@ -36,7 +36,7 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def recipes(distill: bool | Mapping[str, float] = True) -> dict[str, dict[str, Any]]:
+def recipes(distill: bool | Mapping[str, Any] = True) -> dict[str, dict[str, Any]]:
     """The recipes, each the callback's arguments beyond the budget's ``sparsity``. Every recipe trains
     ``EPOCHS`` epochs; one-shot prunes at the start, a schedule at the start of epochs 1, 2 and 3
     (Taylor needs gradients first); ``distill`` is the callback's ``distill=``."""
@@ -72,16 +72,17 @@ def params(network: nn.Module) -> int:
 
 
 def run_recipes(
-    fit: Callable[[int, L.Callback], tuple[nn.Module, float]],
+    fit: Callable[[int, str, L.Callback], tuple[nn.Module, Mapping[str, float]]],
     recipes: Mapping[str, Mapping[str, Any]],
     budgets: Mapping[str, float],
     seeds: Iterable[int],
     dense: nn.Module,
     common: Mapping[str, Any],
 ) -> Table:
-    """Every recipe at every budget for every seed: ``fit(seed, callback)`` trains from the dense
-    checkpoint and returns the exported network and its held-out score; the table holds the scores,
-    the share of the dense model's parameters kept, and the step ``fit`` was seeded with."""
+    """Every recipe at every budget for every seed: ``fit(seed, recipe name, callback)`` trains from the
+    dense checkpoint and returns the exported network and its scores by split (``{"test": ...}``, and
+    ``"validation"`` where the benchmark has one); the table holds each split's scores and the share of
+    the dense model's parameters kept."""
     table: Table = {}
     dense_params = params(dense)
     for seed in seeds:
@@ -89,11 +90,13 @@ def run_recipes(
             for name, options in recipes.items():
                 L.seed_everything(100 + seed, verbose=False)
                 callback = PruneExportCallback(sparsity=sparsity, measure_latency=False, **common, **options)
-                network, score = fit(seed, callback)
-                row = table.setdefault((budget, name), {"score": [], "kept": []})
-                row["score"].append(score)
+                network, scores = fit(seed, name, callback)
+                row = table.setdefault((budget, name), {"kept": []})
+                for split, score in scores.items():
+                    row.setdefault(split, []).append(score)
                 row["kept"].append(params(network) / dense_params)
-                print(f"seed {seed} ~{budget} {name}: {score:.3f} (kept {row['kept'][-1]:.1%})", flush=True)
+                shown = ", ".join(f"{split} {score:.3f}" for split, score in scores.items())
+                print(f"seed {seed} ~{budget} {name}: {shown} (kept {row['kept'][-1]:.1%})", flush=True)
     return table
 
 
@@ -101,9 +104,10 @@ def spread(values: list[float]) -> float:
     return max(values) - min(values) if len(values) > 1 else 0.0
 
 
-def spread_table(table: Table, what: str, lower_is_better: bool = False) -> str:
-    """A markdown table: recipes down, budgets across, ``mean ± spread (share of params kept)`` in each
-    cell, and the gap to the first recipe (one-shot) with ``*`` where it exceeds both spreads."""
+def spread_table(table: Table, what: str, split: str = "test", lower_is_better: bool = False) -> str:
+    """A markdown table of one split's scores: recipes down, budgets across, ``mean ± spread (share of
+    params kept)`` in each cell, and the gap to the first recipe (one-shot) with ``*`` where it exceeds
+    both spreads."""
     budgets = list(dict.fromkeys(budget for budget, _ in table))
     names = list(dict.fromkeys(name for _, name in table))
     lines = [
@@ -113,9 +117,9 @@ def spread_table(table: Table, what: str, lower_is_better: bool = False) -> str:
     for name in names:
         cells = []
         for budget in budgets:
-            score, kept = table[(budget, name)]["score"], table[(budget, name)]["kept"]
+            score, kept = table[(budget, name)][split], table[(budget, name)]["kept"]
             cell = f"{statistics.mean(score):.3f} ± {spread(score):.3f} ({statistics.mean(kept):.0%})"
-            base = table[(budget, names[0])]["score"]
+            base = table[(budget, names[0])][split]
             if name != names[0]:
                 gap = statistics.mean(base) - statistics.mean(score)
                 gap = gap if lower_is_better else -gap

@@ -1,27 +1,30 @@
-"""Held-out bits per byte of a pruned byte-level LLaMA for each accuracy-recovery recipe of the callback.
+"""Test-split bits per byte of a pruned byte-level LLaMA for each accuracy-recovery recipe of the callback.
 
 The corpus: the Python standard library's own source, the ``.py`` files under
-``sysconfig.get_paths()["stdlib"]`` (``site-packages`` left out), read as bytes; a file is held out
-when the CRC-32 of its path relative to that folder is 0 mod 10, so the split is fixed by the file
-names alone (it changes only with the Python version, which the output names). Training takes random
-windows of ``--context`` bytes from the training files; the held-out score is the mean next-byte
-cross-entropy, in bits, over fixed windows of the held-out files.
+``sysconfig.get_paths()["stdlib"]`` (``site-packages`` left out), read as bytes; a file is a test file
+when the CRC-32 of its path relative to that folder is 0 mod 10, a validation file when it is 1 mod 10,
+a training file otherwise, so the split is fixed by the file names alone (it changes only with the
+Python version, which the output names). Training takes random windows of ``--context`` bytes from the
+training files; a score is the mean next-byte cross-entropy, in bits, over fixed windows of the
+validation or the test files. Settings (the learning rate after pruning, per recipe, in ``LR``) are
+chosen on validation (``--split validation --lr ...``); the table reports test.
 
 The model: Hugging Face's ``LlamaForCausalLM`` built from a config (no download): vocabulary 256
 (bytes), hidden 128, 4 layers of 8 heads (key/value heads 8), MLP 384, tied embedding, 0.89M
 parameters. A user's LightningModule trains it (AdamW, weight decay 0.1); the dense model trains
 ``--dense-steps`` steps once (seed 0, learning rate 3e-3, warmup and cosine decay), then every recipe
 starts from that checkpoint and gets the same ``--steps`` in 8 epochs (the same number of tokens;
-pruning happens inside them), learning rate ``--lr`` with cosine decay, for each seed (the seed draws
-the training windows): the recipes of ``recovery_common.recipes``.
+pruning happens inside them), its learning rate with cosine decay, for each seed (the seed draws
+the training windows): the recipes of ``recovery_common.recipes``, distilling with ``DISTILL``.
 
-Pruned: the attention heads and the MLP width (``op_types=["Linear"]``; RMSNorm keeps the residual
-width), each layer losing the channel sparsity that keeps about 50% and 30% of the parameters; the
-table gives the share actually kept. Bits per byte: mean and spread (max - min) over the seeds, of
-the exported model on the held-out windows.
+Pruned: the attention heads, the MLP width and the residual width (``op_types=["Linear", "Embedding"]``:
+the embedding's columns, every projection reading or writing the residual stream, the RMSNorm weights),
+each losing the channel sparsity that keeps about 50% and 30% of the parameters; the table gives the
+share actually kept. Bits per byte: mean and spread (max - min) over the seeds, of the exported model.
 
     python benchmarks/recovery_lm.py                      # 3 seeds: the table in docs/recipes.md
     python benchmarks/recovery_lm.py --seeds 1 --dense-steps 200 --steps 40   # a quick look
+    python benchmarks/recovery_lm.py --seeds 1 --split validation --lr 2e-3   # choosing a learning rate
 """
 
 from __future__ import annotations
@@ -47,20 +50,27 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(__file__))
 from recovery_common import EPOCHS, quiet, recipes, run_recipes, spread_table, trainer
 
-DISTILL = {"weight": 4.0, "temperature": 1.0}  # per token, over the 256 bytes (docs/recipes.md: why)
-SPARSITY = {"50%": 0.53, "30%": 0.75}  # channel sparsity of heads and MLP -> about this share of params kept
+# per token, over the 256 bytes; the teacher is the dense checkpoint the fit starts from (docs/recipes.md: why)
+DISTILL = {"weight": 4.0, "temperature": 1.0, "teacher": "fit_start"}
+SPARSITY = {"50%": 0.3, "30%": 0.45}  # channel sparsity of heads, MLP and residual -> about this share of params kept
+OP_TYPES = ["Linear", "Embedding"]
+# each recipe's learning rate after pruning, chosen on validation from 5e-4, 1e-3 and 2e-3 (docs/recipes.md)
+LR = dict.fromkeys(recipes(), 1e-3)
 
 
-def corpus(stdlib: str | None = None) -> tuple[bytes, bytes]:
-    """The standard library's ``.py`` sources as (training bytes, held-out bytes), split by file name."""
+def corpus(stdlib: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """The standard library's ``.py`` sources as (training, validation, test) bytes, split by file name:
+    the CRC-32 of a file's path is 0 mod 10 for the test files, 1 mod 10 for the validation files."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    train, held_out = [], []
+    splits: tuple[list[bytes], list[bytes], list[bytes]] = ([], [], [])
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root).as_posix()
         if relative.startswith("site-packages/"):
             continue
-        (held_out if zlib.crc32(relative.encode()) % 10 == 0 else train).append(path.read_bytes())
-    return b"\n".join(train), b"\n".join(held_out)
+        crc = zlib.crc32(relative.encode()) % 10
+        splits[2 if crc == 0 else 1 if crc == 1 else 0].append(path.read_bytes())
+    train, validation, test = (b"\n".join(files) for files in splits)
+    return train, validation, test
 
 
 class Windows(Dataset):
@@ -138,21 +148,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over processes")
     parser.add_argument("--dense-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=200, help="training steps per recipe, pruning included")
-    parser.add_argument("--lr", type=float, default=1e-3, help="the recipes' peak learning rate")
+    parser.add_argument("--lr", type=float, help="every recipe's peak learning rate (default: each its own, LR)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--held-out", type=int, default=512, help="held-out windows")
+    parser.add_argument("--held-out", type=int, default=512, help="validation windows, and as many test windows")
+    parser.add_argument("--split", default="test", choices=["test", "validation"], help="the split the table shows")
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    train_bytes, held_bytes = corpus()
-    held_out = Windows(held_bytes, args.held_out, args.context, seed=12345)
+    train_bytes, validation_bytes, test_bytes = corpus()
+    splits = {
+        "validation": Windows(validation_bytes, args.held_out, args.context, seed=54321),
+        "test": Windows(test_bytes, args.held_out, args.context, seed=12345),
+    }
     per_epoch = args.steps // EPOCHS
 
     def loader(seed: int, steps: int) -> DataLoader:
         return DataLoader(Windows(train_bytes, steps * args.batch_size, args.context, seed), batch_size=args.batch_size)
+
+    def scores(network: nn.Module) -> dict[str, float]:
+        return {split: bits_per_byte(network, windows) for split, windows in splits.items()}
 
     with tempfile.TemporaryDirectory() as root:
         L.seed_everything(0, verbose=False)
@@ -163,16 +180,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer(max_steps=args.dense_steps, callbacks=[], root=root).fit(dense, loader(10_000, args.dense_steps))
             if args.dense_cache:
                 torch.save(dense.state_dict(), args.dense_cache)
-        dense_bpb = bits_per_byte(dense.model, held_out)
-        print(f"dense: {dense_bpb:.3f} bits per byte held out", flush=True)
+        dense_scores = scores(dense.model)
+        print(
+            f"dense: {dense_scores['test']:.3f} bits per byte on test, {dense_scores['validation']:.3f} on validation"
+        )
 
-        def fit(seed: int, callback: L.Callback) -> tuple[nn.Module, float]:
-            module = ByteLM(lr=args.lr, steps=per_epoch * EPOCHS, context=args.context)
+        def fit(seed: int, name: str, callback: L.Callback) -> tuple[nn.Module, dict[str, float]]:
+            module = ByteLM(lr=args.lr or LR[name], steps=per_epoch * EPOCHS, context=args.context)
             module.load_state_dict(dense.state_dict())
             epochs = trainer(max_epochs=EPOCHS, callbacks=[callback], root=root)
             epochs.fit(module, loader(seed, per_epoch))
             network = callback.exported_network
-            return network, bits_per_byte(network, held_out)
+            return network, scores(network)
 
         table = run_recipes(
             fit,
@@ -180,20 +199,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {budget: SPARSITY[budget] for budget in args.budgets},
             range(args.first_seed, args.first_seed + args.seeds),
             dense.model,
-            common={"op_types": ["Linear"], "export_dir": f"{root}/out", "verify_batches": 1},
+            common={"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1},
         )
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), "
         f"torch {torch.__version__}, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}; "
         f"{time.perf_counter() - started:.0f} s in all"
     )
+    sizes = (len(data) / 1e6 for data in (train_bytes, validation_bytes, test_bytes))
     print(
-        f"corpus: {len(train_bytes) / 1e6:.1f} MB training, {len(held_bytes) / 1e6:.1f} MB held out; "
-        f"dense {args.dense_steps} steps, then {per_epoch * EPOCHS} steps per recipe "
-        f"({args.batch_size} x {args.context} bytes each); dense model {dense_bpb:.3f} bits per byte\n"
+        "corpus: {:.1f} MB training, {:.1f} MB validation, {:.1f} MB test; ".format(*sizes)
+        + f"dense {args.dense_steps} steps, then {per_epoch * EPOCHS} steps per recipe "
+        f"({args.batch_size} x {args.context} bytes each); dense model {dense_scores[args.split]:.3f} bits per byte "
+        f"on {args.split}\n"
     )
-    print(spread_table(table, "bits per byte", lower_is_better=True))
-    return {"dense": dense_bpb, "table": table}
+    print(spread_table(table, f"bits per byte, {args.split}", split=args.split, lower_is_better=True))
+    return {"dense": dense_scores, "table": table}
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ CASES = {
     "callback-finetune": lambda t: PruneExportCallback(finetune="small"),
     "callback-distill-value": lambda t: PruneExportCallback(distill={"weight": -1}),
     "callback-distill-keys": lambda t: PruneExportCallback(distill={"alpha": 0.5}),
+    "callback-distill-teacher": lambda t: PruneExportCallback(distill={"teacher": "best"}),
     "callback-schedule-steps": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 0}),
     "callback-schedule-epochs": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "end_epoch": 2, "steps": 5}),
     "callback-schedule-no-end": lambda t: PruneExportCallback(schedule={"start_epoch": 1, "steps": 3}),

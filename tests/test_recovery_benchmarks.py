@@ -3,7 +3,6 @@ every recipe trains a user's LightningModule through the callback, exports, and 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -14,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import recovery
 import recovery_lm
 
+SPLITS = ["test", "validation"]
 RECIPES = [
     "one-shot, masked",
     "one-shot + distill",
@@ -28,14 +28,13 @@ def check(result: dict, kept: dict[str, tuple[float, float]], score: tuple[float
     table = result["table"]
     assert sorted(table) == sorted((budget, name) for budget in kept for name in RECIPES)
     for (budget, name), row in table.items():
-        assert len(row["score"]) == 1 and score[0] <= row["score"][0] <= score[1], (budget, name, row)
+        assert len(row["test"]) == 1 and score[0] <= row["test"][0] <= score[1], (budget, name, row)
         low, high = kept[budget]
         assert low <= row["kept"][0] <= high, (budget, name, row)
     for budget in kept:  # the same widths, whether fine-tuned masked or at the pruned size
         assert (
             table[(budget, "one-shot + distill")]["kept"] == table[(budget, "one-shot + distill, pruned size")]["kept"]
         )
-    assert math.isfinite(result["dense"])
 
 
 def test_language_model_benchmark(capsys) -> None:
@@ -45,9 +44,19 @@ def test_language_model_benchmark(capsys) -> None:
     result = recovery_lm.main(argv)
     # bits per byte: below 8 (uniform over bytes) + slack for an untrained model's sharper logits
     check(result, {"30%": (0.25, 0.35)}, (0.5, 9.0))
+    assert all(0.5 <= score <= 9.0 for score in result["dense"].values()) and sorted(result["dense"]) == SPLITS
+    for row in result["table"].values():  # every run scored on both splits; the table shows test
+        assert sorted(row) == ["kept", *SPLITS] and 0.5 <= row["validation"][0] <= 9.0
     out = capsys.readouterr().out
-    assert "| recipe (bits per byte) | ~30% params kept |" in out
-    assert "Python " in out and "MB held out" in out
+    assert "| recipe (bits per byte, test) | ~30% params kept |" in out
+    assert "Python " in out and "MB validation" in out and "MB test" in out
+
+
+def test_language_model_splits_are_disjoint() -> None:
+    train, validation, test = recovery_lm.corpus()
+    assert min(len(train), len(validation), len(test)) > 100_000
+    sample = validation[:4000]  # a validation file's opening lines appear in neither other split
+    assert sample not in train and sample not in test
 
 
 def test_vision_benchmark(capsys) -> None:
@@ -56,4 +65,5 @@ def test_vision_benchmark(capsys) -> None:
     argv += ["--budgets", "30%"]
     result = recovery.main(argv)
     check(result, {"30%": (0.25, 0.35)}, (0.0, 1.0))
+    assert 0.0 <= result["dense"] <= 1.0
     assert "| recipe (held-out accuracy) | ~30% params kept |" in capsys.readouterr().out

@@ -154,6 +154,22 @@ def test_distillation_adds_its_loss_after_the_first_step(tmp_path) -> None:
     assert callback._distiller.teacher[0].weight.abs().sum(dim=(1, 2, 3)).min() > 0  # the teacher is dense
 
 
+def test_distillation_teacher_from_fit_start(tmp_path) -> None:
+    """A schedule from epoch 1 fine-tunes the dense network for an epoch first: by default the teacher is
+    the network after that epoch; with ``"teacher": "fit_start"`` it is the weights fit began with."""
+    schedule = {"start_epoch": 1, "end_epoch": 2, "steps": 2}
+    teachers = {}
+    for teacher in ("first_step", "fit_start"):
+        pl.seed_everything(0, verbose=False)
+        module = PLClassifier(lr=0.05)
+        start = {k: v.clone() for k, v in module.model.state_dict().items()}
+        callback = pruning(tmp_path, pruner="l1", schedule=schedule, distill={"teacher": teacher})
+        fit(tmp_path / teacher, callback, module=module)
+        state = callback._distiller.teacher.state_dict()
+        teachers[teacher] = all(torch.equal(state[k], v) for k, v in start.items())
+    assert teachers == {"first_step": False, "fit_start": True}
+
+
 def test_distillation_errors(tmp_path) -> None:
     class Manual(PLClassifier):
         def __init__(self) -> None:

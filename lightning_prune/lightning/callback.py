@@ -66,9 +66,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             prunes at the start of ``steps`` epochs from ``start_epoch`` to ``end_epoch``, the sparsity
             rising on a cubic (AGP) or ``"linear"`` ramp; each step's masks contain the previous step's;
             a resumed run continues the schedule (:mod:`~lightning_prune.lightning.schedule`). Our own measures only.
-        distill: ``True`` or ``{"weight": 0.5, "temperature": 4.0}``: from the first pruning step on, add
-            ``weight * T**2 * KL(teacher || student)`` to your training loss, the teacher a frozen copy of the
-            network made just before that step (FSDP2: sharded as the network is; :mod:`~lightning_prune.lightning.distill`); checkpointed.
+        distill: ``True`` or ``{"weight": 0.5, "temperature": 4.0, "teacher": "first_step"}``: add
+            ``weight * T**2 * KL(teacher || student)`` to your training loss once the teacher exists, a frozen
+            copy of the network made just before the first pruning step (``"fit_start"``: as training starts,
+            for a fit from trained weights; FSDP2: sharded as the network is; :mod:`~lightning_prune.lightning.distill`); checkpointed.
         finetune: ``"masked"`` (fine-tune at full size, the pruned channels held at zero) or ``"pruned"``:
             export after the last pruning step (verified), put the smaller layers into your module, rebuild
             the optimizers (learning rates and scheduler state carried over) and fine-tune the smaller
@@ -134,7 +135,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         ranking: str = "uniform",
         min_channels: int = 1,
         schedule: dict[str, Any] | None = None,
-        distill: bool | dict[str, float] | None = None,
+        distill: bool | dict[str, float | str] | None = None,
         finetune: str = "masked",
     ) -> None:
         validate_arguments(**{name: value for name, value in locals().items() if name != "self"})
@@ -234,7 +235,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self._resizing.check_layout(trainer, pl_module)  # FSDP2: configure_model has sharded it by now
         if self.masks is not None and self.hold is None and not self.shrunk:  # restored masks, or a second fit
             self._pruning.hold(trainer, pl_module)
-        self._recovery.resume_teacher(pl_module)
+        self._recovery.resume_teacher(trainer, pl_module)
         self._prune_due(trainer, pl_module, trainer.current_epoch)
 
     @override

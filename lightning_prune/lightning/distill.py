@@ -9,14 +9,20 @@ with a ``logits`` entry (Hugging Face outputs). Classes lie along dim 1 (``(batc
 except for a 3-d ``logits`` entry, Hugging Face's ``(batch, tokens, vocabulary)``, whose classes are
 the last dim. For a causal LM whose head shares its weight with the embedding, the network is the
 whole ``...ForCausalLM`` (the callback counts the tied parameter under both names). The frozen teacher, a copy of that network made just
-before the first pruning step (under FSDP2 sharded as the network is, each rank holding its own shards),
-runs on the same input, and
+before the first pruning step (``distill={"teacher": "fit_start"}``: as training starts; under FSDP2 sharded
+as the network is, each rank holding its own shards), runs on the same input, and
 
     loss = your loss + weight * temperature**2 * KL(softmax(teacher / T) || softmax(student / T))
 
-is returned to Lightning instead of your loss (for a dict result, its ``"loss"``). The term is
-logged as ``prune/distill_loss``. ``training_step`` is replaced on the instance for the fit and put
-back afterwards; your class is not touched.
+is returned to Lightning instead of your loss (for a dict result, its ``"loss"``) once the teacher
+exists. The term is logged as ``prune/distill_loss``. ``training_step`` is replaced on the instance
+for the fit and put back afterwards; your class is not touched.
+
+Which teacher: by default the network just before the first pruning step, what a run that trains the
+dense network first (``prune_on_epoch >= 1`` from scratch) needs. A run that starts from trained weights
+and whose first step comes later (a schedule from epoch 1, Taylor) wants ``"fit_start"``: the epochs
+before that step fine-tune the dense network at the run's learning rate, and a copy taken mid-way can
+be worse than the weights fit began with (docs/recipes.md: 0.70 against 0.83 held-out accuracy).
 
 Where it cannot work it says so before training: manual optimization (``automatic_optimization =
 False``: Lightning never sees a loss to add to), and during training: a network called twice in
@@ -37,10 +43,15 @@ from torch import Tensor, nn
 from lightning_prune.core.errors import ConfigurationError
 from lightning_prune.core.sharded import copy_into_shards, is_dtensor, is_sharded, sharded_copy
 
-DEFAULTS = {"weight": 0.5, "temperature": 4.0}
+DEFAULTS: dict[str, Any] = {"weight": 0.5, "temperature": 4.0, "teacher": "first_step"}
+TEACHER_FROM = {
+    "first_step": "a copy of the network made just before the first pruning step",
+    "fit_start": "a copy of the network as training starts (after a checkpoint is restored)",
+}
+"""When the teacher is made (``distill={"teacher": ...}``)."""
 
 
-def distill_settings(value: Any) -> dict[str, float] | None:
+def distill_settings(value: Any) -> dict[str, Any] | None:
     """``distill=`` as given (``None``/``False``, ``True``, or a dict) -> the settings, checked."""
     if value is None or value is False:
         return None
@@ -52,12 +63,19 @@ def distill_settings(value: Any) -> dict[str, float] | None:
             f"{list(DEFAULTS)}, e.g. {{'weight': 0.5, 'temperature': 4.0}}."
         )
     settings = {**DEFAULTS, **value}
-    for key, number in settings.items():
+    if settings["teacher"] not in TEACHER_FROM:
+        raise ConfigurationError(
+            f"`PruneExportCallback(distill={value!r})`: 'teacher' must be one of {list(TEACHER_FROM)} "
+            f"('fit_start' when fit starts from trained weights); got {settings['teacher']!r}."
+        )
+    for key in ("weight", "temperature"):
+        number = settings[key]
         if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0:
             raise ConfigurationError(
                 f"`PruneExportCallback(distill={value!r})`: '{key}' must be a number > 0; got {number!r}."
             )
-    return {k: float(v) for k, v in settings.items()}
+        settings[key] = float(number)
+    return settings
 
 
 def logits_of(output: Any, where: str) -> Tensor:
@@ -99,8 +117,9 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float, dim: int 
 class Distiller:
     """Holds the frozen teacher and adds the distillation term to the module's training loss."""
 
-    def __init__(self, weight: float, temperature: float, network_name: str) -> None:
+    def __init__(self, weight: float, temperature: float, network_name: str, teacher: str = "first_step") -> None:
         self.weight, self.temperature, self.network_name = weight, temperature, network_name
+        self.teacher_from = teacher  #: a key of :data:`TEACHER_FROM`
         self.teacher: nn.Module | None = None
         self._calls: list[tuple[tuple, dict, Any]] | None = None
         self._handle: Any = None
@@ -209,4 +228,4 @@ class Distiller:
         )
 
 
-__all__ = ["DEFAULTS", "Distiller", "class_dim", "distill_loss", "distill_settings", "logits_of"]
+__all__ = ["DEFAULTS", "TEACHER_FROM", "Distiller", "class_dim", "distill_loss", "distill_settings", "logits_of"]

@@ -145,11 +145,14 @@ class Recovery:
         self.remove_hook()
 
     # ------------------------------------------------------------ the teacher
-    def resume_teacher(self, pl_module: Any) -> None:
-        """When training starts: the teacher a checkpoint saved, if none was built before the weights loaded."""
+    def resume_teacher(self, trainer: Any, pl_module: Any) -> None:
+        """When training starts: the teacher a checkpoint saved, if none was built before the weights
+        loaded; else, with ``distill={"teacher": "fit_start"}``, a copy of the network now."""
         distiller = self.state.distiller
         if distiller is not None and distiller.teacher is None and self.state.teacher_state is not None:
             distiller.make_teacher(distiller.network_of(pl_module), self.state.teacher_state)
+        if distiller is not None and distiller.teacher_from == "fit_start":
+            self.start_teacher(trainer, pl_module)
 
     def start_teacher(self, trainer: Any, pl_module: Any) -> None:
         """Before the first pruning step: the teacher is a frozen copy of the dense network."""
