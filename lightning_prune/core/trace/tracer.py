@@ -262,17 +262,17 @@ class Tracer(Bookkeeping):
         parameter, index = origin
         rule = op_rules.rule_for(call.op)
         if rule is op_rules.RULES["elementwise"]:  # exp(scale), clamp(scale, max=...): element by element
-            others = [x for x in tree_leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
+            others = [x for x in leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
             if any(x.numel() != 1 for x in others):
                 return
         if rule is not op_rules.RULES["movement"]:
-            results = [index if tensor.shape == source.shape else None for tensor in tree_leaves(call.out)]
+            results = [index if tensor.shape == source.shape else None for tensor in leaves(call.out)]
         else:
             try:
-                results = tree_leaves(call.func(index, *call.args[1:], **call.kwargs))
+                results = leaves(call.func(index, *call.args[1:], **call.kwargs))
             except Exception:  # an op that needs real values (a float index, a boolean mask of data)
                 return
-        for tensor, result in zip(tree_leaves(call.out), results, strict=False):
+        for tensor, result in zip(leaves(call.out), results, strict=False):
             if isinstance(tensor, Tensor) and isinstance(result, Tensor) and result.shape == tensor.shape:
                 self.derived[id(tensor)] = (tensor, parameter, result)
 
@@ -303,8 +303,8 @@ def _in_place(name: str) -> bool:
 
 
 def _describe(example_input: Any) -> str:
-    leaves = tree_leaves(example_input)
-    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in leaves]
+    found = tree_leaves(example_input)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in found]
     return f"{type(example_input).__name__} of {shapes}"
 
 
