@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +114,10 @@ def export(
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
 
     def planned() -> Plan:
+        nonlocal masked, view
+        if masked is None:  # a retry: the masked copy went into the model that failed its check
+            masked = unwrapped_copy(model, share_tensors=True)
+            view = MaskedView(masked, view.masks, view.zeroed)
         with steps.phase("plan"):
             loading = Loading(view, masked)  # a bias fold reads the masked weight of its layer
             try:
@@ -123,10 +126,11 @@ def export(
                 loading.release()
 
     def shrunk(decided: Plan) -> nn.Module:
-        if inplace:
-            return shrink_model(masked, decided, steps, view)
-        work = _structural_copy(masked)
-        return shrink_model(work, decided, steps, MaskedView(work, view.masks, view.zeroed))
+        nonlocal masked
+        work = shrink_model(masked, decided, steps, view)  # with inplace=False the masked model is export's copy
+        if not inplace:
+            masked = None
+        return work
 
     decided = planned()
     work = shrunk(decided)
@@ -225,11 +229,6 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
             if isinstance(tensor, torch.Tensor) and isinstance(held.get(name), torch.Tensor):
                 if held[name].shape == tensor.shape:  # a replaced module may hold something else there
                     held[name] = tensor
-
-
-def _structural_copy(model: nn.Module) -> nn.Module:
-    """A copy whose modules are new but whose tensors are shared (shrinking replaces tensors)."""
-    return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
 
 
 def _whole_channel(
