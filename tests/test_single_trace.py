@@ -7,6 +7,8 @@ computed with before its channels are known), export traces again; the export st
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from helpers import RTOL, random_masks, randomize, zero_norm_affine
 from torch import nn
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
-from lightning_prune.core.trace.tracer import trace_channels
+from lightning_prune.core.trace.tracer import Tracer, trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
 
 IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -129,3 +131,20 @@ def test_norms_already_zero_change_nothing() -> None:
     result = export(reference, masks, IMAGE, whole_channel=True)
     assert result.function_change == 0.0
     assert verify_equivalence(reference, result.model, IMAGE, rtol=RTOL).passed
+
+
+def test_the_pass_leaves_nothing_for_the_garbage_collector() -> None:
+    """The zeroing refers to its tracer: left linked, the two would keep every tensor of the pass alive until
+    Python's cycle collector ran (a model's activations: ViT-B/16's peak RSS grew by its fp32 size)."""
+    model = build("resnet18")
+    masks = group_masks(ChannelGraph.from_model(model, IMAGE), 0.5, model=model)
+    masked = apply_masks(model, masks)
+    gc.collect()
+    gc.disable()
+    try:
+        trace = trace_channels(masked, IMAGE, whole_channel=masks)
+        left = [item for item in gc.get_objects() if isinstance(item, Tracer)]
+    finally:
+        gc.enable()
+    assert trace.zeroed is not None
+    assert not left

@@ -67,9 +67,10 @@ def trace_channels(
         tracer.run(example_input)
     for message in tracer.trace.warnings:
         warnings.warn(message, stacklevel=2)
-    if tracer.zeroing is not None and tracer.zeroing.failed is None:
-        tracer.trace.zeroed = tracer.zeroing.slices
-        tracer.trace.zeroing_changed = tracer.zeroing.changed
+    zeroing, tracer.zeroing = tracer.zeroing, None  # it refers to the tracer: no cycle may keep the pass's tensors
+    if zeroing is not None and zeroing.failed is None:
+        tracer.trace.zeroed = zeroing.slices
+        tracer.trace.zeroing_changed = zeroing.changed
     return tracer.trace
 
 
