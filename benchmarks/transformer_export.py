@@ -440,11 +440,10 @@ def profile(name: str, threads: int) -> None:
         "zero_pruned_channels": "zero pruned channels",
         "zero_pruned_parameters": "zero pruned parameters",
         "plan": "plan",
-        "_structural_copy": "copy (_structural_copy)",
         "shrink_model": "shrink",
         "_checked": "check (forward of the export)",
         "unshare_tensors": "unshare tensors",
-        "_output": "forward of the given model",
+        "model_output": "forward of the given model",
     }
     originals = {attr: getattr(ex, attr) for attr in patched}
     original_trace = ChannelGraph.from_model

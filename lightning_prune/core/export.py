@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,11 +39,11 @@ from lightning_prune.core.graph.masks import (
 )
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
-from lightning_prune.core.modules import copy_training_modes, evaluating, tensor_places, within
+from lightning_prune.core.modules import copy_training_modes, tensor_places, within
 from lightning_prune.core.progress import Progress
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for
-from lightning_prune.core.trace.records import call_model
+from lightning_prune.core.trace.streaming import model_output
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
 from lightning_prune.core.verify.retries import Retries
@@ -100,24 +99,25 @@ def export(
     keep = collect_masks(model if masks is None else masks, model)
     # export replaces what it changes; the rest is cloned at the end (in place: nothing is copied)
     masked = model if inplace and not has_mask_wrappers(model) else unwrapped_copy(model, share_tensors=True)
-    given = _output(masked, example_input) if whole_channel and masks is None else None
+    given = model_output(masked, example_input) if whole_channel and masks is None else None
     # given masks zero filters and biases, as NNI's do; the model's own apply as they are. Each layer is
     # zeroed as it is used (a copy of one layer at a time), or in the model itself with inplace=True.
     view = MaskedView(masked, keep if masks is not None or whole_channel else {}, in_place=inplace)
-    with steps.phase("trace"):
-        graph = ChannelGraph(trace_channels(masked, example_input, view))
+    with steps.phase("trace"):  # with whole_channel, what the masks prune is zeroed as the pass finds it
+        graph = ChannelGraph(trace_channels(masked, example_input, view, keep if whole_channel else None))
     function_change = None
     if whole_channel:
         with steps.phase("whole channel"):
-            given = graph.trace.output if given is None else given
-            view.zeroed.update(graph.channel_parameter_keep(keep, masked))
-            if view.zeroed:
-                graph = ChannelGraph(trace_channels(masked, example_input, view))  # the constants changed
+            graph, given = _whole_channel(graph, keep, masked, example_input, view, given)
             function_change = compare_outputs(given, graph.trace.output).max_relative_error
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
 
     def planned() -> Plan:
+        nonlocal masked, view
+        if masked is None:  # a retry: the masked copy went into the model that failed its check
+            masked = unwrapped_copy(model, share_tensors=True)
+            view = MaskedView(masked, view.masks, view.zeroed)
         with steps.phase("plan"):
             loading = Loading(view, masked)  # a bias fold reads the masked weight of its layer
             try:
@@ -126,10 +126,11 @@ def export(
                 loading.release()
 
     def shrunk(decided: Plan) -> nn.Module:
-        if inplace:
-            return shrink_model(masked, decided, steps, view)
-        work = _structural_copy(masked)
-        return shrink_model(work, decided, steps, MaskedView(work, view.masks, view.zeroed))
+        nonlocal masked
+        work = shrink_model(masked, decided, steps, view)  # with inplace=False the masked model is export's copy
+        if not inplace:
+            masked = None
+        return work
 
     decided = planned()
     work = shrunk(decided)
@@ -230,14 +231,30 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
                     held[name] = tensor
 
 
-def _structural_copy(model: nn.Module) -> nn.Module:
-    """A copy whose modules are new but whose tensors are shared (shrinking replaces tensors)."""
-    return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
-
-
-def _output(model: nn.Module, example_input: Any) -> Any:
-    with torch.no_grad(), evaluating(model):
-        return call_model(model, example_input)
+def _whole_channel(
+    graph: ChannelGraph, keep: Masks, masked: nn.Module, example_input: Any, view: MaskedView, given: Any
+) -> tuple[ChannelGraph, Any]:
+    """The graph of the model with whole channels zeroed (``view.zeroed`` set to them), and ``given``: the
+    output with the masks alone (``None``: the masks' view of ``masked``). The trace zeroed what each
+    channel's own mask prunes as it went; where the finished graph asks the same, it is that graph,
+    else the slices it asks are zeroed and the model traced again."""
+    wanted = graph.channel_parameter_keep(keep, masked)
+    zeroed = graph.trace.zeroed
+    same = (
+        zeroed is not None
+        and zeroed.keys() == wanted.keys()
+        and all(torch.equal(zeroed[key], wanted[key]) for key in wanted)
+    )
+    if given is None:  # the pass computed the masks alone where it zeroed nothing that was not zero already
+        given = (
+            model_output(masked, example_input, view)
+            if zeroed is None or (zeroed and graph.trace.zeroing_changed)
+            else graph.trace.output
+        )
+    view.zeroed.update(wanted)
+    if not same:
+        graph = ChannelGraph(trace_channels(masked, example_input, view))
+    return graph, given
 
 
 def export_pruned_model(

@@ -214,15 +214,15 @@ def initial_keep(
     voters = np.flatnonzero(~prune_vote)  # labels whose owner keeps them: their groups keep the union
     roots, first = np.unique(graph.root[voters], return_index=True)
     keep[roots] = True
-    for group, index in zip(roots.tolist(), first.tolist(), strict=False):
-        if why[group] >= 0:
-            continue
-        name = graph.owner_names[graph.owner[voters[index]]]
+    open_groups = why[roots] < 0
+    owners = graph.owner[voters[first[open_groups]]]
+    for owner in np.unique(owners).tolist():  # one reason per layer whose vote keeps a group
+        name = graph.owner_names[owner]
         if name in masks:
             reason = f"coupled with '{name}', whose mask keeps them (a coupled group keeps the union of its masks)"
         else:
             reason = f"coupled with '{name}', which has no mask (a coupled group keeps the union of its masks)"
-        why[group] = reason_code(reasons, reason)
+        why[roots[open_groups][owners == owner]] = reason_code(reasons, reason)
     return keep | graph.blocked, why
 
 

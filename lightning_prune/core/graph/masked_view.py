@@ -59,6 +59,7 @@ class MaskedView(SwappedTensors):
         self.in_place = in_place
         self.ties = tensor_ties(model)
         self._names = {id(module): name for name, module in model.named_modules()}
+        self._in_place_done: dict[str, frozenset] = {}  # module -> the ``zeroed`` slices it had when zeroed in place
 
     @property
     def targets(self) -> set[str]:
@@ -76,8 +77,17 @@ class MaskedView(SwappedTensors):
         module = self.model.get_submodule(name)
         if name not in self._saved:
             self._saved[name] = dict(module._parameters) | dict(module._buffers)
-            zero_module(name, module, self.masks, self.zeroed, self.in_place, self.ties, self.model)
+            cuts = self._cut_names(name)
+            if self._in_place_done.get(name) != cuts:  # zeroed in place already: it stays zero
+                zero_module(name, module, self.masks, self.zeroed, self.in_place, self.ties, self.model)
+            if self.in_place:
+                self._in_place_done[name] = cuts
         return module
+
+    def _cut_names(self, name: str) -> frozenset:
+        """The ``zeroed`` slices module ``name`` is cut by, its own and those of the modules it shares a tensor with."""
+        sharers = {name} | {other for (layer, _), others in self.ties.items() if layer == name for other, _ in others}
+        return frozenset(key for key in self.zeroed if key[0] in sharers)
 
 
 @torch.no_grad()

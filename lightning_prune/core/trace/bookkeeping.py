@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.trace.records import ChannelTrace, OpCall, ParamAxis, Rep, region, storage_key
+from lightning_prune.core.trace.records import ChannelTrace, OpCall, ParamAxis, Rep, leaves, region, storage_key
 
 _FOLLOWED_PARAMETER_SIZE = 1 << 22  # larger parameters reach attention through layers, not views
 
@@ -115,7 +114,7 @@ class Bookkeeping:
 
     def block_inputs(self, args: Any, reason: str) -> None:
         """Block the labels of every tensor in ``args`` (any nesting of tuples, lists and dicts)."""
-        for tensor in tree_leaves(args):
+        for tensor in leaves(args):
             if (rep := self.rep(tensor)) is not None:
                 self.block(rep.labels, reason)
 
@@ -134,7 +133,7 @@ class Bookkeeping:
 
     def outputs_unlabeled(self, out: Any) -> None:
         """No tensor in ``out`` carries labels."""
-        for tensor in tree_leaves(out):
+        for tensor in leaves(out):
             if isinstance(tensor, Tensor):
                 self.set_rep(tensor, None)
 

@@ -131,6 +131,10 @@ class ChannelTrace:
     # ``named_modules`` gives it, which the trace uses for it everywhere
     shared: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     output: Any = None  # what the traced (masked) model returned
+    # whole_channel: the (module, parameter, dim) keep-vectors of the slices the pass zeroed as it went
+    # (trace.zeroing), or None where it could not follow them; changed: some zeroed element was not zero
+    zeroed: dict[tuple[str, str, int], Tensor] | None = None
+    zeroing_changed: bool = False
 
     def new_labels(self, owner: str | None, count: int) -> Tensor:
         """``count`` fresh labels for the channels of ``owner`` (``None``: the network input)."""
@@ -176,6 +180,22 @@ class OpCall:
     def inputs(self) -> tuple[tuple, dict]:
         """``(args, kwargs)``: every input, for blocking the channels they carry."""
         return (self.args, self.kwargs)
+
+
+def leaves(value: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts, what an op's arguments and results are made of: as
+    ``torch.utils._pytree.tree_leaves`` gives them, at a fraction of its cost per call."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, (tuple, list)):
+        return [value]
+    found = []
+    for item in value:
+        if isinstance(item, (tuple, list, dict)):
+            found += leaves(item)
+        else:
+            found.append(item)
+    return found
 
 
 def components(count: int, edges: list[tuple[Tensor, Tensor]]) -> np.ndarray:
@@ -224,6 +244,7 @@ __all__ = [
     "Rep",
     "call_model",
     "components",
+    "leaves",
     "region",
     "storage_key",
 ]

@@ -20,10 +20,9 @@ channels that carry a nonzero constant).
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,21 +34,43 @@ from lightning_prune.core.errors import ExampleInputError, PruneExportError
 from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
-from lightning_prune.core.trace.records import ChannelTrace, OpCall, Rep, call_model, components, storage_key
+from lightning_prune.core.trace.records import (
+    ChannelTrace,
+    OpCall,
+    Rep,
+    call_model,
+    components,
+    leaves,
+    storage_key,
+)
+from lightning_prune.core.trace.streaming import streaming_hooks
+from lightning_prune.core.trace.zeroing import WholeChannel
 from lightning_prune.core.weights import TensorSource
 
 
-def trace_channels(model: nn.Module, example_input: Any, weights: TensorSource | None = None) -> ChannelTrace:
+def trace_channels(
+    model: nn.Module,
+    example_input: Any,
+    weights: TensorSource | None = None,
+    whole_channel: Mapping[str, Tensor] | None = None,
+) -> ChannelTrace:
     """Run ``model`` once on ``example_input`` (eval mode, no grad) and record its channel flow.
 
     With ``weights`` (a file's weights, or zeroed copies), each module that ``weights`` holds tensors
-    for gets them as it runs and gives them back after, so the pass holds about one module's at a time."""
-    tracer = Tracer(model, weights)
+    for gets them as it runs and gives them back after, so the pass holds about one module's at a time.
+    With ``whole_channel`` (the masks), the parameter slices the pruned channels reach are zeroed as the
+    pass finds them (:class:`~lightning_prune.core.trace.zeroing.WholeChannel`; what it zeroed is
+    :attr:`ChannelTrace.zeroed`)."""
+    tracer = Tracer(model, weights, whole_channel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracer.run(example_input)
     for message in tracer.trace.warnings:
         warnings.warn(message, stacklevel=2)
+    zeroing, tracer.zeroing = tracer.zeroing, None  # it refers to the tracer: no cycle may keep the pass's tensors
+    if zeroing is not None and zeroing.failed is None:
+        tracer.trace.zeroed = zeroing.slices
+        tracer.trace.zeroing_changed = zeroing.changed
     return tracer.trace
 
 
@@ -60,20 +81,32 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tracer = self.tracer
+        if tracer.paused:
+            return func(*args, **kwargs)
+        zeroing = tracer.zeroing
+        if zeroing is None:
+            out = func(*args, **kwargs)
+            tracer.record(func, args, kwargs, out)
+            return out
+        args, kwargs, used = zeroing.substitute(args, kwargs)
         out = func(*args, **kwargs)
-        if not self.tracer.paused:
-            self.tracer.record(func, args, kwargs, out)
-        return out
+        first_axis = len(tracer.trace.axes)
+        tracer.record(func, args, kwargs, out)
+        return zeroing.after(func, args, kwargs, out, first_axis, used)
 
 
 class Tracer(Bookkeeping):
     """Runs a model under the mode and dispatches every call to its rule; the bookkeeping the rules use
     is :class:`~lightning_prune.core.trace.bookkeeping.Bookkeeping`'s."""
 
-    def __init__(self, model: nn.Module, weights: TensorSource | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, weights: TensorSource | None = None, whole_channel: Mapping[str, Tensor] | None = None
+    ) -> None:
         super().__init__(model)
         self.weights = weights
         self.paused = False  # loading weights: what runs is not the model's
+        self.zeroing = None if whole_channel is None else WholeChannel(self, whole_channel)
 
     # ----------------------------------------------------------------- running
     def run(self, example_input: Any) -> None:
@@ -84,7 +117,7 @@ class Tracer(Bookkeeping):
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
         ]
         if self.weights is not None:
-            hooks += self._streaming_hooks(self.weights)
+            hooks += streaming_hooks(self.model, self.weights, self)
         try:
             for tensor in tree_leaves(example_input):
                 if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.ndim >= 1:
@@ -112,41 +145,6 @@ class Tracer(Bookkeeping):
         finally:
             for hook in hooks:
                 hook.remove()
-
-    def _streaming_hooks(self, weights: TensorSource) -> list:
-        """Hooks that give each module its tensors while it runs, and its children theirs: a module may
-        read a child's weights without calling it (``nn.MultiheadAttention``'s ``out_proj``, a
-        functional call on a submodule's parameters). What several hold is given back by the last."""
-        hooks: list = []
-        held: dict[str, int] = {}
-
-        def load(module: nn.Module, args: tuple, members: list[str]) -> None:
-            self.paused = True
-            try:
-                for member in members:
-                    held[member] = held.get(member, 0) + 1
-                    if held[member] == 1:
-                        self.track(member, weights.load(member))
-            finally:
-                self.paused = False
-
-        def release(module: nn.Module, args: tuple, out: Any, members: list[str]) -> None:
-            for member in members:
-                held[member] -= 1
-                if not held[member]:
-                    self.untrack(self.model.get_submodule(member))
-                    weights.release(member)
-
-        for name, module in self.model.named_modules():
-            prefix = f"{name}." if name else ""
-            members = [name] if weights.owned(module) else []
-            members += [prefix + child for child, sub in module.named_children() if weights.owned(sub)]
-            if members:
-                hooks.append(module.register_forward_pre_hook(functools.partial(load, members=members)))
-                hooks.append(
-                    module.register_forward_hook(functools.partial(release, members=members), always_call=True)
-                )
-        return hooks
 
     def _entered(self, name: str, args: tuple) -> None:
         if name not in self.trace.module_inputs:  # the labels of its first call's inputs
@@ -217,7 +215,7 @@ class Tracer(Bookkeeping):
             return self.dispatch(rule, call)
         if self.fresh and _in_place(name) and args and isinstance(args[0], Tensor):
             self.fresh.pop(storage_key(args[0]), None)  # its fresh elements now hold data
-        labeled = any(self.rep(t) is not None for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor))
+        labeled = any(self.rep(t) is not None for t in leaves((args, kwargs)) if isinstance(t, Tensor))
         if not labeled:
             self.outputs_unlabeled(out)
             if rule in op_rules.PRODUCERS:  # a producer even of unlabelled input
@@ -225,7 +223,7 @@ class Tracer(Bookkeeping):
             elif rule in op_rules.FOLLOWS_PARAMETERS:
                 self.follow_parameter(call)
             return
-        if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
+        if not any(isinstance(t, Tensor) for t in leaves(out)):
             return
         if rule is None:
             self.warn_unknown(op, (args, kwargs))
@@ -253,7 +251,7 @@ class Tracer(Bookkeeping):
         """A rule raised: our bug or a call form it does not know; keep the channels, say so plainly."""
         what = f"op '{op}' could not be traced (rule raised {type(err).__name__}: {err})"
         self.block_inputs(args, what)
-        for tensor in tree_leaves(out):  # an in-place op's output is one of its inputs
+        for tensor in leaves(out):  # an in-place op's output is one of its inputs
             if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
                 self.block(rep.labels, what)
         self.outputs_unlabeled(out)
@@ -272,17 +270,17 @@ class Tracer(Bookkeeping):
         parameter, index = origin
         rule = op_rules.rule_for(call.op)
         if rule is op_rules.RULES["elementwise"]:  # exp(scale), clamp(scale, max=...): element by element
-            others = [x for x in tree_leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
+            others = [x for x in leaves(call.inputs) if isinstance(x, Tensor) and x is not source]
             if any(x.numel() != 1 for x in others):
                 return
         if rule is not op_rules.RULES["movement"]:
-            results = [index if tensor.shape == source.shape else None for tensor in tree_leaves(call.out)]
+            results = [index if tensor.shape == source.shape else None for tensor in leaves(call.out)]
         else:
             try:
-                results = tree_leaves(call.func(index, *call.args[1:], **call.kwargs))
+                results = leaves(call.func(index, *call.args[1:], **call.kwargs))
             except Exception:  # an op that needs real values (a float index, a boolean mask of data)
                 return
-        for tensor, result in zip(tree_leaves(call.out), results, strict=False):
+        for tensor, result in zip(leaves(call.out), results, strict=False):
             if isinstance(tensor, Tensor) and isinstance(result, Tensor) and result.shape == tensor.shape:
                 self.derived[id(tensor)] = (tensor, parameter, result)
 
@@ -313,8 +311,8 @@ def _in_place(name: str) -> bool:
 
 
 def _describe(example_input: Any) -> str:
-    leaves = tree_leaves(example_input)
-    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in leaves]
+    found = tree_leaves(example_input)
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in found]
     return f"{type(example_input).__name__} of {shapes}"
 
 

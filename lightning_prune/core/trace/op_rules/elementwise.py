@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.trace.records import Deferred, ParamAxis, Rep
+from lightning_prune.core.trace.records import Deferred, ParamAxis, Rep, leaves
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -26,7 +25,7 @@ def ignore(t: Bookkeeping, call: OpCall) -> None:
 def identity(t: Bookkeeping, call: OpCall) -> None:
     """Same layout out as in (dtype and device moves, copies): outputs of the input's shape take its labels."""
     rep = t.rep(call.args[0])
-    for tensor in tree_leaves(call.out):
+    for tensor in leaves(call.out):
         if isinstance(tensor, Tensor) and tensor.shape == call.args[0].shape:
             t.set_rep(tensor, rep)
 
@@ -41,9 +40,9 @@ def elementwise(t: Bookkeeping, call: OpCall) -> None:
     output before its heads are merged) where the pass shows whole heads along its axis.
     """
     op, args, out = call.op, call.args, call.out
-    outs = [tensor for tensor in tree_leaves(out) if isinstance(tensor, Tensor)]
+    outs = [tensor for tensor in leaves(out) if isinstance(tensor, Tensor)]
     shape = outs[0].shape
-    operands = [tensor for tensor in tree_leaves(call.inputs) if isinstance(tensor, Tensor)]
+    operands = [tensor for tensor in leaves(call.inputs) if isinstance(tensor, Tensor)]
     labeled, plain = [], []
     for tensor in operands:
         (labeled if t.rep(tensor) is not None else plain).append(tensor)
@@ -157,7 +156,7 @@ def spatial(t: Bookkeeping, call: OpCall) -> None:
         trailing = int(op.split("pool")[1][0])
     if any(d >= data.ndim - trailing for d in rep.dims):
         return t.give_up(call, "pools, pads or resizes along their dim")
-    for tensor in tree_leaves(call.out):
+    for tensor in leaves(call.out):
         if isinstance(tensor, Tensor):
             t.set_rep(tensor, rep)
 
@@ -187,7 +186,7 @@ def reduce(t: Bookkeeping, call: OpCall) -> None:
         labels = rep.labels[tuple(0 if i in axes else slice(None) for i in range(len(rep.dims)))]
         kept_dims = tuple(d for d in rep.dims if d not in reduced)
     dims = kept_dims if keepdim else tuple(d - sum(q < d for q in reduced) for d in kept_dims)
-    for tensor in tree_leaves(call.out):
+    for tensor in leaves(call.out):
         if isinstance(tensor, Tensor):
             t.set_rep(tensor, Rep(dims, labels))
 

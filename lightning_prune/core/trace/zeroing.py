@@ -1,0 +1,187 @@
+"""``whole_channel`` in the one traced pass: zero the parameter slices pruned channels reach as the pass finds them.
+
+``whole_channel=True`` zeroes, besides the pruned filters, the parameters a pruned channel reaches (the
+norms it feeds, a position embedding added to it, a class token joined to it). Which ones is known only
+from the trace, and zeroing them changes the values the trace records (the constants a pruned channel
+carries, the model's output), so export used to trace twice. :class:`WholeChannel` zeroes them while the
+one pass runs instead: when an op's rule records a parameter axis whose channels the masks prune, that
+op runs again on the parameter with those slices zeroed, and every later op gets the zeroed parameter
+(or the zeroed elements of a view of it). What the pass then records is what a pass over the zeroed
+model records.
+
+The keep decision of a channel is final only at the end of the pass (a later op may couple it with a
+channel whose mask keeps it), so the pass zeroes what each channel's own layer's mask prunes and
+export compares that with what the finished graph asks (:attr:`ChannelTrace.zeroed`); where they differ,
+or where the pass could not zero as it went (a parameter computed with before its channels were known,
+an in-place op on it), export zeroes what the graph asks and traces again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_prune.core.trace import op_rules
+from lightning_prune.core.trace.records import leaves, storage_key
+
+if TYPE_CHECKING:
+    from lightning_prune.core.trace.bookkeeping import Bookkeeping
+
+Name = tuple[str, str]
+
+
+class WholeChannel:
+    """The parameter slices one pass zeroes as it goes, for the masks ``masks`` (see the module docstring)."""
+
+    def __init__(self, tracer: Bookkeeping, masks: Mapping[str, Tensor]) -> None:
+        self.t = tracer
+        self.masks = masks
+        self.zeroed: dict[Name, Tensor] = {}  # parameter -> which of its elements are zero (its shape)
+        self.slices: dict[tuple[str, str, int], Tensor] = {}  # (module, parameter, dim) -> keep-vector
+        self.computed: set[Name] = set()  # parameters an op has computed with, other than by a view
+        self.failed: str | None = None  # why the pass could not zero as it went
+        self.changed = False  # a value of the pass differs from the masks' alone
+        self._copies: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(tensor) -> (tensor, zeroed elements, copy)
+        self._alive: list[Tensor] = []
+
+    def substitute(self, args: tuple, kwargs: dict, again: bool = False) -> tuple[tuple, dict, list[Name]]:
+        """``args`` and ``kwargs`` with every parameter (or view of one) that has zeroed slices replaced by
+        its zeroed copy, and the names of the parameters they use."""
+        used: list[Name] = []
+        swapped: dict[int, Tensor] = {}
+        for tensor in leaves((args, kwargs)):
+            if not isinstance(tensor, Tensor):
+                continue
+            index = None  # the parameter itself, else a view of it: the parameter's flat index per element
+            name = self.t.param_name(tensor)
+            if name is None:
+                entry = self.t.derived.get(id(tensor))
+                if entry is None or entry[0] is not tensor or (name := self.t.param_name(entry[1])) is None:
+                    continue
+                index = entry[2]
+            used.append(name)
+            if name in self.zeroed:
+                swapped[id(tensor)] = self._zeroed_copy(tensor, index, self.zeroed[name])
+        if swapped:
+            args, kwargs = _replace((args, kwargs), swapped)
+            self.changed |= not again  # an op that runs once, on zeroed parameters: not compared
+        return args, kwargs, used
+
+    def after(self, func: Callable, args: tuple, kwargs: dict, out: Any, first_axis: int, used: list[Name]) -> Any:
+        """Once the rule has run: zero the slices of the parameter axes it recorded (from ``first_axis`` on)
+        that the masks prune, and give ``out`` again, computed from them, where this op used them."""
+        if self.failed is not None:  # export traces again: what this pass zeroes no longer matters
+            return out
+        grown = self._record(first_axis)
+        if grown:
+            what = getattr(func, "__name__", str(func))
+            if any(name not in used or name in self.computed for name in grown):
+                self._fail(f"'{grown[0][0]}.{grown[0][1]}' was computed with before its channels were known")
+            elif _aliases(out, args, kwargs):
+                self._fail(f"op '{what}' works in place on a parameter, or returns a view of one")
+            else:
+                args, kwargs, _ = self.substitute(args, kwargs, again=True)
+                try:
+                    again = func(*args, **kwargs)
+                except Exception as err:  # it ran once on the same shapes: a failure now is the op's own
+                    self._fail(f"op '{what}' failed on the zeroed parameter: {type(err).__name__}")
+                else:
+                    for old, new in zip(leaves(out), leaves(again), strict=False):
+                        self._move_labels(old, new)
+                        self.changed |= isinstance(old, Tensor) and not torch.equal(old, new)
+                    out = again
+        moved = op_rules.rule_for(self.t.op) is op_rules.RULES["movement"]
+        if not (moved and any(id(tensor) in self.t.derived for tensor in leaves(out) if isinstance(tensor, Tensor))):
+            self.computed.update(used)  # a view or index of a parameter is followed (exp(scale) is computed)
+        return out
+
+    def _record(self, first_axis: int) -> list[Name]:
+        """Zero, in :attr:`zeroed`, the pruned slices of the parameter axes recorded from ``first_axis`` on;
+        the parameters whose zeroed elements grew."""
+        grown: list[Name] = []
+        for axis in self.t.trace.axes[first_axis:]:
+            module = self.t.model.get_submodule(axis.module)
+            tensor = module._parameters.get(axis.param)
+            if tensor is None or axis.module in self.t.trace.producers:
+                continue  # buffers are not the channel's value; a layer's own weights are the masks'
+            key = (axis.module, axis.param, axis.dim)
+            keep = self._predicted_keep(axis.labels)
+            keep = keep & self.slices[key] if key in self.slices else keep
+            if bool(keep.all()) or (key in self.slices and torch.equal(keep, self.slices[key])):
+                continue
+            self.slices[key] = keep
+            name = (axis.module, axis.param)
+            zero = self.zeroed.get(name, torch.zeros(tensor.shape, dtype=torch.bool))
+            zero = zero.index_fill(axis.dim, (~keep).nonzero().flatten(), True)
+            self.zeroed[name] = zero
+            grown.append(name)
+        return grown
+
+    def _predicted_keep(self, labels: Tensor) -> Tensor:
+        """Kept unless the mask of the layer that made the channel prunes it (``-1``: kept)."""
+        owners = self.t.trace.label_owner
+        firsts = np.fromiter((first for _, first, _ in owners), dtype=np.int64, count=len(owners))
+        flat = labels.numpy()
+        keep = np.ones(flat.shape, dtype=bool)
+        index = np.searchsorted(firsts, flat, side="right") - 1
+        for i in np.unique(index[flat >= 0]).tolist():
+            owner, first, count = owners[i]
+            mask = self.masks.get(owner) if owner is not None else None
+            if mask is None or mask.numel() != count:
+                continue
+            at = (index == i) & (flat >= 0)
+            keep[at] = mask.cpu().numpy()[flat[at] - first]
+        return torch.from_numpy(keep)
+
+    def _zeroed_copy(self, tensor: Tensor, index: Tensor | None, zero: Tensor) -> Tensor:
+        entry = self._copies.get(id(tensor))
+        if entry is not None and entry[0] is tensor and entry[1] is zero:
+            return entry[2]
+        elements = zero if index is None else zero.flatten()[index].reshape(tensor.shape)
+        copy = tensor.detach().masked_fill(elements.to(tensor.device), 0)
+        self._copies[id(tensor)] = (tensor, zero, copy)
+        self._alive.append(copy)  # the bookkeeping knows it by its id until the pass ends
+        self._move_labels(tensor, copy, keep=True)
+        return copy
+
+    def _move_labels(self, old: Any, new: Any, keep: bool = False) -> None:
+        """``new`` stands for ``old``: it is known as the same parameter, view of one, or labelled tensor."""
+        if not isinstance(old, Tensor) or not isinstance(new, Tensor) or old is new:
+            return
+        t = self.t
+        if (name := t.param_name(old)) is not None:
+            t.params[id(new)] = name
+        if (entry := t.derived.get(id(old))) is not None and entry[0] is old:
+            t.derived[id(new)] = (new, entry[1], entry[2])
+        if (rep := t.rep(old)) is not None:
+            t.set_rep(new, rep)
+            if not keep:
+                t.set_rep(old, None)
+
+    def _fail(self, why: str) -> None:
+        self.failed = self.failed or why
+
+
+def _replace(value: Any, swapped: dict[int, Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return swapped.get(id(value), value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_replace(v, swapped) for v in value)
+    if isinstance(value, list):
+        return [_replace(v, swapped) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace(v, swapped) for k, v in value.items()}
+    return value
+
+
+def _aliases(out: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor of ``out`` lives in the memory of an input (a view, an in-place op)."""
+    inputs = {storage_key(x) for x in leaves((args, kwargs)) if isinstance(x, Tensor)} - {None}
+    return any(storage_key(x) in inputs for x in leaves(out) if isinstance(x, Tensor))
+
+
+__all__ = ["WholeChannel"]
