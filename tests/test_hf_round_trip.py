@@ -73,6 +73,7 @@ BUILDS: dict[str, tuple[Callable[[], nn.Module], Inputs]] = {  # name -> (build,
     "bart": (lambda: LogitsOnly(T.BartForConditionalGeneration(T.BartConfig(**BART))), text),
     "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(**GQA)), text),
     "qwen3": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**GQA, head_dim=16)), text),
+    "olmo2": (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**GQA, eos_token_id=1, pad_token_id=0)), text),
     "t5": (lambda: LogitsOnly(T.T5ForConditionalGeneration(T.T5Config(**T5))), text_to_text),
 }
 

@@ -138,6 +138,19 @@ def test_generate_and_round_trip_with_per_head_state(tmp_path, name: str) -> Non
     assert verify_equivalence(result.model, rebuilt, tokens(3, 11, 1), rtol=RTOL).passed
 
 
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_round_trip_with_per_head_state(tmp_path, name: str) -> None:
+    """save_pretrained, then from_pretrained(dir) alone: the per-head state (norms, relative positions,
+    ALiBi, interleaved rotary, gates) comes back with the kept heads, exact on a second input."""
+    from lightning_prune import from_pretrained
+
+    model, _, result = exported(name)
+    result.model.save_pretrained(tmp_path)
+    rebuilt = from_pretrained(tmp_path)
+    assert count_params(rebuilt) == count_params(result.model) < count_params(model)
+    assert verify_equivalence(result.model, rebuilt, tokens(3, 11, 1), rtol=RTOL).passed
+
+
 def test_per_head_gate_bias_is_sliced_by_heads() -> None:
     """Beam's gate bias (one per query head) keeps its kept heads' values, in order."""
     if "beam-gate-bias" not in BUILDS:
