@@ -73,6 +73,15 @@ class Case:
 
 V1_TABLE = {"relative_position_bias_table": 1}
 QV_BIAS = ("q_bias", "v_bias")
+TIMM_SWIN = {  # timm's Swin V1 and V2 at a tiny size: two stages of 2 and 4 heads, 4x4 windows
+    "img_size": 32,
+    "patch_size": 4,
+    "window_size": 4,
+    "embed_dim": 16,
+    "depths": (2, 1),
+    "num_heads": (2, 4),
+    "dynamic_img_size": True,
+}
 CASES: dict[str, Case] = {
     "swin_t": Case(lambda: SwinTransformer(**SMALL, num_classes=10), 32, 64, V1_TABLE, (PrunedShiftedWindowAttention,)),
     "swin_v2_t": Case(
@@ -83,16 +92,7 @@ CASES: dict[str, Case] = {
         (PrunedShiftedWindowAttentionV2,),
     ),
     "timm-swin_tiny_patch4_window7_224": Case(
-        timm_model(
-            "swin_tiny_patch4_window7_224",
-            img_size=32,
-            patch_size=4,
-            window_size=4,
-            embed_dim=16,
-            depths=(2, 1),
-            num_heads=(2, 4),
-            dynamic_img_size=True,
-        ),
+        timm_model("swin_tiny_patch4_window7_224", **TIMM_SWIN),
         32,
         64,
         V1_TABLE,
@@ -120,16 +120,7 @@ CASES: dict[str, Case] = {
         QV_BIAS,
     ),
     "timm-swinv2_tiny_window8_256": Case(  # cosine attention, per-head logit scale and bias MLP
-        timm_model(
-            "swinv2_tiny_window8_256",
-            img_size=32,
-            patch_size=4,
-            window_size=4,
-            embed_dim=16,
-            depths=(2, 1),
-            num_heads=(2, 4),
-            dynamic_img_size=True,
-        ),
+        timm_model("swinv2_tiny_window8_256", **TIMM_SWIN),
         32,
         64,
         {"logit_scale": 0, "cpb_mlp.2.weight": 0},
