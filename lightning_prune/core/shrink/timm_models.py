@@ -25,7 +25,7 @@ from timm.models.eva import EvaAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2Attention
 from timm.models.xcit import XCA
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.core.shrink.attention import register_head_dim_twins
 
@@ -97,12 +97,7 @@ class PrunedEvaAttention(EvaAttention):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:
-            qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if qkv_bias is not None and self.qkv_bias_separate:
-                qkv = self.qkv(x) + qkv_bias
-            else:
-                qkv = F.linear(x, self.qkv.weight, qkv_bias)
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = _joined_qkv(self, x)
         else:
             q, k, v = (
                 p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
@@ -123,18 +118,25 @@ class PrunedEvaAttention(EvaAttention):
         return self.proj_drop(self.proj(x if gate is None else x * gate))
 
 
+def _joined_qkv(attention: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Query, key and value ``(B, heads, N, head_dim)`` from one ``qkv`` layer whose bias is joined from
+    ``q_bias``, ``k_bias`` (zeros) and ``v_bias`` in ``forward`` (EVA-02's and Swin V2's way)."""
+    B, N, _ = x.shape
+    qkv_bias = None if attention.q_bias is None else torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))
+    if qkv_bias is not None and attention.qkv_bias_separate:
+        qkv = attention.qkv(x) + qkv_bias
+    else:
+        qkv = F.linear(x, attention.qkv.weight, qkv_bias)
+    return qkv.reshape(B, N, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class PrunedSwinV2Attention(SwinV2Attention):
     """timm's Swin V2 ``WindowAttention`` whose ``num_heads * head_dim`` may differ from its input width."""
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """As Swin V2's ``WindowAttention.forward``: cosine attention, per-head logit scale and bias MLP."""
         B_, N, _ = x.shape
-        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if qkv_bias is not None and self.qkv_bias_separate:
-            qkv = self.qkv(x) + qkv_bias
-        else:
-            qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _joined_qkv(self, x)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
