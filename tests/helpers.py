@@ -15,6 +15,16 @@ from lightning_prune.core.graph.prunable import channel_tensors, is_prunable, ou
 RTOL = 1e-5
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
 """A timm ViT built small (``timm.create_model`` keywords): 4 heads of 8, 2 blocks, 16 patches of 32 x 32 images."""
+TIMM_SWIN = {
+    "img_size": 32,
+    "patch_size": 4,
+    "window_size": 4,
+    "embed_dim": 16,
+    "depths": (2, 1),
+    "num_heads": (2, 4),
+    "dynamic_img_size": True,
+}
+"""timm's Swin V1 and V2 built small: two stages of 2 and 4 heads, 4 x 4 windows, 32 x 32 images."""
 
 
 def images(batch: int, seed: int, size: int = 64) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import RTOL, randomize, zero_norm_affine
+from helpers import RTOL, TIMM_SWIN, randomize, zero_norm_affine
 from torch import nn
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
@@ -73,15 +73,6 @@ class Case:
 
 V1_TABLE = {"relative_position_bias_table": 1}
 QV_BIAS = ("q_bias", "v_bias")
-TIMM_SWIN = {  # timm's Swin V1 and V2 at a tiny size: two stages of 2 and 4 heads, 4x4 windows
-    "img_size": 32,
-    "patch_size": 4,
-    "window_size": 4,
-    "embed_dim": 16,
-    "depths": (2, 1),
-    "num_heads": (2, 4),
-    "dynamic_img_size": True,
-}
 CASES: dict[str, Case] = {
     "swin_t": Case(lambda: SwinTransformer(**SMALL, num_classes=10), 32, 64, V1_TABLE, (PrunedShiftedWindowAttention,)),
     "swin_v2_t": Case(

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import RTOL, TINY_VIT, randomize, zero_norm_affine
+from helpers import RTOL, TIMM_SWIN, TINY_VIT, randomize, zero_norm_affine
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -147,15 +147,7 @@ CASES: dict[str, Case] = {
     ),
     "swinv2": Case(  # cosine attention, a per-head logit scale, a bias MLP with one output per head
         "swinv2_tiny_window8_256",
-        {
-            "img_size": 32,
-            "patch_size": 4,
-            "window_size": 4,
-            "embed_dim": 16,
-            "depths": (2, 1),
-            "num_heads": (2, 4),
-            "dynamic_img_size": True,
-        },
+        TIMM_SWIN,
         32,
         64,
         {"layers.0.blocks.0.attn.logit_scale": 0, "layers.1.blocks.0.attn.cpb_mlp.2.weight": 0},
