@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lightning_prune
-from lightning_prune import PruneExportCallback, collect_masks, export, load_pruned, save_pruned
+from lightning_prune import PruneExportCallback, collect_masks, export, export_from_file, load_pruned, save_pruned
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
 IMAGE = torch.randn(1, 3, 8, 8)
@@ -20,6 +20,11 @@ IMAGE = torch.randn(1, 3, 8, 8)
 
 def model() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def wide_model() -> nn.Sequential:
+    """:func:`model` with 16 channels where it has 8."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
 
 
 def keep(count: int = 8) -> torch.Tensor:
@@ -41,6 +46,20 @@ def checkpoint(tmp: Path) -> str:
     path = tmp / "pruned.ckpt"
     save_pruned(path, export(model(), {"0": keep()}, IMAGE))
     return str(path)
+
+
+def from_file(tmp: Path, name: str, content, masks: dict | None = None):
+    """Export a skeleton of :func:`model` on the meta device from ``content`` written as ``name`` (a path if a Path)."""
+    with torch.device("meta"):
+        skeleton = model()
+    path = content if isinstance(content, Path) else write(tmp, name, content)
+    return export_from_file(skeleton, path, masks, IMAGE)
+
+
+def without(name: str) -> dict[str, torch.Tensor]:
+    state = model().state_dict()
+    del state[name]
+    return state
 
 
 class Evil:
@@ -132,15 +151,24 @@ CASES = {
     "checkpoint-lightning-full-size": lambda t: load_pruned(
         write(t, "last.ckpt", {"state_dict": model().state_dict(), "callbacks": {}}), model()
     ),
-    "checkpoint-architecture": lambda t: load_pruned(
-        checkpoint(t), nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
-    ),
+    "checkpoint-architecture": lambda t: load_pruned(checkpoint(t), wide_model()),
     "checkpoint-pickle": lambda t: load_pruned(
         write(t, "evil.ckpt", {"format": "lightning-prune/1", "x": Evil()}), model()
     ),
     "checkpoint-directory": lambda t: (checkpoint(t), load_pruned(t, model())),
     "checkpoint-prefix": lambda t: load_pruned(checkpoint(t), model(), prefix="backbone"),
     "inplace-several-wrong": lambda t: export(model(), {}, IMAGE, inplace_dict={"1": ("3",), "3": (None,)}),
+    "from-file-missing": lambda t: from_file(t, "", t / "missing.safetensors", {"0": keep()}),
+    "from-file-no-masks": lambda t: from_file(t, "w.pt", model().state_dict()),
+    "from-file-lacks-tensor": lambda t: from_file(t, "partial.pt", without("3.weight"), {"0": keep()}),
+    "from-file-shape": lambda t: from_file(
+        t,
+        "wide.pt",
+        wide_model().state_dict(),
+        {"0": keep()},
+    ),
+    "from-file-not-state-dict": lambda t: from_file(t, "list.pt", [torch.zeros(2)], {"0": keep()}),
+    "from-file-not-weights": lambda t: from_file(t, "notes.txt", "not weights", {"0": keep()}),
     "inplace-python-code": lambda t: export(
         model(), {}, IMAGE, inplace_dict=write(t, "d.py", "inplace_dict = __import__('os').system('true')")
     ),
