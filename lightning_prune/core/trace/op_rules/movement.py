@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten
 
-from lightning_prune.core.trace.records import Deferred, Rep
+from lightning_prune.core.trace.records import Deferred, Rep, leaves
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -163,7 +163,7 @@ def split(t: Bookkeeping, call: OpCall) -> None:
     # torch.unbind(x, dim) and x.unbind(dim) both arrive as (x, dim); split/chunk take (x, size, dim)
     dim = call.arg(1, "dim", 0) if op == "unbind" else call.arg(2, "dim", 0)
     dim %= data.ndim
-    outs = [tensor for tensor in tree_leaves(call.out) if isinstance(tensor, Tensor)]
+    outs = [tensor for tensor in leaves(call.out) if isinstance(tensor, Tensor)]
     if dim not in rep.dims:
         for tensor in outs:
             dims = tuple(d - (op == "unbind" and d > dim) for d in rep.dims)

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
-from lightning_prune.core.trace.records import Rep, region, storage_key
+from lightning_prune.core.trace.records import Rep, leaves, region, storage_key
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -95,7 +94,7 @@ def write_into(t: Bookkeeping, dst: Any, index: Any, src: Any, op: str, put: boo
         return
     what = f"op '{op}'"
     src_rep = t.rep(src) if isinstance(src, Tensor) else None
-    for tensor in tree_leaves(index):
+    for tensor in leaves(index):
         if isinstance(tensor, Tensor) and (rep := t.rep(tensor)) is not None:
             whole = tensor.dtype == torch.bool and tensor.shape == dst.shape and (index is tensor or index == (tensor,))
             if whole:  # x[x < 0] = 0: the mask's positions are dst's, channel for channel
