@@ -40,7 +40,7 @@ from lightning_prune.core.graph.masks import (
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import copy_training_modes, tensor_places, within
-from lightning_prune.core.progress import Progress
+from lightning_prune.core.progress import Progress, collecting_new_objects_only
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for
 from lightning_prune.core.trace.streaming import model_output
@@ -83,6 +83,7 @@ class ExportResult:
         return traced_inplace_dict(self.graph)
 
 
+@collecting_new_objects_only()
 def export(
     model: nn.Module,
     masks: MaskSource | Masks | None,

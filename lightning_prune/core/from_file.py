@@ -38,7 +38,7 @@ from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks
 from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import within
-from lightning_prune.core.progress import Progress
+from lightning_prune.core.progress import Progress, collecting_new_objects_only
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.verify.equivalence import compare_outputs
@@ -51,6 +51,7 @@ BLOCK_RTOL = 1e-5
 """Largest relative error of a block's output, computed in float32, that passes."""
 
 
+@collecting_new_objects_only()
 def export_from_file(
     skeleton: nn.Module,
     path: str | os.PathLike | TensorStore,

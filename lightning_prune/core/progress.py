@@ -15,6 +15,7 @@ time goes in :attr:`Progress.timings`, which the export's result carries.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -27,6 +28,30 @@ T = TypeVar("T")
 
 QUIET_SECONDS = 3.0
 """Nothing is shown before an export has run this long."""
+
+
+@contextmanager
+def collecting_new_objects_only() -> Iterator[None]:
+    """Inside the block, the garbage collector leaves alone the objects that existed before it.
+
+    An export creates many short-lived objects, and each full collection they trigger also walks every
+    object of the process (torch's and transformers' modules): 0.1-0.2 s each, about half of a CNN's
+    export on a cold process. ``gc.freeze()`` moves the existing objects out of its way until the block
+    ends; cycles made inside the block are still collected. Nothing is changed when the collector is
+    off or the process froze objects of its own (a forking server's).
+
+    >>> with collecting_new_objects_only():
+    ...     gc.get_freeze_count() > 0
+    True
+    """
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Progress:

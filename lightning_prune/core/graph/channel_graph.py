@@ -216,7 +216,7 @@ def initial_keep(
     keep[roots] = True
     open_groups = why[roots] < 0
     owners = graph.owner[voters[first[open_groups]]]
-    for owner in np.unique(owners).tolist():  # one reason per layer whose vote keeps a group
+    for owner in sorted(set(owners.tolist())):  # one reason per layer whose vote keeps a group
         name = graph.owner_names[owner]
         if name in masks:
             reason = f"coupled with '{name}', whose mask keeps them (a coupled group keeps the union of its masks)"

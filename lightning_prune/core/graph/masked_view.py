@@ -60,13 +60,20 @@ class MaskedView(SwappedTensors):
         self.ties = tensor_ties(model)
         self._names = {id(module): name for name, module in model.named_modules()}
         self._in_place_done: dict[str, frozenset] = {}  # module -> the ``zeroed`` slices it had when zeroed in place
+        self._targets: tuple[tuple, set[str]] | None = None
 
     @property
     def targets(self) -> set[str]:
         """The modules that have something to zero: those the masks and ``zeroed`` name, and every other
         module holding one of their tensors (a tied embedding is zeroed wherever it is used)."""
-        named = set(self.masks) | {layer for layer, _, _ in self.zeroed}
-        return named | {other for (layer, _), others in self.ties.items() if layer in named for other, _ in others}
+        # asked once per module of a pass: recomputed only when entries were added to (or removed from)
+        # the masks or ``zeroed``, which is how export changes them
+        version = (id(self.masks), len(self.masks), id(self.zeroed), len(self.zeroed))
+        if self._targets is None or self._targets[0] != version:
+            named = set(self.masks) | {layer for layer, _, _ in self.zeroed}
+            tied = {other for (layer, _), others in self.ties.items() if layer in named for other, _ in others}
+            self._targets = (version, named | tied)
+        return self._targets[1]
 
     def owned(self, module: nn.Module) -> bool:
         """Whether ``module`` has pruned channels to zero."""
@@ -109,13 +116,15 @@ def zero_module(
         for other, other_attr in ties.get((name, attr), []):  # type: ignore[union-attr]
             found = _cuts(other, model.get_submodule(other), keep, zeroed)  # type: ignore[union-attr]
             cuts += [(attr, dim, index) for cut, dim, index in found if cut == other_attr]
+    copied: set[str] = set()
     for attr, dim, index in cuts:
         tensor = getattr(module, attr)
         index = index.to(tensor.device)
-        if in_place:
+        if in_place or attr in copied:  # a second cut of the same tensor goes into the first's copy
             tensor.index_fill_(dim, index, 0.0)
         else:
             replace_tensor(module, attr, tensor.index_fill(dim, index, 0.0))
+            copied.add(attr)
 
 
 def _cuts(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep) -> list[tuple[str, int, Tensor]]:
