@@ -10,8 +10,17 @@ a 1.1B LLaMA (TinyLlama's shape, fp32, 1x32 tokens), as ``benchmarks/transformer
 them. Masks: 50% L1 group masks over every coupled group (``group_masks``; ViT: heads and width),
 computed once, outside the timing. "ours" times ``export(model, masks, x, whole_channel=True)``
 (exact; the model is not touched), "ours inplace" the same with ``inplace=True`` (it consumes the
-model, as Torch-Pruning does). Torch-Pruning 1.6: ``MetaPruner`` graph build plus one step at
-``pruning_ratio=0.5`` (L1 group importance; heads as its examples give them), classifier ignored.
+model, as Torch-Pruning does); both remove what Torch-Pruning removes (whole channels). "ours
+default" is ``export(model, masks, x)``: the masked model's own function, what a pruned channel
+carries folded into constants (one traced forward fewer: no ``function_change`` to measure).
+Torch-Pruning 1.6: ``MetaPruner`` graph build plus one step at ``pruning_ratio=0.5`` (L1 group
+importance; heads as its examples give them), classifier ignored.
+
+"forward": after the timed step, the same model built again and run once on the example (warm,
+no grad, the least of 3): the unit a tool's time is given in ("/ forward"). An exact export runs
+the masked model once as it traces it, once more with whole channels (the masks' own output, for
+``function_change``) and the exported model once (the self-check); Torch-Pruning runs one forward
+with autograd.
 
 Every run is a fresh process, the tools interleaved within each repeat; peak RSS is the process's
 high-water mark during the step (reset just before it through ``/proc/self/clear_refs``), over the
@@ -46,7 +55,7 @@ import transformer_export as tx  # noqa: E402  (the transformers' builds, Torch-
 
 CNNS = ["resnet50", "mobilenet_v2", "convnext_tiny", "densenet121"]
 MODELS = [*CNNS, "vit_b_16", "bert-base", "llama-1.1b"]
-TOOLS = ["ours", "ours inplace", "torch-pruning"]
+TOOLS = ["ours", "ours inplace", "ours default", "torch-pruning"]
 SEVEN_B = dict(
     hidden_size=4096,
     num_hidden_layers=32,
@@ -78,19 +87,39 @@ def masks_for(name: str, model: nn.Module, example: Any, cache: str) -> dict[str
 
 
 def run(name: str, tool: str, cache: str) -> dict[str, Any]:
-    if tool == "torch-pruning" and name not in CNNS:
-        return tx.run_torch_pruning(name, False)
+    if tool == "torch-pruning":
+        row = tx.run_torch_pruning(name, False) if name not in CNNS else _torch_pruning_cnn(*build(name))
+    else:
+        row = _ours(name, tool, cache)
+    return {**row, "forward": _forward_seconds(name)}
+
+
+def _forward_seconds(name: str) -> float:
+    """One forward of the dense model on its example: warm, no grad, the least of 3."""
+    import gc
+
+    gc.collect()  # what the step made is gone before the second model is built
+    model, example = build(name)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model(**example) if isinstance(example, dict) else model(example)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _ours(name: str, tool: str, cache: str) -> dict[str, Any]:
+    from lightning_prune import export
+
     model, example = build(name)
     size = tx.fp32_mb(model)
-    if tool == "torch-pruning":
-        return {**_torch_pruning_cnn(model, example), "fp32_mb": size}
-    from lightning_prune import export
 
     masks = masks_for(name, model, example, cache)
     before, _ = tx.memory_mb()
     tx.reset_peak()
     start = time.perf_counter()
-    result = export(model, masks, example, whole_channel=True, inplace=tool == "ours inplace", progress=False)
+    whole = tool != "ours default"
+    result = export(model, masks, example, whole_channel=whole, inplace=tool == "ours inplace", progress=False)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -105,6 +134,7 @@ def _torch_pruning_cnn(model: nn.Module, example: torch.Tensor) -> dict[str, Any
     import torch_pruning as tp
 
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    size = tx.fp32_mb(model)  # before the step shrinks it
     before, _ = tx.memory_mb()
     tx.reset_peak()
     start = time.perf_counter()
@@ -117,7 +147,8 @@ def _torch_pruning_cnn(model: nn.Module, example: torch.Tensor) -> dict[str, Any
             ignored_layers=ignored,
         )
         pruner.step()
-    return {"seconds": time.perf_counter() - start, "peak_mb": tx.memory_mb()[1], "before_mb": before}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": tx.memory_mb()[1], "before_mb": before, "fp32_mb": size}
 
 
 def spawn(args: list[str], timeout: int) -> dict[str, Any]:
@@ -133,13 +164,13 @@ def spawn(args: list[str], timeout: int) -> dict[str, Any]:
 
 def table(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     lines = [
-        "| model | tool | s, median [min-max] | / Torch-Pruning | peak RSS / fp32 (+ added) | ours: phases (median run) |",
-        "|---|---|---|---|---|---|",
+        "| model | tool | s, median [min-max] | / Torch-Pruning | / forward | peak RSS / fp32 (+ added) | ours: phases (median run) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (model, tool), runs in rows.items():
         good = [r for r in runs if "error" not in r]
         if not good:
-            lines.append(f"| {model} | {tool} | failed: {runs[0]['error']} | | | |")
+            lines.append(f"| {model} | {tool} | failed: {runs[0]['error']} | | | | |")
             continue
         seconds = sorted(r["seconds"] for r in good)
         median = statistics.median(seconds)
@@ -151,7 +182,9 @@ def table(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
         middle = min(good, key=lambda r: abs(r["seconds"] - median))
         phases = ", ".join(f"{k} {v:.2f}" for k, v in middle.get("phases", {}).items())
         cell = f"{median:.2f} [{seconds[0]:.2f}-{seconds[-1]:.2f}]"
-        lines.append(f"| {model} | {tool} | {cell} | {versus} | {peak:.2f}x (+{added:.2f}x) | {phases} |")
+        forward = statistics.median(r["forward"] for r in good)
+        unit = f"{median / forward:.1f} ({forward:.3f} s)"
+        lines.append(f"| {model} | {tool} | {cell} | {versus} | {unit} | {peak:.2f}x (+{added:.2f}x) | {phases} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -40,7 +41,7 @@ def check(result: dict, kept: dict[str, tuple[float, float]], score: tuple[float
 def test_language_model_benchmark(capsys) -> None:
     torch.manual_seed(0)
     argv = ["--seeds", "1", "--dense-steps", "4", "--steps", "8", "--held-out", "8", "--batch-size", "4"]
-    argv += ["--budgets", "30%"]
+    argv += ["--budgets", "30%", "--jobs", "1"]
     result = recovery_lm.main(argv)
     # bits per byte: below 8 (uniform over bytes) + slack for an untrained model's sharper logits
     check(result, {"30%": (0.25, 0.35)}, (0.5, 9.0))
@@ -50,6 +51,24 @@ def test_language_model_benchmark(capsys) -> None:
     out = capsys.readouterr().out
     assert "| recipe (bits per byte, test) | ~30% params kept |" in out
     assert "Python " in out and "MB validation" in out and "MB test" in out
+
+
+def test_language_model_jobs_give_the_table_of_one_process() -> None:
+    """``--jobs 2`` shares the (seed, budget) runs out over two processes of the script; every run is seeded
+    on its own, so the merged table is the one a single process makes, row for row and in its order."""
+    argv = ["--seeds", "1", "--dense-steps", "4", "--steps", "8", "--held-out", "8", "--batch-size", "4"]
+    argv += ["--recipes", "one-shot, masked", "gradual"]
+    one, shared = recovery_lm.main([*argv, "--jobs", "1"]), recovery_lm.main([*argv, "--jobs", "2"])
+    assert (
+        list(shared["table"])
+        == list(one["table"])
+        == [(budget, name) for budget in ("50%", "30%") for name in ("one-shot, masked", "gradual")]
+    )
+    for key, row in one["table"].items():
+        assert shared["table"][key].keys() == row.keys()
+        for column, values in row.items():
+            assert shared["table"][key][column] == pytest.approx(values, rel=1e-6), (key, column)
+    assert one["table"][("50%", "gradual")]["test"] != one["table"][("30%", "gradual")]["test"]
 
 
 def test_language_model_splits_are_disjoint() -> None:
