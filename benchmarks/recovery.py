@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 sys.path.insert(0, os.path.dirname(__file__))
 from recovery_common import EPOCHS, quiet, recipes, run_recipes, spread_table, trainer
 
-SPARSITY = {"50%": 0.3, "30%": 0.46}  # channel sparsity -> about this share of params kept
+SPARSITY = {"50%": 0.3, "30%": 0.46, "15%": 0.61}  # channel sparsity -> about this share of params kept
 DISTILL = {"teacher": "fit_start"}  # the defaults, the teacher the dense checkpoint (docs/recipes.md: why)
 
 

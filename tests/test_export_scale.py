@@ -166,6 +166,32 @@ def test_export_keeps_the_model_without_inplace():
     assert model.layer1[0].conv1.weight is dense and dense.shape[0] == 64
 
 
+@pytest.mark.parametrize("before", ["collector on", "objects frozen already", "collector off"])
+def test_export_keeps_the_collector_off_the_older_objects_and_restores_it(before):
+    """During an export the process's older objects are frozen (a full collection would walk every one of
+    them: torch's, transformers'); afterwards the collector is as it was, a user's own freeze kept."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    frozen_inside: list[int] = []
+    model[0].register_forward_hook(lambda *_: frozen_inside.append(gc.get_freeze_count()))
+    example = torch.randn(1, 3, 8, 8)
+    gc.unfreeze()
+    if before == "objects frozen already":
+        gc.freeze()
+    if before == "collector off":
+        gc.disable()
+    frozen_before = gc.get_freeze_count()
+    try:
+        export(model, {"0": torch.arange(8) % 2 == 0}, example)
+        assert gc.get_freeze_count() == frozen_before and gc.isenabled() == (before != "collector off")
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    if before == "collector on":
+        assert frozen_before == 0 and frozen_inside and min(frozen_inside) > 0
+    else:  # nothing changed: a user's freeze or disabled collector is theirs
+        assert frozen_inside and set(frozen_inside) == {frozen_before}
+
+
 def test_progress_log_lines_and_timings(caplog):
     model = resnet()
     with caplog.at_level(logging.INFO, logger="lightning_prune"):
