@@ -14,7 +14,7 @@ each, a 1x1 projection on every shortcut), 0.15M parameters. A user's LightningM
 images (drawn by the seed) in 8 epochs, pruning inside them, at learning rate ``--lr``; distillation
 with the defaults, the teacher the dense checkpoint (``distill={"teacher": "fit_start"}``).
 
-Budgets are the channel sparsities that keep about 50% and 30% of the parameters (the stem's input and
+Budgets are the channel sparsities that keep about 50%, 30% and 15% of the parameters (the stem's input and
 the classifier's outputs are not pruned; ``round_to=1``, as the layers are 16 to 64 wide); the table
 gives the share actually kept. Accuracy: mean and spread (max - min) over the seeds, of the exported
 model on the held-out images.
