@@ -10,12 +10,15 @@ DEVICES is 2), exports and verifies. Flags:
 - `spawn`: `ddp_spawn`; the launching process then records what its own callback holds.
 - `recovery`: Taylor importance on a gradual schedule (two steps, epochs 1 and 2) with
   distillation; each rank records whether it holds the teacher.
+- `activation`: activation importance at fit start, on 2 calibration batches per process; each rank
+  records the positions and the summed squares it ranked with (the ranks' sums added) and its masks.
 
 On a PruneExportError each rank records it in OUT/error-rank<N>.txt and exits non-zero.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -55,6 +58,24 @@ class FullDisk(pl.Callback):
             resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.RLIM_INFINITY))
 
 
+class ActivationSpy(PruneExportCallback):
+    """Records what the activation scores were computed from, once the ranks' sums are added."""
+
+    def _prune(self, trainer, pl_module, step=1):
+        original = self.activations.per_root
+
+        def per_root(graph, model, weighted=True):
+            sums = {k: float(v.sum()) for k, v in self.activations.sums.items()}
+            self.record = {"counts": dict(self.activations.counts), "sums": sums}
+            return original(graph, model, weighted)
+
+        self.activations.per_root = per_root
+        try:
+            super()._prune(trainer, pl_module, step)
+        finally:
+            del self.activations.per_root
+
+
 def main(out: str, devices: int, flags: list[str]) -> None:
     fail, gather, spawn = "fail" in flags, "gather" in flags, "spawn" in flags
     warnings.filterwarnings("ignore")
@@ -63,8 +84,10 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     pl.seed_everything(0, verbose=False)
     recovery = "recovery" in flags
     gradual = {"pruner": "taylor", "schedule": {"start_epoch": 1, "end_epoch": 2, "steps": 2}, "distill": True}
-    callback = PruneExportCallback(
-        **(gradual if recovery else {"pruner": "fpgm"}),
+    activation = "activation" in flags
+    pruner = {"pruner": "activation", "calibration_batches": 2} if activation else {"pruner": "fpgm"}
+    callback = (ActivationSpy if activation else PruneExportCallback)(
+        **(gradual if recovery else pruner),
         export_dir=os.path.join(out, "export"),
         gather_full_state=gather,
     )
@@ -94,6 +117,10 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     if recovery:
         with open(os.path.join(out, f"teacher-{name}.txt"), "w") as handle:
             handle.write(str(callback._distiller.teacher is not None))
+    if activation:
+        with open(os.path.join(out, f"activation-{name}.json"), "w") as handle:
+            masks = {k: v.int().tolist() for k, v in callback.masks.items()}
+            json.dump({**callback.record, "masks": masks}, handle)
     if spawn:
         torch.save(callback.exported_network.state_dict(), os.path.join(out, "exported-network-main.pt"))
 

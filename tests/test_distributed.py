@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -129,3 +130,21 @@ def test_gradual_taylor_with_distillation_under_ddp(tmp_path) -> None:
     dense = DigitsCNN(width=8, batch_norm=False)
     assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in dense.parameters())
     assert verify_equivalence(masked_module(tmp_path / "export" / "masked.ckpt"), small, images).passed
+
+
+def test_activation_importance_adds_every_ranks_batches_under_ddp(tmp_path) -> None:
+    """Two ranks, each calibrating on its half of the samples, rank on the sums of both: what one
+    process calibrating on all of them ranks on, and so the same masks."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    for out, devices in ((two, 2), (one, 1)):
+        out.mkdir()
+        result = run(out, devices, "activation")
+        assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((two / f"activation-rank{rank}.json").read_text()) for rank in (0, 1)]
+    single = json.loads((one / "activation-rank0.json").read_text())
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["counts"] == single["counts"]  # every rank's positions, not half of them
+    assert ranks[0]["sums"].keys() == single["sums"].keys()
+    for layer, total in single["sums"].items():
+        assert abs(ranks[0]["sums"][layer] - total) <= 1e-4 * total, layer
+    assert ranks[0]["masks"] == single["masks"]

@@ -1,7 +1,7 @@
 """What survives a resume, and the teacher distillation learns from.
 
 The callback's checkpoint state (``state_dict``): the masks, the schedule's position, whether the
-module was shrunk and how (``finetune="pruned"``), the Taylor sums, the teacher's weights. Under FSDP2
+module was shrunk and how (``finetune="pruned"``), the Taylor sums, the activation sums, the teacher's weights. Under FSDP2
 a distributed checkpoint keeps the callback's state from rank zero alone, so a sharded teacher's shards
 go beside the module's instead, each rank writing and reading its own. Some of the state must be in
 place before Lightning loads the module's weights (a shrunk module's smaller layers, the teacher copied
@@ -45,6 +45,8 @@ class Recovery:
         }
         if self.settings.importance == "taylor":
             saved["taylor"] = state.taylor.state_dict()
+        if self.settings.importance == "activation":
+            saved["activation"] = state.activations.state_dict()
         if state.shrunk and state.shrink_record is not None:
             saved["pruned"] = state.shrink_record  # what `load_pruned_module("last.ckpt", ...)` replays
         teacher = self._teacher()
@@ -75,6 +77,7 @@ class Recovery:
         state.steps_done = saved.get("steps_done", 0 if state.masks is None else steps)
         state.shrunk = bool(saved.get("shrunk", False)) or state.shrunk
         state.taylor.load_state_dict(saved.get("taylor") or {})
+        state.activations.load_state_dict(saved.get("activation") or {})
         state.teacher_state = saved.get("teacher")
         state.shrink_record = saved.get("pruned") or state.shrink_record
 
