@@ -148,3 +148,20 @@ def test_activation_importance_adds_every_ranks_batches_under_ddp(tmp_path) -> N
     for layer, total in single["sums"].items():
         assert abs(ranks[0]["sums"][layer] - total) <= 1e-4 * total, layer
     assert ranks[0]["masks"] == single["masks"]
+
+
+def test_activation_sums_resume_mid_accumulation_under_ddp(tmp_path) -> None:
+    """Interrupted after epoch 0 of the two it accumulates over, the resumed run ranks on the sums an
+    uninterrupted one does: the checkpoint keeps every rank's share, not rank zero's batches alone."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for out, flags in ((whole, ["late"]), (parts, ["late", "stop"]), (parts, ["late", "resume"])):
+        out.mkdir(exist_ok=True)
+        result = run(out, 2, "activation", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = json.loads((whole / "activation-rank0.json").read_text())
+    resumed = [json.loads((parts / f"activation-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert resumed[0] == resumed[1]
+    assert resumed[0]["counts"] == uninterrupted["counts"]
+    for layer, total in uninterrupted["sums"].items():
+        assert abs(resumed[0]["sums"][layer] - total) <= 1e-4 * total, layer
+    assert resumed[0]["masks"] == uninterrupted["masks"]

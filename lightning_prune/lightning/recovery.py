@@ -57,10 +57,13 @@ class Recovery:
     def save(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """As a checkpoint is written, under FSDP2 (collective): rank zero's norm statistics on every rank
         (a distributed checkpoint keeps one rank's), and a sharded teacher's shards beside the module's
-        (the callback's state is rank zero's alone there)."""
+        (the callback's state is rank zero's alone there); under ``torch.distributed`` (collective) the
+        activation sums of every rank, as each rank's share."""
         same_buffers(trainer, pl_module)
         teacher = self._teacher()
         saved = checkpoint.get("callbacks", {}).get(self.settings.state_key)
+        if saved is not None and "activation" in saved:  # each rank's own batches: their share of the total
+            saved["activation"] = self.state.activations.shared_state()
         if teacher is not None and saved is not None and is_sharded(teacher):
             save_teacher(trainer, teacher, checkpoint, saved)
 

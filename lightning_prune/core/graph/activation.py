@@ -84,7 +84,7 @@ class ActivationScores:
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}  # positions summed (a resumed rank's share may be fractional)
         self._handles: list[Any] = []
         self._watched: dict[str, nn.Module] = {}
         self._calibrating = False
@@ -144,28 +144,41 @@ class ActivationScores:
         self.sums[layer] = total
         self.counts[layer] = self.counts.get(layer, 0) + squares.shape[1]
 
+    def _added_over_ranks(self, layers: Mapping[str, int]) -> tuple[dict[str, Tensor], dict[str, float]] | None:
+        """Every rank's sums and counts added (collective), for ``layers`` (name -> channels, the same on every
+        rank); ``None`` outside ``torch.distributed``."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        names = sorted(layers)  # one order on every rank, recorded or not
+        flat = [self.sums.get(name, torch.zeros(layers[name])).to(device).double() for name in names]
+        counts = [float(self.counts.get(name, 0)) for name in names]
+        joined = torch.cat([*flat, torch.tensor(counts, dtype=torch.float64, device=device)])
+        dist.all_reduce(joined)
+        sizes = [t.numel() for t in flat]
+        parts, totals = joined[: sum(sizes)].split(sizes), joined[sum(sizes) :].tolist()
+        kept = [(name, part, total) for name, part, total in zip(names, parts, totals, strict=True) if total > 0]
+        return {name: part.float().cpu() for name, part, _ in kept}, {name: total for name, _, total in kept}
+
     def reduce(self, graph: ChannelGraph) -> None:
         """Under ``torch.distributed``: every rank's sums added, on every rank (collective: every rank calls it)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() < 2:
-            return
-        layers = sorted(graph.trace.layer_inputs)  # the same order on every rank, recorded or not
-        nccl = torch.distributed.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        flat = [
-            self.sums.get(layer, torch.zeros(graph.trace.layer_inputs[layer].numel())).to(device) for layer in layers
-        ]
-        counts = torch.tensor(
-            [float(self.counts.get(layer, 0)) for layer in layers], dtype=torch.float64, device=device
-        )
-        joined = torch.cat([*(t.double() for t in flat), counts])
-        torch.distributed.all_reduce(joined)
-        sizes = [t.numel() for t in flat]
-        parts = joined[: sum(sizes)].split(sizes)
-        for layer, part, count in zip(layers, parts, joined[sum(sizes) :].tolist(), strict=True):
-            if count > 0:
-                self.sums[layer], self.counts[layer] = part.float(), int(count)
+        added = self._added_over_ranks({layer: labels.numel() for layer, labels in graph.trace.layer_inputs.items()})
+        if added is not None:
+            self.sums, self.counts = added
+
+    def shared_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps under ``torch.distributed`` (collective): the ranks' sums added and divided by
+        the number of ranks, so that when every rank resumes from it and the ranks' sums are added again, the
+        total is an uninterrupted run's (a checkpoint keeps one rank's state). Elsewhere :meth:`state_dict`."""
+        added = self._added_over_ranks({layer: total.numel() for layer, total in self.sums.items()})
+        if added is None:
+            return self.state_dict()
+        ranks = torch.distributed.get_world_size()
+        return {
+            "sums": {layer: total / ranks for layer, total in added[0].items()},
+            "counts": {layer: count / ranks for layer, count in added[1].items()},
+        }
 
     def per_root(self, graph: ChannelGraph, model: nn.Module, weighted: bool = True) -> dict[int, float]:
         """Group root -> score, for the groups some recorded layer reads. ``weighted=False``: the
@@ -199,7 +212,7 @@ class ActivationScores:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take what :meth:`state_dict` gave (an empty mapping: nothing recorded)."""
         self.sums = {k: v.clone() for k, v in (state.get("sums") or {}).items()}
-        self.counts = {k: int(v) for k, v in (state.get("counts") or {}).items()}
+        self.counts = {k: float(v) for k, v in (state.get("counts") or {}).items()}
 
     def __deepcopy__(self, memo: dict) -> ActivationScores:
         # a copy of the watched model (a distillation teacher) copies its hooks: they stay bound to
