@@ -67,7 +67,7 @@ def test_a_group_no_recorded_layer_reads_is_scored_as_l2() -> None:
     scores.detach()
     del scores.sums["4"], scores.counts["4"]  # as if the last layer never ran
     measured, l2 = group_scores(graph, model, "activation", activations=scores), group_scores(graph, model, "l2")
-    read_by_2 = set(ActivationScores.per_root(scores, graph, model))
+    read_by_2 = set(scores.per_root(graph, model))
     assert read_by_2 and all(measured[root] == l2[root] for root in set(measured) - read_by_2)
     assert set(measured) == set(l2) and any(measured[root] != l2[root] for root in read_by_2)
     with pytest.raises(ValueError, match="importance='activation' needs batches"):
