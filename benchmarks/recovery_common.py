@@ -9,6 +9,8 @@ The recipes (:func:`recipes`), each from the dense checkpoint with the same trai
   gradual + Taylor                 the same with ``pruner="taylor"``
   gradual + distill                gradual L2 with the same ``distill=``
   one-shot + distill, pruned size  one-shot + distill with ``finetune="pruned"`` (the smaller model trains)
+  one-shot, activation             ``pruner="activation"`` at the start (scored on 8 training batches), masked
+  one-shot + distill, activation   the same with ``distill=``
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def recipes(distill: bool | Mapping[str, Any] = True) -> dict[str, dict[str, Any
         "gradual + Taylor": {"pruner": "taylor", **gradual},
         "gradual + distill": {**one_shot, **distill, **gradual},
         "one-shot + distill, pruned size": {**one_shot, **distill, "finetune": "pruned"},
+        "one-shot, activation": {"pruner": "activation"},
+        "one-shot + distill, activation": {"pruner": "activation", **distill},
     }
 
 

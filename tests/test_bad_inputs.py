@@ -110,6 +110,8 @@ CASES = {
     "callback-schedule-and-prune-on-epoch": lambda t: PruneExportCallback(
         prune_on_epoch=2, schedule={"start_epoch": 1, "end_epoch": 2, "steps": 2}
     ),
+    "callback-calibration-batches": lambda t: PruneExportCallback(pruner="activation", calibration_batches=0),
+    "callback-calibration-batches-pruner": lambda t: PruneExportCallback(pruner="l2", calibration_batches=8),
     "callback-taylor-at-start": lambda t: PruneExportCallback(pruner="taylor"),
     "mask-unknown-layer": lambda t: collect_masks({"9": keep()}, model()),
     "mask-shape": lambda t: collect_masks({"0": keep(7)}, model()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -129,3 +130,38 @@ def test_gradual_taylor_with_distillation_under_ddp(tmp_path) -> None:
     dense = DigitsCNN(width=8, batch_norm=False)
     assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in dense.parameters())
     assert verify_equivalence(masked_module(tmp_path / "export" / "masked.ckpt"), small, images).passed
+
+
+def test_activation_importance_adds_every_ranks_batches_under_ddp(tmp_path) -> None:
+    """Two ranks, each calibrating on its half of the samples, rank on the sums of both: what one
+    process calibrating on all of them ranks on, and so the same masks."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    for out, devices in ((two, 2), (one, 1)):
+        out.mkdir()
+        result = run(out, devices, "activation")
+        assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((two / f"activation-rank{rank}.json").read_text()) for rank in (0, 1)]
+    single = json.loads((one / "activation-rank0.json").read_text())
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["counts"] == single["counts"]  # every rank's positions, not half of them
+    assert ranks[0]["sums"].keys() == single["sums"].keys()
+    for layer, total in single["sums"].items():
+        assert abs(ranks[0]["sums"][layer] - total) <= 1e-4 * total, layer
+    assert ranks[0]["masks"] == single["masks"]
+
+
+def test_activation_sums_resume_mid_accumulation_under_ddp(tmp_path) -> None:
+    """Interrupted after epoch 0 of the two it accumulates over, the resumed run ranks on the sums an
+    uninterrupted one does: the checkpoint keeps every rank's share, not rank zero's batches alone."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for out, flags in ((whole, ["late"]), (parts, ["late", "stop"]), (parts, ["late", "resume"])):
+        out.mkdir(exist_ok=True)
+        result = run(out, 2, "activation", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = json.loads((whole / "activation-rank0.json").read_text())
+    resumed = [json.loads((parts / f"activation-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert resumed[0] == resumed[1]
+    assert resumed[0]["counts"] == uninterrupted["counts"]
+    for layer, total in uninterrupted["sums"].items():
+        assert abs(resumed[0]["sums"][layer] - total) <= 1e-4 * total, layer
+    assert resumed[0]["masks"] == uninterrupted["masks"]

@@ -22,6 +22,8 @@ RECIPES = [
     "gradual + Taylor",
     "gradual + distill",
     "one-shot + distill, pruned size",
+    "one-shot, activation",
+    "one-shot + distill, activation",
 ]
 
 

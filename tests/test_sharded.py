@@ -58,6 +58,7 @@ CASES = [
     pytest.param("fpgm", id="fpgm"),
     pytest.param("bn_scale", id="bn_scale"),
     pytest.param("taylor", id="taylor-schedule-global"),
+    pytest.param("activation", id="activation"),
     pytest.param("masks", id="given-masks"),
 ]
 

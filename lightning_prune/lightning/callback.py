@@ -25,7 +25,7 @@ from lightning_prune.lightning.compat import callback_bases, warn
 from lightning_prune.lightning.distill import distill_settings
 from lightning_prune.lightning.exporting import Exporting
 from lightning_prune.lightning.handoff import Handoff
-from lightning_prune.lightning.pruning import Pruning
+from lightning_prune.lightning.pruning import CALIBRATION_BATCHES, Pruning
 from lightning_prune.lightning.recovery import Recovery
 from lightning_prune.lightning.resize import Resizing
 from lightning_prune.lightning.schedule import Schedule
@@ -38,8 +38,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     Args:
         pruner: ``"auto"`` (the masks given in ``masks``, else ``"fpgm"``); our own importance measures,
             each scoring whole coupled groups (:mod:`~lightning_prune.core.graph.importance`): ``"l1"``,
-            ``"l2"``, ``"fpgm"``, ``"bn_scale"`` or ``"taylor"`` (gradients of the training steps before
-            each pruning step: needs ``prune_on_epoch >= 1`` or a schedule starting at epoch 1 or later);
+            ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"`` (gradients of the training steps before
+            each pruning step: needs ``prune_on_epoch >= 1`` or a schedule starting at epoch 1 or later) or
+            ``"activation"`` (what each channel carries in the forward passes of those steps, as the layers
+            reading it see it; at fit start, of ``calibration_batches`` training batches);
             ``"nni-fpgm"``, ``"nni-l1"``, ``"nni-l2"`` (NNI 3.0's per-layer one-shot pruners, made
             group-consistent afterwards); an NNI pruner object you built; or ``None``: masks read from the
             model (``torch.nn.utils.prune`` buffers as Lightning's ``ModelPruning`` leaves them, or zeroed filters).
@@ -62,6 +64,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         ranking: ``"uniform"`` (each layer, or set of coupled layers, loses ``sparsity``) or ``"global"``
             (every group ranked together); our own measures only.
         min_channels: the fewest channels (coupled groups) any pruned layer keeps; our own measures only.
+        calibration_batches: ``pruner="activation"`` only: how many training batches run forward (no gradients,
+            evaluation mode, the data order of training unchanged) for a pruning step no training step precedes; default 8.
         schedule: prune gradually: ``{"start_epoch": 1, "end_epoch": 6, "steps": 5, "ramp": "cubic"}``
             prunes at the start of ``steps`` epochs from ``start_epoch`` to ``end_epoch``, the sparsity
             rising on a cubic (AGP) or ``"linear"`` ramp; each step's masks contain the previous step's;
@@ -107,6 +111,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     steps_done = StateField()  #: pruning steps taken (the schedule's position; 1 after a one-shot prune)
     shrunk = StateField()  #: ``finetune="pruned"``: the smaller layers are in the module
     taylor = StateField()  #: the Taylor sums of ``pruner="taylor"``
+    activations = StateField()  #: the activation sums of ``pruner="activation"``
     _distiller = StateField()
 
     def __init__(
@@ -137,6 +142,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         schedule: dict[str, Any] | None = None,
         distill: bool | dict[str, float | str] | None = None,
         finetune: str = "masked",
+        calibration_batches: int | None = None,
     ) -> None:
         validate_arguments(**{name: value for name, value in locals().items() if name != "self"})
         self.pruner = pruner
@@ -157,6 +163,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         self.deploy_formats, self.verify_batches = list(deploy_formats or []), verify_batches
         self.measure_latency, self.gather_full_state = measure_latency, gather_full_state
         self.ranking, self.min_channels = ranking, min_channels
+        self.calibration_batches = CALIBRATION_BATCHES if calibration_batches is None else calibration_batches
         self.schedule = Schedule.from_argument(schedule) if schedule is not None else None
         self.distill, self.finetune = distill_settings(distill), finetune
         self._state = PruneState()
@@ -227,6 +234,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._recovery.stop()
+        self._pruning.stop()
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -237,6 +245,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             self._pruning.hold(trainer, pl_module)
         self._recovery.resume_teacher(trainer, pl_module)
         self._prune_due(trainer, pl_module, trainer.current_epoch)
+        self._pruning.watch(trainer, pl_module)  # pruner="activation": the training steps' activations
 
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -272,6 +281,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._recovery.stop()
+        self._pruning.stop()
         if not self._exporting.ready(trainer):
             return
         error = self._exporting.run(trainer, pl_module)

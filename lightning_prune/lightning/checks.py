@@ -73,6 +73,7 @@ def validate_arguments(
     schedule: Any = None,
     distill: Any = None,
     finetune: Any = "masked",
+    calibration_batches: Any = None,
 ) -> None:
     """Raise :class:`~lightning_prune.core.errors.ConfigurationError` for the first argument out of range."""
     if isinstance(pruner, str) and pruner not in PRUNER_NAMES:
@@ -152,6 +153,19 @@ def validate_arguments(
     if gather_full_state is not None and not isinstance(gather_full_state, bool):
         raise _fail("gather_full_state", gather_full_state, "must be True, False or None.")
     _recovery(pruner, masks, prune_on_epoch, ranking, min_channels, schedule, distill, finetune)
+    if calibration_batches is not None and (not _is_int(calibration_batches) or calibration_batches < 1):
+        raise _fail(
+            "calibration_batches",
+            calibration_batches,
+            "must be an int >= 1: how many training batches `pruner='activation'` runs forward before a prune at fit start.",
+        )
+    if calibration_batches is not None and pruner != "activation":
+        raise _fail(
+            "calibration_batches",
+            calibration_batches,
+            f"is read by `pruner='activation'` alone (the pruner is {pruner!r}). HINT: choose that pruner, or leave "
+            "`calibration_batches` out.",
+        )
 
 
 def _recovery(

@@ -15,12 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 
-def first_batches(trainer: Any, count: int) -> list[Any]:
-    """Up to ``count`` batches, from the validation data if there is any, else from the training data."""
+def first_batches(trainer: Any, count: int, training: bool = False) -> list[Any]:
+    """Up to ``count`` batches, from the validation data if there is any, else from the training data
+    (``training=True``: from the training data only)."""
     if count <= 0:
         return []
     with torch.random.fork_rng(devices=[]):
-        for loader in _loaders(trainer):
+        for loader in _loaders(trainer, training):
             batches = []
             for batch in loader:
                 batches.append(batch)
@@ -31,7 +32,7 @@ def first_batches(trainer: Any, count: int) -> list[Any]:
     return []
 
 
-def _loaders(trainer: Any) -> Iterator[Iterable]:
+def _loaders(trainer: Any, training: bool) -> Iterator[Iterable]:
     val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
     candidates = (
         lambda: trainer.val_dataloaders,
@@ -39,7 +40,7 @@ def _loaders(trainer: Any) -> Iterator[Iterable]:
         lambda: trainer.train_dataloader,
         lambda: _from_source(getattr(trainer.fit_loop, "_data_source", None)),
     )
-    for candidate in candidates:
+    for candidate in candidates[2:] if training else candidates:
         loader = _first_iterable(candidate())
         if loader is not None:
             yield loader
@@ -57,7 +58,12 @@ def _from_source(source: Any) -> Any:
 
 
 def _first_iterable(loaders: Any) -> Iterable | None:
-    """The first loader of a loader, a list/tuple of loaders, or a dict of them (a list of batches is one loader)."""
+    """The first loader of a loader, a list/tuple of loaders, or a dict of them (a list of batches is one loader);
+    of Lightning's ``CombinedLoader`` (what ``trainer.train_dataloader`` is once the loop set it up, yielding
+    ``(batch, index, loader index)``), its first loader, with the sampler Lightning gave it (DDP's)."""
+    flattened = getattr(loaders, "flattened", None)
+    if isinstance(flattened, list) and flattened:
+        loaders = flattened[0]
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()), None)
     elif isinstance(loaders, (list, tuple)) and loaders and isinstance(loaders[0], DataLoader):

@@ -3,7 +3,9 @@
 Each pruning step of the schedule takes masks from the chosen source (our importance measures over
 coupled groups, NNI's per-layer pruners, a pruner object, given masks, or the model's own zeros),
 aligns them within each coupled group, gives every rank rank zero's masks, and holds them while
-training goes on. Taylor importance accumulates the gradients of the steps before each pruning step.
+training goes on. Taylor importance accumulates the gradients of the steps before each pruning step,
+activation importance the forward passes of those steps (hooks on the module only while a step is still
+to come), or, for a step with none before it (at fit start), of ``calibration_batches`` training batches.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from lightning_prune.core.errors import ConfigurationError, MaskError
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.groups import group_masks
@@ -19,12 +23,17 @@ from lightning_prune.core.graph.hold import MaskHold
 from lightning_prune.core.graph.importance import importance_masks
 from lightning_prune.core.graph.masks import Masks, collect_masks, make_pruning_permanent
 from lightning_prune.core.graph.pruners import layers_to_prune, masks_from_pruner, nni_masks
+from lightning_prune.core.trace.records import call_model
+from lightning_prune.core.verify.batches import split_batch
 from lightning_prune.lightning.checks import NNI_NAMES
 from lightning_prune.lightning.compat import info
-from lightning_prune.lightning.inputs import example_input
+from lightning_prune.lightning.data import first_batches
+from lightning_prune.lightning.inputs import example_input, prepare
 from lightning_prune.lightning.schedule import Schedule
 from lightning_prune.lightning.sharding import ShardedModule, check_sharded_settings, read_sharded, shards_registered
 from lightning_prune.lightning.state import PruneState
+
+CALIBRATION_BATCHES = 8  # `pruner="activation"` at fit start: training batches run forward to score on
 
 
 class Pruning:
@@ -101,7 +110,9 @@ class Pruning:
             )
         self.state.masks, self.state.steps_done = masks, step
         self.state.taylor.reset()
+        self.state.activations.reset()
         self.hold(trainer, pl_module, graph)
+        self.watch(trainer, pl_module)
         total = sum(int(labels.numel()) for labels in graph.producers.values())
         where = f" (step {step} of {self.steps.steps})" if self.steps.steps > 1 else ""
         info(
@@ -116,6 +127,8 @@ class Pruning:
             graph = self.graph(trainer, pl_module)
             fraction = self.steps.fraction(step)
             ratios = self._layer_sparsity(pl_module)
+            if settings.importance == "activation" and not self.state.activations.recorded:
+                self._calibrate(trainer, pl_module, graph)
             with self._readable(trainer, pl_module) as model:
                 masks = importance_masks(
                     graph,
@@ -127,6 +140,7 @@ class Pruning:
                     previous=self.state.masks,  # each step's masks contain the previous step's
                     round_to=settings.rounding,
                     taylor=self.state.taylor,
+                    activations=self.state.activations,
                 )
             return masks, graph, sorted(ratios)
         votes = self._votes(pl_module)  # may make torch.nn.utils.prune's reparametrisation permanent
@@ -181,6 +195,45 @@ class Pruning:
         """Before an optimizer step: add its gradients to the Taylor scores while a step is still to come."""
         if self.settings.importance == "taylor" and self.state.steps_done < self.steps.steps:
             self.state.taylor.accumulate(self.graph(trainer, pl_module), pl_module)  # complete, unscaled gradients
+
+    def watch(self, trainer: Any, pl_module: Any) -> None:
+        """``pruner="activation"``: record the training steps' activations while a pruning step is still to come;
+        otherwise (another measure, the schedule done) no hook is on the module."""
+        settings, state = self.settings, self.state
+        if settings.importance == "activation" and state.steps_done < self.steps.steps and not state.shrunk:
+            state.activations.attach(self.graph(trainer, pl_module), pl_module)
+        else:
+            state.activations.detach()
+
+    def stop(self) -> None:
+        """Training is over: no activation hook stays on the module."""
+        self.state.activations.detach()
+
+    def _calibrate(self, trainer: Any, pl_module: Any, graph: ChannelGraph) -> None:
+        """A step with no training step recorded before it (at fit start): ``calibration_batches`` forward passes
+        on the first training batches, in evaluation mode and without gradients. The batches come from a fresh
+        iterator with the global RNG saved and restored, so training then sees its data in the same order."""
+        count = self.settings.calibration_batches
+        batches = first_batches(trainer, count, training=True)
+        if not batches:
+            raise ConfigurationError(
+                f"`PruneExportCallback(pruner='activation', calibration_batches={count})` found no training batches "
+                "to measure activations on before pruning. HINT: give the trainer training data, or prune later "
+                "(`prune_on_epoch=1`), when the training steps' own forward passes are recorded."
+            )
+        activations, training = self.state.activations, pl_module.training
+        attached = activations.attached
+        activations.attach(graph, pl_module)
+        pl_module.eval()
+        try:
+            with torch.no_grad(), activations.calibrating(), trainer.precision_plugin.forward_context():
+                for batch in batches:
+                    inputs = split_batch(batch, pl_module.forward, self.settings.input_key)[0]
+                    call_model(pl_module, prepare(trainer, pl_module, inputs))
+        finally:
+            pl_module.train(training)
+            if not attached:
+                activations.detach()
 
     def hold(self, trainer: Any, pl_module: Any, graph: ChannelGraph | None = None) -> None:
         """Hold the masks on the module's parameters (whole channels: filters, biases, norms) and apply them."""

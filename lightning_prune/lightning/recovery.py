@@ -1,7 +1,7 @@
 """What survives a resume, and the teacher distillation learns from.
 
 The callback's checkpoint state (``state_dict``): the masks, the schedule's position, whether the
-module was shrunk and how (``finetune="pruned"``), the Taylor sums, the teacher's weights. Under FSDP2
+module was shrunk and how (``finetune="pruned"``), the Taylor sums, the activation sums, the teacher's weights. Under FSDP2
 a distributed checkpoint keeps the callback's state from rank zero alone, so a sharded teacher's shards
 go beside the module's instead, each rank writing and reading its own. Some of the state must be in
 place before Lightning loads the module's weights (a shrunk module's smaller layers, the teacher copied
@@ -45,6 +45,8 @@ class Recovery:
         }
         if self.settings.importance == "taylor":
             saved["taylor"] = state.taylor.state_dict()
+        if self.settings.importance == "activation":
+            saved["activation"] = state.activations.state_dict()
         if state.shrunk and state.shrink_record is not None:
             saved["pruned"] = state.shrink_record  # what `load_pruned_module("last.ckpt", ...)` replays
         teacher = self._teacher()
@@ -55,10 +57,13 @@ class Recovery:
     def save(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """As a checkpoint is written, under FSDP2 (collective): rank zero's norm statistics on every rank
         (a distributed checkpoint keeps one rank's), and a sharded teacher's shards beside the module's
-        (the callback's state is rank zero's alone there)."""
+        (the callback's state is rank zero's alone there); under ``torch.distributed`` (collective) the
+        activation sums of every rank, as each rank's share."""
         same_buffers(trainer, pl_module)
         teacher = self._teacher()
         saved = checkpoint.get("callbacks", {}).get(self.settings.state_key)
+        if saved is not None and "activation" in saved:  # each rank's own batches: their share of the total
+            saved["activation"] = self.state.activations.shared_state()
         if teacher is not None and saved is not None and is_sharded(teacher):
             save_teacher(trainer, teacher, checkpoint, saved)
 
@@ -75,6 +80,7 @@ class Recovery:
         state.steps_done = saved.get("steps_done", 0 if state.masks is None else steps)
         state.shrunk = bool(saved.get("shrunk", False)) or state.shrunk
         state.taylor.load_state_dict(saved.get("taylor") or {})
+        state.activations.load_state_dict(saved.get("activation") or {})
         state.teacher_state = saved.get("teacher")
         state.shrink_record = saved.get("pruned") or state.shrink_record
 

@@ -79,7 +79,7 @@ def check_sharded_settings(settings: Any, trainer: Any) -> None:
     if settings.pruner_name is not None and settings.importance is None:
         problem = (
             f"pruner={settings.pruner!r} (NNI's pruners wrap each layer's parameters, which {strategy} shards)",
-            "name one of this package's measures ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor'), or give `masks=`",
+            "name one of this package's measures ('l1', 'l2', 'fpgm', 'bn_scale', 'taylor', 'activation'), or give `masks=`",
         )
     elif settings.pruner_name is None and settings.mask_source is None:
         problem = (

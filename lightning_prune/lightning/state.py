@@ -3,7 +3,7 @@
 The callback's arguments stay on the callback; everything a fit learns or builds (the masks, the
 schedule's position, the hold, the teacher, the exported model, ...) lives in a :class:`PruneState`
 that the callback's units receive. The callback's public attributes of that kind (``masks``,
-``hold``, ``steps_done``, ``shrunk``, ``taylor``) read and write it through :class:`StateField`.
+``hold``, ``steps_done``, ``shrunk``, ``taylor``, ``activations``) read and write it through :class:`StateField`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lightning_prune.core.graph.activation import ActivationScores
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.hold import MaskHold
 from lightning_prune.core.graph.importance import TaylorScores
@@ -30,6 +31,7 @@ class PruneState:
     steps_done: int = 0  # pruning steps taken (the schedule's position; 1 after a one-shot prune)
     shrunk: bool = False  # finetune="pruned": the smaller layers are in the module
     taylor: TaylorScores = dataclasses.field(default_factory=TaylorScores)
+    activations: ActivationScores = dataclasses.field(default_factory=ActivationScores)
     graph: ChannelGraph | None = None  # traced once per model and masks source; None: trace again
     pruner_votes: Masks | None = None  # a pruner object's masks, read in setup before it is unwrapped
     distiller: Distiller | None = None

@@ -8,6 +8,7 @@ stage, say). :func:`~lightning_prune.group_masks` and the importance measures
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -96,4 +97,23 @@ def balance_grouped_convs(graph: ChannelGraph, pruned: set[int], scores: dict[in
             pruned.update(order[:target])
 
 
-__all__ = ["balance_grouped_convs", "family_step", "round_kept_counts", "rounded_kept"]
+def tied_families(families: Mapping[tuple[str, ...], list[int]], scores: Mapping[int, float], importance: str) -> set:
+    """The families whose groups all score the same (to 1e-6), with a warning naming their layers."""
+    tied = set()
+    for family, roots in families.items():
+        values = [scores[root] for root in roots]
+        if len(values) > 1 and max(values) - min(values) <= 1e-6 * max(abs(max(values)), abs(min(values))):
+            tied.add(family)
+    if tied:
+        layers = sorted({layer for family in tied for layer in family})
+        warnings.warn(
+            f"importance={importance!r} cannot rank the channels of {layers}: every channel of each scores the same "
+            "(as with 'bn_scale' on norms never trained, every scale 1). They are pruned by position, the asked "
+            "fraction of each, and ranking='global' takes no more from them. HINT: prune a trained model, or choose "
+            "another measure ('l1', 'fpgm', 'taylor').",
+            stacklevel=3,
+        )
+    return tied
+
+
+__all__ = ["balance_grouped_convs", "family_step", "round_kept_counts", "rounded_kept", "tied_families"]

@@ -21,6 +21,9 @@ concatenation, a grouped conv's rows. Each measure scores the group as one:
     of its own and cannot recover by fine-tuning, so a group whose layers are all frozen has no
     estimate: it is kept, with a warning naming the layers. The magnitude measures score frozen
     weights as they are: freezing changes nothing for them.
+``"activation"``
+    what the group's channels carry on real batches, as the layers reading them see them (Wanda's
+    ``||W[:, c]||_1 x rms(x_c)``; :mod:`~lightning_prune.core.graph.activation`); a group no layer reads is scored as ``"l2"``.
 
 For ``"l1"``, ``"l2"`` and ``"fpgm"`` each layer's channel scores are divided by their layer's mean
 first, so a group spanning several layers weighs each layer alike and groups of different layers
@@ -53,19 +56,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_prune.core.graph.activation import ActivationScores
 from lightning_prune.core.graph.channel_graph import ChannelGraph
-from lightning_prune.core.graph.families import balance_grouped_convs, family_step, round_kept_counts, rounded_kept
+from lightning_prune.core.graph.families import (
+    balance_grouped_convs,
+    family_step,
+    round_kept_counts,
+    rounded_kept,
+    tied_families,
+)
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.graph.prunable import filters
 from lightning_prune.core.sharded import whole
 
-IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor")
+IMPORTANCES = ("l1", "l2", "fpgm", "bn_scale", "taylor", "activation")
 RANKINGS = ("uniform", "global")
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def group_scores(
-    graph: ChannelGraph, model: nn.Module, importance: str, taylor: TaylorScores | None = None
+    graph: ChannelGraph,
+    model: nn.Module,
+    importance: str,
+    taylor: TaylorScores | None = None,
+    activations: ActivationScores | None = None,
 ) -> dict[int, float]:
     """Group root -> score (higher: more important) for every prunable group of ``graph``.
 
@@ -81,6 +95,13 @@ def group_scores(
             )
         per_root, trainable = taylor.per_root(graph), taylor.trainable(graph)
         return {root: float(per_root[root]) for root in members if trainable[root]}
+    if importance == "activation":
+        if activations is None or not activations.recorded:
+            raise ValueError(
+                "importance='activation' needs batches: record an ActivationScores over forward passes first."
+            )
+        activations.reduce(graph)  # collective under torch.distributed: every rank's batches
+        return {**group_scores(graph, model, "l2"), **activations.per_root(graph, model)}
     if importance == "bn_scale":
         scale = np.zeros(graph.trace.num_labels)
         fed = np.zeros(graph.trace.num_labels)
@@ -208,6 +229,7 @@ def importance_masks(
     previous: Masks | None = None,
     round_to: int = 1,
     taylor: TaylorScores | None = None,
+    activations: ActivationScores | None = None,
 ) -> Masks:
     """Masks that prune whole coupled groups by ``importance``.
 
@@ -233,7 +255,7 @@ def importance_masks(
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}; got {ranking!r}.")
-    scores = group_scores(graph, model, importance, taylor)
+    scores = group_scores(graph, model, importance, taylor, activations)
     members = graph.group_members()
     eligible = {root: group for root, group in members.items() if all(layer in sparsity for layer, _ in group)}
     candidates = {root: group for root, group in eligible.items() if root in scores}
@@ -254,7 +276,7 @@ def importance_masks(
     families: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for root, group in candidates.items():
         families[tuple(sorted({layer for layer, _ in group}))].append(root)
-    tied = _tied_families(families, scores, importance)
+    tied = tied_families(families, scores, importance)
     ranked = {family: roots for family, roots in families.items() if ranking == "global" and family not in tied}
     pruned: set[int] = set(was_pruned)
     for family, roots in families.items():
@@ -283,25 +305,6 @@ def importance_masks(
 
 def _fraction(sparsity: Mapping[str, float], family: tuple[str, ...]) -> float:
     return sum(sparsity[layer] for layer in family) / len(family)
-
-
-def _tied_families(families: Mapping[tuple[str, ...], list[int]], scores: Mapping[int, float], importance: str) -> set:
-    """The families whose groups all score the same (to 1e-6), with a warning naming their layers."""
-    tied = set()
-    for family, roots in families.items():
-        values = [scores[root] for root in roots]
-        if len(values) > 1 and max(values) - min(values) <= 1e-6 * max(abs(max(values)), abs(min(values))):
-            tied.add(family)
-    if tied:
-        layers = sorted({layer for family in tied for layer in family})
-        warnings.warn(
-            f"importance={importance!r} cannot rank the channels of {layers}: every channel of each scores the same "
-            "(as with 'bn_scale' on norms never trained, every scale 1). They are pruned by position, the asked "
-            "fraction of each, and ranking='global' takes no more from them. HINT: prune a trained model, or choose "
-            "another measure ('l1', 'fpgm', 'taylor').",
-            stacklevel=3,
-        )
-    return tied
 
 
 def _rank_globally(
