@@ -36,15 +36,13 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     r"""Prune channels, hold them at zero while fine-tuning, and export a smaller, verified model.
 
     Args:
-        pruner: ``"auto"`` (the masks given in ``masks``, else ``"fpgm"``); our own importance measures,
-            each scoring whole coupled groups (:mod:`~lightning_prune.core.graph.importance`): ``"l1"``,
-            ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"`` (gradients of the training steps before
-            each pruning step: needs ``prune_on_epoch >= 1`` or a schedule starting at epoch 1 or later) or
-            ``"activation"`` (what each channel carries in the forward passes of those steps, as the layers
-            reading it see it; at fit start, of ``calibration_batches`` training batches);
-            ``"nni-fpgm"``, ``"nni-l1"``, ``"nni-l2"`` (NNI 3.0's per-layer one-shot pruners, made
-            group-consistent afterwards); an NNI pruner object you built; or ``None``: masks read from the
-            model (``torch.nn.utils.prune`` buffers as Lightning's ``ModelPruning`` leaves them, or zeroed filters).
+        pruner: ``"auto"`` (the masks given in ``masks``, else ``"fpgm"``); our own measures over whole coupled groups
+            (:mod:`~lightning_prune.core.graph.importance`): ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"``
+            (gradients of the training steps before each pruning step: needs ``prune_on_epoch >= 1`` or a schedule
+            from epoch 1 on), ``"activation"`` (what each channel carries in those steps' forward passes, as the layers
+            reading it see it; at fit start, on ``calibration_batches`` training batches); ``"nni-fpgm"``, ``"nni-l1"``,
+            ``"nni-l2"`` (NNI 3.0's per-layer pruners, made group-consistent); an NNI pruner object you built; or
+            ``None``: masks read from the model (``torch.nn.utils.prune`` buffers as ``ModelPruning`` leaves them, or zeroed filters).
         sparsity: fraction of channels to prune in each targeted layer (named pruners only). With
             ``ranking="global"``: the fraction of all targeted channel groups, spread over the layers by score.
         op_types, op_names, exclude_op_names: which layers a named pruner prunes, and which to skip (paths
@@ -64,8 +62,8 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
         ranking: ``"uniform"`` (each layer, or set of coupled layers, loses ``sparsity``) or ``"global"``
             (every group ranked together); our own measures only.
         min_channels: the fewest channels (coupled groups) any pruned layer keeps; our own measures only.
-        calibration_batches: ``pruner="activation"`` only: how many training batches run forward (no gradients,
-            evaluation mode, the data order of training unchanged) for a pruning step no training step precedes; default 8.
+        calibration_batches: ``pruner="activation"``: training batches run forward (no gradients, evaluation mode, the
+            training's data order unchanged) for a pruning step no training step precedes; default 8.
         schedule: prune gradually: ``{"start_epoch": 1, "end_epoch": 6, "steps": 5, "ramp": "cubic"}``
             prunes at the start of ``steps`` epochs from ``start_epoch`` to ``end_epoch``, the sparsity
             rising on a cubic (AGP) or ``"linear"`` ramp; each step's masks contain the previous step's;
@@ -74,11 +72,10 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``weight * T**2 * KL(teacher || student)`` to your training loss once the teacher exists, a frozen
             copy of the network made just before the first pruning step (``"fit_start"``: as training starts,
             for a fit from trained weights; FSDP2: sharded as the network is; :mod:`~lightning_prune.lightning.distill`); checkpointed.
-        finetune: ``"masked"`` (fine-tune at full size, the pruned channels held at zero) or ``"pruned"``:
-            export after the last pruning step (verified), put the smaller layers into your module, rebuild
-            the optimizers (learning rates and scheduler state carried over) and fine-tune the smaller
-            model; checkpoints then hold and resume the small model; ``load_pruned_module(path, YourModule)``
-            loads either file or such a checkpoint. On one device, under ``strategy="ddp"`` or FSDP2.
+        finetune: ``"masked"`` (fine-tune at full size, the pruned channels held at zero) or ``"pruned"``: export after
+            the last pruning step (verified), put the smaller layers into your module, rebuild the optimizers (learning
+            rates and scheduler state carried over) and fine-tune the smaller model, which checkpoints then hold;
+            ``load_pruned_module(path, YourModule)`` loads either file or such a checkpoint. One device, ``"ddp"`` or FSDP2.
         export_dir: where files go; default ``<trainer log dir>/pruned``. Checked writable in ``setup``.
         on_failure: ``"raise"`` or ``"warn"`` when export or verification fails.
         rtol: relative error allowed between masked and exported outputs.
@@ -92,18 +89,16 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
             ``pruned.pt2`` (``"pt2"``, ``torch.export``), each checked on the verification batches.
         verify_batches: how many validation batches verification runs (``0``: the example input only).
         measure_latency: time the dense and exported models for the report (``False``: sizes and errors only).
-        gather_full_state: export from a fresh module built from the hyper-parameters and the full gathered
-            state; default: under FSDP and DeepSpeed. Under FSDP2 the export reads the shards a module at a time.
+        gather_full_state: export from a fresh module built from the hyper-parameters and the full gathered state;
+            default: under FSDP and DeepSpeed (FSDP2: the export reads the shards a module at a time).
 
-    Under ``fast_dev_run`` the export is made and verified in memory and no file is written. When
-    training ends before the schedule's last step (EarlyStopping), the partial masks are exported
-    and the report says ``schedule_complete: False``.
+    Under ``fast_dev_run`` the export is made and verified in memory, no file written. Training ended before the
+    schedule's last step (EarlyStopping) exports the partial masks (the report: ``schedule_complete: False``).
 
-    After ``fit``: ``exported_model`` (a copy of your LightningModule with smaller layers),
-    ``exported_network`` (the network inside it that holds the layers, what you deploy) and
-    ``report`` (its figures), also in the launching process of a ``ddp_spawn`` run. A second
-    ``fit`` on another model starts afresh; on the same model it continues with the same masks.
-    The guide, every argument in use: ``docs/callback.md``.
+    After ``fit``: ``exported_model`` (a copy of your LightningModule with smaller layers), ``exported_network``
+    (the network in it holding the layers, what you deploy) and ``report`` (its figures), also in the launching
+    process of a ``ddp_spawn`` run. A second ``fit`` on another model starts afresh; on the same model it
+    continues with the same masks. The guide, every argument in use: ``docs/callback.md``.
     """
 
     masks = StateField()  #: the masks in effect (``None`` before the first pruning step)
@@ -176,14 +171,11 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
     @property
     def rounding(self) -> int:
         """The ``round_to`` in effect: as given, else 8 for a pruner named here and 1 for widths you chose."""
-        if self.round_to is not None:
-            return self.round_to
-        return 8 if self.pruner_name is not None else 1
+        return self.round_to if self.round_to is not None else 8 if self.pruner_name is not None else 1
 
     @property
     def pruner_name(self) -> str | None:
-        """The pruner this callback runs by name (one of ours, or ``"nni-..."``), or ``None`` (a pruner
-        object, given masks, or the model's own)."""
+        """The pruner run by name (ours, or ``"nni-..."``), or ``None`` (a pruner object, given or the model's masks)."""
         if self.pruner == "auto":
             return None if self.mask_source is not None else "fpgm"
         return self.pruner if isinstance(self.pruner, str) else None
@@ -207,8 +199,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @property
     def exported_network(self) -> torch.nn.Module | None:
-        """The network inside :attr:`exported_model` that holds every parameter (e.g. ``module.model``),
-        or the module itself when the parameters are spread over several children."""
+        """The network in :attr:`exported_model` holding every parameter (``module.model``), else the module itself."""
         model = self.exported_model
         return model.get_submodule(self._state.network_prefix) if model is not None else None
 
@@ -302,8 +293,7 @@ class PruneExportCallback(*callback_bases()):  # type: ignore[misc]
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        saved = self._recovery.saved_state(checkpoint)  # written by version 0.1.0, under another key
-        if saved is not None:
+        if (saved := self._recovery.saved_state(checkpoint)) is not None:  # version 0.1.0's, under another key
             self.load_state_dict(saved)
 
 
