@@ -30,6 +30,7 @@ import warnings
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from helpers import ScoreSpy  # tests/ is this script's own folder
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_prune import PruneExportCallback, PruneExportError, register_shrinker
@@ -60,24 +61,6 @@ class FullDisk(pl.Callback):
             resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.RLIM_INFINITY))
 
 
-class ActivationSpy(PruneExportCallback):
-    """Records what the activation scores were computed from, once the ranks' sums are added."""
-
-    def _prune(self, trainer, pl_module, step=1):
-        original = self.activations.per_root
-
-        def per_root(graph, model, weighted=True):
-            sums = {k: float(v.sum()) for k, v in self.activations.sums.items()}
-            self.record = {"counts": dict(self.activations.counts), "sums": sums}
-            return original(graph, model, weighted)
-
-        self.activations.per_root = per_root
-        try:
-            super()._prune(trainer, pl_module, step)
-        finally:
-            del self.activations.per_root
-
-
 class StopAfterFirstEpoch(pl.callbacks.ModelCheckpoint):
     """A checkpoint in OUT/ckpt after epoch 0, and the run stops there (an interruption)."""
 
@@ -101,7 +84,7 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     pruner = {"pruner": "activation", "calibration_batches": 2} if activation else {"pruner": "fpgm"}
     if late:
         pruner = {"pruner": "activation", "prune_on_epoch": 2}
-    callback = (ActivationSpy if activation else PruneExportCallback)(
+    callback = (ScoreSpy if activation else PruneExportCallback)(
         **(gradual if recovery else pruner),
         export_dir=os.path.join(out, "export"),
         gather_full_state=gather,
@@ -143,7 +126,8 @@ def main(out: str, devices: int, flags: list[str]) -> None:
     if activation:
         with open(os.path.join(out, f"activation-{name}.json"), "w") as handle:
             masks = {k: v.int().tolist() for k, v in callback.masks.items()}
-            json.dump({**callback.record, "masks": masks}, handle)
+            sums = {layer: float(total.sum()) for layer, total in callback.sums.items()}
+            json.dump({"counts": callback.seen[-1][1], "sums": sums, "masks": masks}, handle)
     if spawn:
         torch.save(callback.exported_network.state_dict(), os.path.join(out, "exported-network-main.pt"))
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune import ChannelGraph, apply_masks, export, verify_equivalence
+from lightning_prune import ChannelGraph, PruneExportCallback, apply_masks, export, verify_equivalence
 from lightning_prune.core.graph.masks import Masks, zero_pruned_parameters
 from lightning_prune.core.graph.prunable import channel_tensors, is_prunable, out_channels
 
@@ -128,3 +128,22 @@ def export_and_check(reference: nn.Module, masks: Masks, example_input: Any):
     report = verify_equivalence(reference, result.model, example_input, rtol=RTOL)
     assert report.passed, f"export differs from the masked model:\n{report}\nnotes: {[str(n) for n in result.notes]}"
     return result
+
+
+class ScoreSpy(PruneExportCallback):
+    """The callback, recording at each pruning step what ``pruner="activation"`` scores from, once the ranks'
+    sums are added: ``seen``, a list of ``(step, positions summed per layer)``, and ``sums``, the last step's."""
+
+    def _prune(self, trainer, pl_module, step=1):
+        original = self.activations.per_root
+
+        def per_root(graph, model, weighted=True):
+            self.seen = [*getattr(self, "seen", []), (step, dict(self.activations.counts))]
+            self.sums = {k: v.clone() for k, v in self.activations.sums.items()}
+            return original(graph, model, weighted)
+
+        self.activations.per_root = per_root
+        try:
+            super()._prune(trainer, pl_module, step)
+        finally:
+            del self.activations.per_root

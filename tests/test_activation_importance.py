@@ -11,6 +11,7 @@ import lightning.pytorch as L
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import ScoreSpy
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from user_modules import CausalLM, Images, PLClassifier, Sentences, quiet_trainer
@@ -72,24 +73,6 @@ def test_a_group_no_recorded_layer_reads_is_scored_as_l2() -> None:
     assert set(measured) == set(l2) and any(measured[root] != l2[root] for root in read_by_2)
     with pytest.raises(ValueError, match="importance='activation' needs batches"):
         group_scores(graph, model, "activation", activations=ActivationScores())
-
-
-class ScoreSpy(PruneExportCallback):
-    """Records, at each pruning step, how many positions each layer's activations summed."""
-
-    def _prune(self, trainer, pl_module, step=1):
-        original = self.activations.per_root
-
-        def per_root(graph, model, weighted=True):
-            self.seen = [*getattr(self, "seen", []), (step, dict(self.activations.counts))]
-            self.sums = {k: v.clone() for k, v in self.activations.sums.items()}
-            return original(graph, model, weighted)
-
-        self.activations.per_root = per_root
-        try:
-            super()._prune(trainer, pl_module, step)
-        finally:
-            del self.activations.per_root
 
 
 class _BatchLogic:
