@@ -19,6 +19,9 @@ the classifier's outputs are not pruned; ``round_to=1``, as the layers are 16 to
 gives the share actually kept. Accuracy: mean and spread (max - min) over the seeds, of the exported
 model on the held-out images.
 
+The seeds and budgets are shared out over ``--jobs`` processes (default: one per core, at most two), as
+``recovery_lm.py`` does; the table is the same whatever the number of jobs.
+
     python benchmarks/recovery.py                       # 3 seeds: the table in docs/recipes.md
     python benchmarks/recovery.py --seeds 1 --train 2000 --dense-epochs 2 --steps 16   # a quick look
 """
@@ -41,7 +44,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recovery_common import EPOCHS, quiet, recipes, run_recipes, spread_table, trainer
+from recovery_common import (
+    EPOCHS,
+    add_job_arguments,
+    check_jobs,
+    job_threads,
+    quiet,
+    recipes,
+    run_recipes,
+    run_units,
+    spread_table,
+    trainer,
+)
 
 SPARSITY = {"50%": 0.3, "30%": 0.46, "15%": 0.61}  # channel sparsity -> about this share of params kept
 DISTILL = {"teacher": "fit_start"}  # the defaults, the teacher the dense checkpoint (docs/recipes.md: why)
@@ -151,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
+    check_jobs(parser, args)
     started = time.perf_counter()
     train, held_out = shapes(args.train, seed=0), shapes(args.held_out, seed=1)
     batch = 64
@@ -169,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.dense_cache:
                 torch.save(dense.state_dict(), args.dense_cache)
         dense_accuracy = accuracy(dense.model, held_out)
-        print(f"dense: {dense_accuracy:.3f} held-out accuracy", flush=True)
+        if not args.units:  # a job's share: its runs' lines, and the table to its file
+            print(f"dense: {dense_accuracy:.3f} held-out accuracy", flush=True)
 
         def fit(seed: int, name: str, callback: L.Callback) -> tuple[nn.Module, dict[str, float]]:
             module = Classifier(lr=args.lr, steps=per_epoch * EPOCHS)
@@ -179,16 +196,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             network = callback.exported_network
             return network, {"test": accuracy(network, held_out)}
 
-        table = run_recipes(
-            fit,
-            {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])},
-            {budget: SPARSITY[budget] for budget in args.budgets},
-            range(args.first_seed, args.first_seed + args.seeds),
-            dense.model,
-            common={"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1},
+        chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
+        common = {"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1}
+        if args.jobs > 1 and not (args.dense_cache and os.path.exists(args.dense_cache)):
+            args.dense_cache = f"{root}/dense.pt"
+            torch.save(dense.state_dict(), args.dense_cache)
+        options = ["--train", args.train, "--held-out", args.held_out, "--dense-epochs", args.dense_epochs]
+        options += ["--steps", args.steps, "--lr", args.lr, "--dense-cache", args.dense_cache]
+        options += ["--recipes", *args.recipes] if args.recipes else []
+        table = run_units(
+            args,
+            __file__,
+            options,
+            root,
+            lambda unit: run_recipes(fit, chosen, {unit[1]: SPARSITY[unit[1]]}, [unit[0]], dense.model, common),
         )
+    if args.units:
+        return {"dense": dense_accuracy, "table": table}
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), "
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {job_threads(args.jobs)} "
+        f"thread(s), "
         f"torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all"
     )
     print(

@@ -15,10 +15,16 @@ The recipes (:func:`recipes`), each from the dense checkpoint with the same trai
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -132,3 +138,73 @@ def spread_table(table: Table, what: str, split: str = "test", lower_is_better: 
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- the runs shared out over processes
+Unit = tuple[int, str]  # (seed, budget): what one job runs for every recipe
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--jobs`` (default: one process per core, at most two), and a job's own hidden arguments."""
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes sharing the runs")
+    parser.add_argument("--units", help=argparse.SUPPRESS)  # a job's share: "seed:budget,..."
+    parser.add_argument("--table-out", help=argparse.SUPPRESS)
+
+
+def check_jobs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
+
+
+def job_threads(jobs: int) -> int:
+    """Each job's threads: the cores shared out (one process: torch's own choice)."""
+    import torch
+
+    return torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_units(
+    args: argparse.Namespace, script: str, options: list[Any], root: str, run: Callable[[Unit], Table]
+) -> Table:
+    """Every (seed, budget) of ``args`` (``--seeds`` from ``--first-seed``, ``--budgets``; a job: its
+    ``--units``), run by ``run`` here or, with ``--jobs`` above 1, shared out over that many processes of
+    ``script`` given ``options`` (its arguments, the dense model's cache among them); the tables merged
+    in the order one process makes them. Every run is seeded on its own, so the table is the same."""
+    if args.units:
+        units = [(int(seed), budget) for seed, budget in (unit.split(":") for unit in args.units.split(","))]
+    else:
+        units = [(seed, b) for seed in range(args.first_seed, args.first_seed + args.seeds) for b in args.budgets]
+    if args.jobs > 1 and len(units) > 1:
+        return _in_parallel(script, options, units, args.jobs, root)
+    done = [run(unit) for unit in units]
+    if args.table_out:
+        Path(args.table_out).write_text(json.dumps([[[*key, row] for key, row in table.items()] for table in done]))
+    return merged(done)
+
+
+def _in_parallel(script: str, options: list[Any], units: list[Unit], jobs: int, root: str) -> Table:
+    shares = [units[job::jobs] for job in range(min(jobs, len(units)))]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(job_threads(jobs))}
+    running = []
+    for job, share in enumerate(shares):
+        out = f"{root}/table{job}.json"
+        command = [sys.executable, script, *map(str, options), "--jobs", "1", "--table-out", out]
+        command += ["--units", ",".join(f"{seed}:{budget}" for seed, budget in share)]
+        running.append((share, out, subprocess.Popen(command, env=environment)))
+    done: dict[Unit, Table] = {}
+    for share, out, process in running:
+        if process.wait() != 0:
+            raise SystemExit(f"the job running {share} failed (exit {process.returncode}); its output is above")
+        for unit, rows in zip(share, json.loads(Path(out).read_text()), strict=True):
+            done[unit] = {(budget, name): row for budget, name, row in rows}
+    return merged([done[unit] for unit in units])
+
+
+def merged(tables: list[Table]) -> Table:
+    """One table of several, each row's lists joined in the order given (seeds in order)."""
+    joined: Table = {}
+    for table in tables:
+        for key, row in table.items():
+            for column, values in row.items():
+                joined.setdefault(key, {}).setdefault(column, []).extend(values)
+    return joined

@@ -34,11 +34,9 @@ is the same whatever the number of jobs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -54,7 +52,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recovery_common import EPOCHS, Table, quiet, recipes, run_recipes, spread_table, trainer
+from recovery_common import (
+    EPOCHS,
+    add_job_arguments,
+    check_jobs,
+    job_threads,
+    quiet,
+    recipes,
+    run_recipes,
+    run_units,
+    spread_table,
+    trainer,
+)
 
 # per token, over the 256 bytes; the teacher is the dense checkpoint the fit starts from (docs/recipes.md: why)
 DISTILL = {"weight": 4.0, "temperature": 1.0, "teacher": "fit_start"}
@@ -163,12 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes sharing the runs")
-    parser.add_argument("--units", help=argparse.SUPPRESS)  # a job's share: "seed:budget,..."
-    parser.add_argument("--table-out", help=argparse.SUPPRESS)
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    check_jobs(parser, args)
     started = time.perf_counter()
     train_bytes, validation_bytes, test_bytes = corpus()
     splits = {
@@ -207,22 +213,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return network, scores(network)
 
         chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
-        units = _units(args)
-        if args.jobs > 1 and len(units) > 1:
-            if not (args.dense_cache and os.path.exists(args.dense_cache)):
-                args.dense_cache = f"{root}/dense.pt"
-                torch.save(dense.state_dict(), args.dense_cache)
-            table = _in_parallel(args, units, root)
-        else:
-            common = {"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1}
-            done = [run_recipes(fit, chosen, {b: SPARSITY[b]}, [seed], dense.model, common) for seed, b in units]
-            if args.table_out:
-                Path(args.table_out).write_text(json.dumps([[[*key, row] for key, row in t.items()] for t in done]))
-            table = _merged(done)
+        common = {"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1}
+        if args.jobs > 1 and not (args.dense_cache and os.path.exists(args.dense_cache)):
+            args.dense_cache = f"{root}/dense.pt"
+            torch.save(dense.state_dict(), args.dense_cache)
+        options = ["--dense-steps", args.dense_steps, "--steps", args.steps, "--batch-size", args.batch_size]
+        options += ["--context", args.context, "--held-out", args.held_out, "--split", args.split]
+        options += ["--dense-cache", args.dense_cache] + (["--lr", args.lr] if args.lr else [])
+        options += ["--recipes", *args.recipes] if args.recipes else []
+        table = run_units(
+            args,
+            __file__,
+            options,
+            root,
+            lambda unit: run_recipes(fit, chosen, {unit[1]: SPARSITY[unit[1]]}, [unit[0]], dense.model, common),
+        )
     if args.units:
         return {"dense": dense_scores, "table": table}
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {_threads(args.jobs)} "
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {job_threads(args.jobs)} "
         f"thread(s), "
         f"torch {torch.__version__}, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}; "
         f"{time.perf_counter() - started:.0f} s in all"
@@ -236,52 +245,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(spread_table(table, f"bits per byte, {args.split}", split=args.split, lower_is_better=True))
     return {"dense": dense_scores, "table": table}
-
-
-def _units(args: argparse.Namespace) -> list[tuple[int, str]]:
-    """The (seed, budget) pairs to run: a job's share (``--units``), else every seed at every budget."""
-    if args.units:
-        return [(int(seed), budget) for seed, budget in (unit.split(":") for unit in args.units.split(","))]
-    return [(seed, budget) for seed in range(args.first_seed, args.first_seed + args.seeds) for budget in args.budgets]
-
-
-def _in_parallel(args: argparse.Namespace, units: list[tuple[int, str]], root: str) -> Table:
-    """The runs of ``units`` shared out over ``args.jobs`` processes of this script (one thread each when
-    the jobs fill the cores), their tables merged in the order one process would have made them."""
-    shares = [units[job :: args.jobs] for job in range(min(args.jobs, len(units)))]
-    options = ["--dense-steps", args.dense_steps, "--steps", args.steps, "--batch-size", args.batch_size]
-    options += ["--context", args.context, "--held-out", args.held_out, "--split", args.split, "--jobs", 1]
-    options += ["--dense-cache", args.dense_cache] + (["--lr", args.lr] if args.lr else [])
-    options += ["--recipes", *args.recipes] if args.recipes else []
-    jobs = []
-    for job, share in enumerate(shares):
-        out = f"{root}/table{job}.json"
-        command = [sys.executable, __file__, *map(str, options), "--units", ",".join(f"{s}:{b}" for s, b in share)]
-        environment = {**os.environ, "OMP_NUM_THREADS": str(_threads(args.jobs))}
-        jobs.append((share, out, subprocess.Popen([*command, "--table-out", out], env=environment)))
-    done: dict[tuple[int, str], Table] = {}
-    for share, out, process in jobs:
-        if process.wait() != 0:
-            raise SystemExit(f"a job of {share} failed (exit {process.returncode}); its output is above")
-        tables = json.loads(Path(out).read_text())
-        for unit, rows in zip(share, tables, strict=True):
-            done[unit] = {(budget, name): row for budget, name, row in rows}
-    return _merged([done[unit] for unit in units])
-
-
-def _threads(jobs: int) -> int:
-    """Each job's threads: the cores shared out (one process: torch's own choice)."""
-    return torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
-
-
-def _merged(tables: list[Table]) -> Table:
-    """One table of several, each row's lists joined in the order given (seeds in order)."""
-    merged: Table = {}
-    for table in tables:
-        for key, row in table.items():
-            for column, values in row.items():
-                merged.setdefault(key, {}).setdefault(column, []).extend(values)
-    return merged
 
 
 if __name__ == "__main__":
