@@ -48,12 +48,14 @@ from recovery_common import (
     EPOCHS,
     add_job_arguments,
     check_jobs,
+    dense_file,
     job_threads,
     quiet,
     recipes,
     run_recipes,
     run_units,
     spread_table,
+    threads,
     trainer,
 )
 
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dense.load_state_dict(torch.load(args.dense_cache, weights_only=True))
         else:
             loader = DataLoader(train, batch_size=batch, shuffle=True)
-            trainer(root, [], max_epochs=args.dense_epochs).fit(dense, loader)
+            with threads(1):  # the table's dense model (recovery_common.threads: why)
+                trainer(root, [], max_epochs=args.dense_epochs).fit(dense, loader)
             if args.dense_cache:
                 torch.save(dense.state_dict(), args.dense_cache)
         dense_accuracy = accuracy(dense.model, held_out)
@@ -198,11 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
         common = {"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1}
-        if args.jobs > 1 and not (args.dense_cache and os.path.exists(args.dense_cache)):
-            args.dense_cache = f"{root}/dense.pt"
-            torch.save(dense.state_dict(), args.dense_cache)
         options = ["--train", args.train, "--held-out", args.held_out, "--dense-epochs", args.dense_epochs]
-        options += ["--steps", args.steps, "--lr", args.lr, "--dense-cache", args.dense_cache]
+        options += ["--steps", args.steps, "--lr", args.lr] + (
+            ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
+        )
         options += ["--recipes", *args.recipes] if args.recipes else []
         table = run_units(
             args,

@@ -56,6 +56,7 @@ from recovery_common import (
     EPOCHS,
     add_job_arguments,
     check_jobs,
+    dense_file,
     job_threads,
     quiet,
     recipes,
@@ -214,12 +215,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
         common = {"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1}
-        if args.jobs > 1 and not (args.dense_cache and os.path.exists(args.dense_cache)):
-            args.dense_cache = f"{root}/dense.pt"
-            torch.save(dense.state_dict(), args.dense_cache)
         options = ["--dense-steps", args.dense_steps, "--steps", args.steps, "--batch-size", args.batch_size]
         options += ["--context", args.context, "--held-out", args.held_out, "--split", args.split]
-        options += ["--dense-cache", args.dense_cache] + (["--lr", args.lr] if args.lr else [])
+        options += (["--lr", args.lr] if args.lr else []) + (
+            ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
+        )
         options += ["--recipes", *args.recipes] if args.recipes else []
         table = run_units(
             args,
