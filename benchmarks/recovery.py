@@ -48,12 +48,10 @@ from recovery_common import (
     EPOCHS,
     add_job_arguments,
     check_jobs,
-    dense_file,
     job_threads,
     quiet,
     recipes,
-    run_recipes,
-    run_units,
+    run_benchmark,
     spread_table,
     threads,
     trainer,
@@ -199,20 +197,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             network = callback.exported_network
             return network, {"test": accuracy(network, held_out)}
 
-        chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
-        common = {"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1}
         options = ["--train", args.train, "--held-out", args.held_out, "--dense-epochs", args.dense_epochs]
-        options += ["--steps", args.steps, "--lr", args.lr] + (
-            ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
-        )
-        options += ["--recipes", *args.recipes] if args.recipes else []
-        table = run_units(
-            args,
-            __file__,
-            options,
-            root,
-            lambda unit: run_recipes(fit, chosen, {unit[1]: SPARSITY[unit[1]]}, [unit[0]], dense.model, common),
-        )
+        options += ["--steps", args.steps, "--lr", args.lr]
+        common = {"round_to": 1, "export_dir": f"{root}/out", "verify_batches": 1}
+        table = run_benchmark(args, __file__, options, root, fit, recipes(DISTILL), SPARSITY, dense, common)
     if args.units:
         return {"dense": dense_accuracy, "table": table}
     print(

@@ -204,6 +204,32 @@ def run_units(
     return merged(done)
 
 
+def run_benchmark(
+    args: argparse.Namespace,
+    script: str,
+    options: list[Any],
+    root: str,
+    fit: Callable[[int, str, L.Callback], tuple[nn.Module, Mapping[str, float]]],
+    every_recipe: Mapping[str, Mapping[str, Any]],
+    sparsity: Mapping[str, float],
+    dense: L.LightningModule,
+    common: Mapping[str, Any],
+) -> Table:
+    """The benchmark's table: :func:`run_recipes` for the recipes ``--recipes`` names (default: all of
+    ``every_recipe``) at every (seed, budget) of :func:`run_units`; ``options``: the script's own arguments
+    its jobs need, to which the recipes and the dense model's file are added (``dense.model``: the network)."""
+    chosen = {name: recipe for name, recipe in every_recipe.items() if name in (args.recipes or [name])}
+    options = [*options, *(["--recipes", *args.recipes] if args.recipes else [])]
+    options += ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
+    return run_units(
+        args,
+        script,
+        options,
+        root,
+        lambda unit: run_recipes(fit, chosen, {unit[1]: sparsity[unit[1]]}, [unit[0]], dense.model, common),
+    )
+
+
 def _in_parallel(script: str, options: list[Any], units: list[Unit], jobs: int, root: str) -> Table:
     shares = [units[job::jobs] for job in range(min(jobs, len(units)))]
     environment = {**os.environ, "OMP_NUM_THREADS": str(job_threads(jobs))}

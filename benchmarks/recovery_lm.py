@@ -56,12 +56,10 @@ from recovery_common import (
     EPOCHS,
     add_job_arguments,
     check_jobs,
-    dense_file,
     job_threads,
     quiet,
     recipes,
-    run_recipes,
-    run_units,
+    run_benchmark,
     spread_table,
     trainer,
 )
@@ -213,21 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             network = callback.exported_network
             return network, scores(network)
 
-        chosen = {name: options for name, options in recipes(DISTILL).items() if name in (args.recipes or [name])}
-        common = {"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1}
         options = ["--dense-steps", args.dense_steps, "--steps", args.steps, "--batch-size", args.batch_size]
         options += ["--context", args.context, "--held-out", args.held_out, "--split", args.split]
-        options += (["--lr", args.lr] if args.lr else []) + (
-            ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
-        )
-        options += ["--recipes", *args.recipes] if args.recipes else []
-        table = run_units(
-            args,
-            __file__,
-            options,
-            root,
-            lambda unit: run_recipes(fit, chosen, {unit[1]: SPARSITY[unit[1]]}, [unit[0]], dense.model, common),
-        )
+        options += ["--lr", args.lr] if args.lr else []
+        common = {"op_types": OP_TYPES, "export_dir": f"{root}/out", "verify_batches": 1}
+        table = run_benchmark(args, __file__, options, root, fit, recipes(DISTILL), SPARSITY, dense, common)
     if args.units:
         return {"dense": dense_scores, "table": table}
     print(
