@@ -44,18 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recovery_common import (
-    EPOCHS,
-    add_job_arguments,
-    check_jobs,
-    job_threads,
-    quiet,
-    recipes,
-    run_benchmark,
-    spread_table,
-    threads,
-    trainer,
-)
+from recovery_common import EPOCHS, parse_arguments, quiet, recipes, run_benchmark, spread_table, threads, trainer
 
 SPARSITY = {"50%": 0.3, "30%": 0.46, "15%": 0.61}  # channel sparsity -> about this share of params kept
 DISTILL = {"teacher": "fit_start"}  # the defaults, the teacher the dense checkpoint (docs/recipes.md: why)
@@ -165,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
-    add_job_arguments(parser)
-    args = parser.parse_args(argv)
-    check_jobs(parser, args)
+    args = parse_arguments(parser, argv)
     started = time.perf_counter()
     train, held_out = shapes(args.train, seed=0), shapes(args.held_out, seed=1)
     batch = 64
@@ -204,8 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.units:
         return {"dense": dense_accuracy, "table": table}
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {job_threads(args.jobs)} "
-        f"thread(s), "
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s), each run on one thread, "
         f"torch {torch.__version__}; load {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all"
     )
     print(

@@ -160,48 +160,16 @@ def spread_table(table: Table, what: str, split: str = "test", lower_is_better: 
 Unit = tuple[int, str]  # (seed, budget): what one job runs for every recipe
 
 
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--jobs`` (default: one process per core, at most two), and a job's own hidden arguments."""
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments, with ``--jobs`` (default: one process per core, at most two) and a job's own
+    hidden ones (its share of the runs, the file its table goes to)."""
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes sharing the runs")
     parser.add_argument("--units", help=argparse.SUPPRESS)  # a job's share: "seed:budget,..."
     parser.add_argument("--table-out", help=argparse.SUPPRESS)
-
-
-def check_jobs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
-
-
-def dense_file(args: argparse.Namespace, root: str, dense: nn.Module) -> str:
-    """Where the jobs load the dense model from: ``--dense-cache`` if it exists, else a file under ``root``."""
-    if not (args.dense_cache and os.path.exists(args.dense_cache)):
-        args.dense_cache = f"{root}/dense.pt"
-        torch.save(dense.state_dict(), args.dense_cache)
-    return args.dense_cache
-
-
-def job_threads(jobs: int) -> int:
-    """Each job's threads: the cores shared out (one process: torch's own choice)."""
-    return torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
-
-
-def run_units(
-    args: argparse.Namespace, script: str, options: list[Any], root: str, run: Callable[[Unit], Table]
-) -> Table:
-    """Every (seed, budget) of ``args`` (``--seeds`` from ``--first-seed``, ``--budgets``; a job: its
-    ``--units``), run by ``run`` here or, with ``--jobs`` above 1, shared out over that many processes of
-    ``script`` given ``options`` (its arguments, the dense model's cache among them); the tables merged
-    in the order one process makes them. Every run is seeded on its own, so the table is the same."""
-    if args.units:
-        units = [(int(seed), budget) for seed, budget in (unit.split(":") for unit in args.units.split(","))]
-    else:
-        units = [(seed, b) for seed in range(args.first_seed, args.first_seed + args.seeds) for b in args.budgets]
-    if args.jobs > 1 and len(units) > 1:
-        return _in_parallel(script, options, units, args.jobs, root)
-    done = [run(unit) for unit in units]
-    if args.table_out:
-        Path(args.table_out).write_text(json.dumps([[[*key, row] for key, row in table.items()] for table in done]))
-    return merged(done)
+    return args
 
 
 def run_benchmark(
@@ -216,23 +184,37 @@ def run_benchmark(
     common: Mapping[str, Any],
 ) -> Table:
     """The benchmark's table: :func:`run_recipes` for the recipes ``--recipes`` names (default: all of
-    ``every_recipe``) at every (seed, budget) of :func:`run_units`; ``options``: the script's own arguments
-    its jobs need, to which the recipes and the dense model's file are added (``dense.model``: the network)."""
+    ``every_recipe``) at every (seed, budget) of ``args`` (``--seeds`` from ``--first-seed``, ``--budgets``; a
+    job: its ``--units``), here or, with ``--jobs`` above 1, shared out over that many processes of ``script``
+    given ``options`` (the script's own arguments its jobs need; the recipes and the dense model's file,
+    ``dense``'s state, are added). The tables are merged in the order one process makes them; every run is
+    seeded on its own and trains on one thread, so the table is the same whatever the number of jobs."""
+    if args.units:
+        units = [(int(seed), budget) for seed, budget in (unit.split(":") for unit in args.units.split(","))]
+    else:
+        units = [(seed, b) for seed in range(args.first_seed, args.first_seed + args.seeds) for b in args.budgets]
+    if args.jobs > 1 and len(units) > 1:
+        options = [*options, "--dense-cache", _dense_file(args, root, dense)]
+        options += ["--recipes", *args.recipes] if args.recipes else []
+        return _in_parallel(script, options, units, args.jobs, root)
     chosen = {name: recipe for name, recipe in every_recipe.items() if name in (args.recipes or [name])}
-    options = [*options, *(["--recipes", *args.recipes] if args.recipes else [])]
-    options += ["--dense-cache", dense_file(args, root, dense)] if args.jobs > 1 else []
-    return run_units(
-        args,
-        script,
-        options,
-        root,
-        lambda unit: run_recipes(fit, chosen, {unit[1]: sparsity[unit[1]]}, [unit[0]], dense.model, common),
-    )
+    done = [run_recipes(fit, chosen, {budget: sparsity[budget]}, [seed], dense.model, common) for seed, budget in units]
+    if args.table_out:
+        Path(args.table_out).write_text(json.dumps([[[*key, row] for key, row in table.items()] for table in done]))
+    return merged(done)
+
+
+def _dense_file(args: argparse.Namespace, root: str, dense: nn.Module) -> str:
+    """Where the jobs load the dense model from: ``--dense-cache`` if it exists, else a file under ``root``."""
+    if not (args.dense_cache and os.path.exists(args.dense_cache)):
+        args.dense_cache = f"{root}/dense.pt"
+        torch.save(dense.state_dict(), args.dense_cache)
+    return args.dense_cache
 
 
 def _in_parallel(script: str, options: list[Any], units: list[Unit], jobs: int, root: str) -> Table:
     shares = [units[job::jobs] for job in range(min(jobs, len(units)))]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(job_threads(jobs))}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run trains on one thread (run_recipes)
     running = []
     for job, share in enumerate(shares):
         out = f"{root}/table{job}.json"

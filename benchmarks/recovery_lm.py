@@ -52,17 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recovery_common import (
-    EPOCHS,
-    add_job_arguments,
-    check_jobs,
-    job_threads,
-    quiet,
-    recipes,
-    run_benchmark,
-    spread_table,
-    trainer,
-)
+from recovery_common import EPOCHS, parse_arguments, quiet, recipes, run_benchmark, spread_table, trainer
 
 # per token, over the 256 bytes; the teacher is the dense checkpoint the fit starts from (docs/recipes.md: why)
 DISTILL = {"weight": 4.0, "temperature": 1.0, "teacher": "fit_start"}
@@ -171,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dense-cache", help="load the dense model from this file, or save it there once trained")
     parser.add_argument("--budgets", nargs="*", default=list(SPARSITY), choices=list(SPARSITY))
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all)")
-    add_job_arguments(parser)
-    args = parser.parse_args(argv)
-    check_jobs(parser, args)
+    args = parse_arguments(parser, argv)
     started = time.perf_counter()
     train_bytes, validation_bytes, test_bytes = corpus()
     splits = {
@@ -219,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.units:
         return {"dense": dense_scores, "table": table}
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s) of {job_threads(args.jobs)} "
-        f"thread(s), "
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} job(s), each run on one thread, "
         f"torch {torch.__version__}, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}; "
         f"{time.perf_counter() - started:.0f} s in all"
     )
