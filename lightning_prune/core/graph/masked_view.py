@@ -84,10 +84,10 @@ class MaskedView(SwappedTensors):
         module = self.model.get_submodule(name)
         if name not in self._saved:
             self._saved[name] = dict(module._parameters) | dict(module._buffers)
-            cuts = self._cut_names(name)
-            if self._in_place_done.get(name) != cuts:  # zeroed in place already: it stays zero
+            cuts = self._cut_names(name) if self.in_place else None  # copies are made afresh at each load
+            if cuts is None or self._in_place_done.get(name) != cuts:  # zeroed in place already: it stays zero
                 zero_module(name, module, self.masks, self.zeroed, self.in_place, self.ties, self.model)
-            if self.in_place:
+            if cuts is not None:
                 self._in_place_done[name] = cuts
         return module
 
