@@ -170,16 +170,18 @@ def shrink_model(
     names = [name for name, module in model.named_modules() if source is not None and source.owned(module)]
     loaded: set[str] = set()
 
-    def load(under: str) -> None:
+    def load(under: str, change: LayerChange | None = None) -> None:
         for name in names:
             if name not in loaded and within(name, under):
                 loaded.add(name)
+                if name == under and change is not None and source.sliced_away(name, change.keep):  # type: ignore[union-attr]
+                    continue  # what the source would zero is cut away: no zeroed copy
                 source.load(name)  # type: ignore[union-attr]
                 source.keep(name)  # type: ignore[union-attr]
 
     changes = plan.changes.items()
     for name, change in changes if progress is None else progress.steps("shrink", changes):
-        load(name)
+        load(name, change)
         model = shrink_layer(model, name, change)
     load("")  # layers the masks prune whose channels are all kept: masked, whole
     finish_shrink(model, plan, ties)

@@ -182,7 +182,7 @@ class ChannelGraph:
         for axis in self.axes:
             if axis.module in self.trace.producers:
                 continue
-            if axis.param not in dict(model.get_submodule(axis.module).named_parameters(recurse=False)):
+            if model.get_submodule(axis.module)._parameters.get(axis.param) is None:
                 continue  # buffers (running statistics) are not the channel's value
             kept = self.kept(keep, axis.labels)
             if not kept.all():

@@ -18,6 +18,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -90,6 +92,17 @@ class MaskedView(SwappedTensors):
             if cuts is not None:
                 self._in_place_done[name] = cuts
         return module
+
+    def sliced_away(self, name: str, keep: Mapping[tuple[str, int], tuple[Tensor, int]]) -> bool:
+        """Whether every slice :meth:`load` would zero in module ``name`` is one ``keep`` (a
+        ``LayerChange.keep``) drops: the shrink then slices the module's own tensors, with no zeroed copy."""
+        if any(layer == name for layer, _ in self.ties):  # what it shares is zeroed where the others cut it too
+            return False
+        for attr, dim, index in _cuts(name, self.model.get_submodule(name), self.masks, self.zeroed):
+            kept = keep.get((attr, dim))
+            if index.numel() and (kept is None or kept[1] != 1 or bool(torch.isin(index, kept[0]).any())):
+                return False
+        return True
 
     def _cut_names(self, name: str) -> frozenset:
         """The ``zeroed`` slices module ``name`` is cut by, its own and those of the modules it shares a tensor with."""

@@ -270,11 +270,11 @@ def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, cal
 def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
     """The bias change that accounts for constant input channels removed from a conv or linear."""
     live = constants.nonzero().flatten()
-    summed = weight.flatten(2).sum(2) if weight.ndim > 2 else weight  # (out, in / groups)
-    rows, cols = summed.shape
+    rows, cols = weight.shape[:2]  # (out, in / groups, *kernel)
     groups = consumer.groups if consumer.kind == "conv" else 1
     group_of = live // cols
-    columns = summed[:, (live % cols).to(weight.device)].double()  # only the columns that fold
+    columns = weight.index_select(1, (live % cols).to(weight.device))  # only the columns that fold
+    columns = (columns.flatten(2).sum(2) if weight.ndim > 2 else columns).double()
     contribution = columns * constants[live].to(weight.device, torch.float64)
     row_group = torch.arange(rows, device=weight.device) // (rows // groups)
     same_group = row_group[:, None] == group_of.to(weight.device)[None, :]

@@ -106,6 +106,8 @@ class Tracer(Bookkeeping):
         super().__init__(model)
         self.weights = weights
         self.paused = False  # loading weights: what runs is not the model's
+        self._module_inputs: dict[str, list[Tensor]] = {}
+        self._ops: dict[Callable, tuple[str, str, Rule | None, bool]] = {}  # func -> _describe_op(func)
         self.zeroing = None if whole_channel is None else WholeChannel(self, whole_channel)
 
     # ----------------------------------------------------------------- running
@@ -137,6 +139,7 @@ class Tracer(Bookkeeping):
                     f"{type(self.model).__name__} rejected the example input "
                     f"({_describe(example_input)}): {type(err).__name__}: {err}"
                 ) from err
+            self._join_module_inputs()
             self.trace.output = output
             for tensor in tree_leaves(output):
                 if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
@@ -147,9 +150,14 @@ class Tracer(Bookkeeping):
                 hook.remove()
 
     def _entered(self, name: str, args: tuple) -> None:
-        if name not in self.trace.module_inputs:  # the labels of its first call's inputs
-            labels = [rep.labels.flatten() for x in tree_leaves(args) if (rep := self.rep(x)) is not None]
-            self.trace.module_inputs[name] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+        # the labels of its first call's inputs, joined once the pass is over: a torch op here would be traced
+        if name not in self._module_inputs:
+            self._module_inputs[name] = [rep.labels for x in leaves(args) if (rep := self.rep(x)) is not None]
+
+    def _join_module_inputs(self) -> None:
+        for name, labels in self._module_inputs.items():
+            joined = torch.cat([x.flatten() for x in labels]) if labels else torch.empty(0, dtype=torch.long)
+            self.trace.module_inputs[name] = joined
 
     def resolve_deferred(self) -> None:
         """Decide what :class:`Deferred` left open, now that the attention ops have named the heads.
@@ -204,19 +212,17 @@ class Tracer(Bookkeeping):
     # ------------------------------------------------------------- dispatch
     def record(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         """Called by the mode after every op: find its rule and run it when channels are involved."""
-        name = getattr(func, "__name__", "")
-        if name == "__get__":  # a property such as Tensor.T or Tensor.data
-            name = getattr(getattr(func, "__self__", None), "__name__", name)
-        op = op_rules.normalise_op_name(name)
-        rule = op_rules.rule_for(op)
+        try:
+            op, name, rule, in_place = self._ops[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable
+            op, name, rule, in_place = self._describe_op(func)
         call = OpCall(op, name, func, args, kwargs, out)
         self.op = op
         if rule in op_rules.TRACKS_MEMORY:  # they follow fresh and written tensors, labelled or not
             return self.dispatch(rule, call)
-        if self.fresh and _in_place(name) and args and isinstance(args[0], Tensor):
+        if self.fresh and in_place and args and isinstance(args[0], Tensor):
             self.fresh.pop(storage_key(args[0]), None)  # its fresh elements now hold data
-        labeled = any(self.rep(t) is not None for t in leaves((args, kwargs)) if isinstance(t, Tensor))
-        if not labeled:
+        if not self._labelled(args) and not (kwargs and self._labelled(kwargs)):
             self.outputs_unlabeled(out)
             if rule in op_rules.PRODUCERS:  # a producer even of unlabelled input
                 self.dispatch(rule, call)
@@ -230,6 +236,32 @@ class Tracer(Bookkeeping):
             self.outputs_unlabeled(out)
             return
         self.dispatch(rule, call)
+
+    def _describe_op(self, func: Callable) -> tuple[str, str, Rule | None, bool]:
+        """``(op, name, rule, in place)`` of ``func``, kept for the rest of the pass (the rule table does not
+        change during one)."""
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property such as Tensor.T or Tensor.data
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        op = op_rules.normalise_op_name(name)
+        described = (op, name, op_rules.rule_for(op), _in_place(name))
+        try:
+            self._ops[func] = described
+        except TypeError:
+            pass
+        return described
+
+    def _labelled(self, value: Any) -> bool:
+        """Whether a tensor in ``value`` (nested tuples, lists and dicts, as an op's arguments are) carries labels."""
+        reps = self.reps
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, Tensor):
+                entry = reps.get(id(item))
+                if entry is not None and entry[0] is item:
+                    return True
+            elif isinstance(item, (tuple, list, dict)) and self._labelled(item):
+                return True
+        return False
 
     def dispatch(self, rule: Rule, call: OpCall) -> None:
         """Run ``rule`` on ``call``; a rule that cannot make sense of a call keeps its channels."""

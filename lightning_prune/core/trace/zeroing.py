@@ -47,6 +47,8 @@ class WholeChannel:
         self.changed = False  # a value of the pass differs from the masks' alone
         self._copies: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(tensor) -> (tensor, zeroed elements, copy)
         self._alive: list[Tensor] = []
+        self._firsts = np.empty(0, dtype=np.int64)  # each producer's first label, for _predicted_keep
+        self._arrays: dict[str, tuple[Tensor, np.ndarray]] = {}  # producer -> (its mask, as a NumPy array)
 
     def substitute(self, args: tuple, kwargs: dict, again: bool = False) -> tuple[tuple, dict, list[Name]]:
         """``args`` and ``kwargs`` with every parameter (or view of one) that has zeroed slices replaced by
@@ -104,8 +106,7 @@ class WholeChannel:
         the parameters whose zeroed elements grew."""
         grown: list[Name] = []
         for axis in self.t.trace.axes[first_axis:]:
-            module = self.t.model.get_submodule(axis.module)
-            tensor = module._parameters.get(axis.param)
+            tensor = self.t.modules[axis.module]._parameters.get(axis.param)
             if tensor is None or axis.module in self.t.trace.producers:
                 continue  # buffers are not the channel's value; a layer's own weights are the masks'
             key = (axis.module, axis.param, axis.dim)
@@ -124,7 +125,9 @@ class WholeChannel:
     def _predicted_keep(self, labels: Tensor) -> Tensor:
         """Kept unless the mask of the layer that made the channel prunes it (``-1``: kept)."""
         owners = self.t.trace.label_owner
-        firsts = np.fromiter((first for _, first, _ in owners), dtype=np.int64, count=len(owners))
+        if len(self._firsts) != len(owners):  # producers are added as the pass goes
+            self._firsts = np.fromiter((first for _, first, _ in owners), dtype=np.int64, count=len(owners))
+        firsts = self._firsts
         flat = labels.numpy()
         keep = np.ones(flat.shape, dtype=bool)
         index = np.searchsorted(firsts, flat, side="right") - 1
@@ -134,8 +137,14 @@ class WholeChannel:
             if mask is None or mask.numel() != count:
                 continue
             at = (index == i) & (flat >= 0)
-            keep[at] = mask.cpu().numpy()[flat[at] - first]
+            keep[at] = self._mask_array(owner, mask)[flat[at] - first]
         return torch.from_numpy(keep)
+
+    def _mask_array(self, owner: str, mask: Tensor) -> np.ndarray:
+        found = self._arrays.get(owner)
+        if found is None or found[0] is not mask:
+            found = self._arrays[owner] = (mask, mask.cpu().numpy())
+        return found[1]
 
     def _zeroed_copy(self, tensor: Tensor, index: Tensor | None, zero: Tensor) -> Tensor:
         entry = self._copies.get(id(tensor))

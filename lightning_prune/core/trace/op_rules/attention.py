@@ -153,7 +153,8 @@ def constant_channels(t: Bookkeeping, tensor: Tensor) -> Tensor:
     (``trace.exact_constants``: consumers take them where the data agree to rounding)."""
     rep = t.rep(tensor)
     moved = tensor.detach().movedim(rep.dims, tuple(range(len(rep.dims))))
-    low, high = torch.aminmax(moved.reshape(rep.labels.numel(), -1), dim=1)
+    flat = moved.reshape(rep.labels.numel(), -1)
+    low, high = flat.amin(1), flat.amax(1)  # several times faster than one aminmax on the CPU
     constant = (low == high).cpu()
     for label, value in zip(rep.labels.flatten()[constant].tolist(), low.cpu()[constant].tolist(), strict=True):
         if label >= 0:

@@ -266,5 +266,6 @@ def _constants(data: Tensor, dim: int) -> Tensor:
     flat = data.detach().movedim(dim, 0).reshape(data.shape[dim], -1)
     if flat.shape[1] == 0:
         return torch.full((data.shape[dim],), math.nan, dtype=torch.float64)
-    low, high = torch.aminmax(flat, dim=1)  # one pass: this runs on every conv and linear input
+    # this runs on every conv and linear input: two reductions are several times faster than one aminmax on the CPU
+    low, high = flat.amin(1), flat.amax(1)
     return torch.where(low == high, low, torch.full_like(low, math.nan)).double().cpu()
