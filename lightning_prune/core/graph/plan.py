@@ -272,13 +272,14 @@ def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
     live = constants.nonzero().flatten()
     rows, cols = weight.shape[:2]  # (out, in / groups, *kernel)
     groups = consumer.groups if consumer.kind == "conv" else 1
-    group_of = live // cols
     columns = weight.index_select(1, (live % cols).to(weight.device))  # only the columns that fold
     columns = (columns.flatten(2).sum(2) if weight.ndim > 2 else columns).double()
-    contribution = columns * constants[live].to(weight.device, torch.float64)
+    values = constants[live].to(weight.device, torch.float64)
+    if groups == 1:
+        return (columns @ values).to(weight.dtype)
     row_group = torch.arange(rows, device=weight.device) // (rows // groups)
-    same_group = row_group[:, None] == group_of.to(weight.device)[None, :]
-    return (contribution * same_group).sum(1).to(weight.dtype)
+    same_group = row_group[:, None] == (live // cols).to(weight.device)[None, :]  # a row reads its group's columns
+    return (columns * values * same_group).sum(1).to(weight.dtype)
 
 
 __all__ = ["grouped_conv_rows", "plan", "rounding_step"]
