@@ -24,7 +24,10 @@ with autograd.
 
 Every run is a fresh process, the tools interleaved within each repeat; peak RSS is the process's
 high-water mark during the step (reset just before it through ``/proc/self/clear_refs``), over the
-model's fp32 parameter bytes. Times: median [min-max] over repeats, with the load average.
+model's fp32 parameter bytes. Times: median [min-max] over repeats, with the load average; "/ Torch-Pruning"
+is the median over repeats of each repeat's ratio (the machine's speed drifts between repeats, not within one).
+``--threads`` is every process's torch thread count. ``--warm``: each process runs its tool once, untimed,
+before the timed run (first kernel calls, lazy imports and caches are then not in the time).
 
 ``--from-disk 7b``: LLaMA-2-7B's shape (32 layers, hidden 4096, 32 query / 8 key-value heads, MLP
 11008, vocabulary 32000) with random bf16 weights, written as safetensors under ``--dir`` one tensor
@@ -36,6 +39,7 @@ checked against its masked block in float32; the file is deleted afterwards.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -96,8 +100,6 @@ def run(name: str, tool: str, cache: str) -> dict[str, Any]:
 
 def _forward_seconds(name: str) -> float:
     """One forward of the dense model on its example: warm, no grad, the least of 3."""
-    import gc
-
     gc.collect()  # what the step made is gone before the second model is built
     model, example = build(name)
     times = []
@@ -174,8 +176,11 @@ def table(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
             continue
         seconds = sorted(r["seconds"] for r in good)
         median = statistics.median(seconds)
-        theirs = [r["seconds"] for r in rows.get((model, "torch-pruning"), []) if "error" not in r]
-        versus = f"{median / statistics.median(theirs):.2f}x" if theirs and tool != "torch-pruning" else ""
+        # per repeat, against Torch-Pruning's run of the same repeat: the machine's drift between repeats cancels
+        theirs = rows.get((model, "torch-pruning"), [])
+        pairs = zip(runs, theirs, strict=False)
+        ratios = [a["seconds"] / b["seconds"] for a, b in pairs if "error" not in a and "error" not in b]
+        versus = f"{statistics.median(ratios):.2f}x" if ratios and tool != "torch-pruning" else ""
         size = good[0]["fp32_mb"]
         peak = max(r["peak_mb"] for r in good) / size
         added = max(r["peak_mb"] - r["before_mb"] for r in good) / size
@@ -301,6 +306,7 @@ def main() -> None:
     parser.add_argument("--from-disk", choices=["7b"], help="the 7B-shaped LLaMA from disk instead")
     parser.add_argument("--dir", default="/tmp", help="where --from-disk writes its file (deleted after)")
     parser.add_argument("--layers", type=int, default=32, help="--from-disk: layers (32: the 7B; fewer for a trial)")
+    parser.add_argument("--warm", action="store_true", help="each process runs its tool once untimed first")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -313,6 +319,9 @@ def main() -> None:
             if args.worker == "from-disk":
                 row = from_disk_worker(args.path, {**SEVEN_B, "num_hidden_layers": args.layers})
             else:
+                if args.warm:  # once untimed: first kernel calls, lazy imports and caches are not in the timing
+                    run(args.models[0], args.worker, args.cache)
+                    gc.collect()
                 row = run(args.models[0], args.worker, args.cache)
         except Exception as err:
             traceback.print_exc()
@@ -330,7 +339,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for model in args.models:
                 for tool in args.tools:
-                    row = spawn(["--worker", tool, "--models", model, "--cache", cache], args.timeout)
+                    options = ["--threads", str(args.threads), *(["--warm"] if args.warm else [])]
+                    row = spawn(["--worker", tool, "--models", model, "--cache", cache, *options], args.timeout)
                     rows[(model, tool)].append(row)
                     shown = row.get("error") or f"{row['seconds']:.2f} s"
                     print(f"<!-- repeat {repeat + 1} {model} {tool}: {shown}; load {tx.load()} -->", flush=True)
