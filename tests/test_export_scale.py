@@ -17,6 +17,8 @@ from torch import nn
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks
 from lightning_prune.core.errors import CheckpointError, MaskError, VerificationError
 from lightning_prune.core.from_file import export_from_file, masked_weights
+from lightning_prune.core.graph.masked_view import MaskedView
+from lightning_prune.core.shrink.registry import slices_only
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.weights import WeightFile, blocks, parameters_on_meta
 
@@ -164,6 +166,31 @@ def test_export_keeps_the_model_without_inplace():
     dense = model.layer1[0].conv1.weight
     export(model, random_masks(model, skip=("fc",)), example)
     assert model.layer1[0].conv1.weight is dense and dense.shape[0] == 64
+
+
+def test_shrink_slices_a_layers_own_tensors_only_where_every_zeroed_slice_is_dropped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    keep = {"0": torch.tensor([True, False, True, False])}
+    rows = (torch.tensor([0, 2]), 1)
+    view = MaskedView(model, keep)
+    assert view.sliced_away("0", {("weight", 0): rows, ("bias", 0): rows})
+    assert not view.sliced_away("0", {("weight", 0): rows}), "its bias keeps the pruned rows, zeroed"
+    with_pruned = (torch.tensor([0, 1, 2]), 1)
+    assert not view.sliced_away("0", {("weight", 0): with_pruned, ("bias", 0): with_pruned})
+    assert not MaskedView(model, keep, in_place=True).sliced_away("0", {("weight", 0): rows, ("bias", 0): rows})
+    assert slices_only(model[0]) and slices_only(model[1])
+    assert not slices_only(nn.MultiheadAttention(8, 2)), "it keeps the pruned heads' biases: it reads zeroed rows"
+
+
+def test_a_masked_channel_the_export_keeps_stays_zero():
+    """``round_to=2`` adds one masked channel back: its rows must come out zeroed, the others' sliced away."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    masks = {"0": torch.tensor([True, False, True, False, True, False, False, False])}
+    example = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    result = export(model, masks, example, round_to=2)
+    assert result.model[0].out_channels == 4 and result.retries == 0
+    with torch.no_grad():
+        assert relative_error(result.model(example), apply_masks(model, masks)(example)) <= RTOL
 
 
 @pytest.mark.parametrize("before", ["collector on", "objects frozen already", "collector off"])

@@ -42,7 +42,7 @@ from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import copy_training_modes, tensor_places, within
 from lightning_prune.core.progress import Progress, collecting_new_objects_only
 from lightning_prune.core.shrink.attention import update_heads, update_model
-from lightning_prune.core.shrink.registry import shrinker_for
+from lightning_prune.core.shrink.registry import shrinker_for, slices_only
 from lightning_prune.core.trace.streaming import model_output
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
@@ -174,8 +174,9 @@ def shrink_model(
         for name in names:
             if name not in loaded and within(name, under):
                 loaded.add(name)
-                if name == under and change is not None and source.sliced_away(name, change.keep):  # type: ignore[union-attr]
-                    continue  # what the source would zero is cut away: no zeroed copy
+                if name == under and change is not None and slices_only(model.get_submodule(name)):
+                    if source.sliced_away(name, change.keep):  # type: ignore[union-attr]
+                        continue  # what the source would zero is cut away: no zeroed copy
                 source.load(name)  # type: ignore[union-attr]
                 source.keep(name)  # type: ignore[union-attr]
 

@@ -42,15 +42,28 @@ Shrinker = Callable[[nn.Module, LayerChange], nn.Module]
 _SHRINKERS: dict[type, Shrinker] = {}
 
 
-def register_shrinker(*types: type[nn.Module]) -> Callable[[Shrinker], Shrinker]:
-    """Register ``fn(module, change) -> module`` for ``types`` and their subclasses."""
+_SLICES_ONLY: set[Shrinker] = set()
+
+
+def register_shrinker(*types: type[nn.Module], slices_only: bool = False) -> Callable[[Shrinker], Shrinker]:
+    """Register ``fn(module, change) -> module`` for ``types`` and their subclasses. ``slices_only=True``
+    says ``fn`` reads nothing of the module's tensors but the slices ``change`` keeps (as
+    :func:`shrink_parameters` does): export may then give it the module's own tensors, not a copy with the
+    pruned channels zeroed."""
 
     def decorator(fn: Shrinker) -> Shrinker:
         for cls in types:
             _SHRINKERS[cls] = fn
+        if slices_only:
+            _SLICES_ONLY.add(fn)
         return fn
 
     return decorator
+
+
+def slices_only(module: nn.Module) -> bool:
+    """Whether ``module``'s shrink function reads only the slices it keeps (see :func:`register_shrinker`)."""
+    return shrinker_for(module) in _SLICES_ONLY | {shrink_parameters}
 
 
 def shrinker_for(module: nn.Module) -> Shrinker:
@@ -106,7 +119,7 @@ def _add_bias_delta(module: nn.Module, change: LayerChange) -> None:
     module.bias = nn.Parameter(module.bias + change.bias_delta.to(module.bias.device, module.bias.dtype))
 
 
-@register_shrinker(nn.modules.conv._ConvNd)
+@register_shrinker(nn.modules.conv._ConvNd, slices_only=True)
 def shrink_conv(module: nn.modules.conv._ConvNd, change: LayerChange) -> nn.Module:
     """Conv1d/2d/3d and ConvTranspose, grouped and depthwise."""
     depthwise = module.groups == module.in_channels == module.out_channels
@@ -122,7 +135,7 @@ def shrink_conv(module: nn.modules.conv._ConvNd, change: LayerChange) -> nn.Modu
     return module
 
 
-@register_shrinker(nn.Linear)
+@register_shrinker(nn.Linear, slices_only=True)
 def shrink_linear(module: nn.Linear, change: LayerChange) -> nn.Module:
     _add_bias_delta(module, change)
     shrink_parameters(module, change)
@@ -130,7 +143,7 @@ def shrink_linear(module: nn.Linear, change: LayerChange) -> nn.Module:
     return module
 
 
-@register_shrinker(nn.modules.batchnorm._NormBase)
+@register_shrinker(nn.modules.batchnorm._NormBase, slices_only=True)
 def shrink_batch_norm(module: nn.modules.batchnorm._NormBase, change: LayerChange) -> nn.Module:
     """BatchNorm and InstanceNorm (both keep per-channel parameters and statistics)."""
     shrink_parameters(module, change)
@@ -140,7 +153,7 @@ def shrink_batch_norm(module: nn.modules.batchnorm._NormBase, change: LayerChang
     return module
 
 
-@register_shrinker(nn.GroupNorm)
+@register_shrinker(nn.GroupNorm, slices_only=True)
 def shrink_group_norm(module: nn.GroupNorm, change: LayerChange) -> nn.Module:
     per_group = module.num_channels // module.num_groups
     shrink_parameters(module, change)
@@ -149,14 +162,14 @@ def shrink_group_norm(module: nn.GroupNorm, change: LayerChange) -> nn.Module:
     return module
 
 
-@register_shrinker(nn.PReLU)
+@register_shrinker(nn.PReLU, slices_only=True)
 def shrink_prelu(module: nn.PReLU, change: LayerChange) -> nn.Module:
     shrink_parameters(module, change)
     module.num_parameters = module.weight.numel()
     return module
 
 
-@register_shrinker(nn.LayerNorm)
+@register_shrinker(nn.LayerNorm, slices_only=True)
 def shrink_layer_norm(module: nn.LayerNorm, change: LayerChange) -> nn.Module:
     """A LayerNorm that lost channels it normalised over becomes a :class:`PrunedLayerNorm`."""
     shrink_parameters(module, change)

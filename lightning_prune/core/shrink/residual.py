@@ -29,7 +29,7 @@ from lightning_prune.core.shrink.registry import PrunedLayerNorm, register_shrin
 from lightning_prune.core.trace.op_rules.norms import rms_form
 
 
-@register_shrinker(nn.Embedding)
+@register_shrinker(nn.Embedding, slices_only=True)
 def shrink_embedding(module: nn.Embedding, change: LayerChange) -> nn.Module:
     """Slice the columns (the embedding width) and say the new width."""
     shrink_parameters(module, change)
@@ -37,7 +37,7 @@ def shrink_embedding(module: nn.Embedding, change: LayerChange) -> nn.Module:
     return module
 
 
-@register_shrinker(nn.Module)
+@register_shrinker(nn.Module, slices_only=True)
 def shrink_module(module: nn.Module, change: LayerChange) -> nn.Module:
     """The default: an RMS norm the plan counted is rescaled (:func:`shrink_rms_norm`); any other
     module has its parameters and buffers sliced."""
@@ -52,7 +52,7 @@ def shrink_module(module: nn.Module, change: LayerChange) -> nn.Module:
     return shrink_parameters(module, change)
 
 
-@register_shrinker(nn.RMSNorm)
+@register_shrinker(nn.RMSNorm, slices_only=True)
 @torch.no_grad()
 def shrink_rms_norm(module: nn.Module, change: LayerChange) -> nn.Module:
     """Slice the weight, then scale it by ``sqrt(C / C')`` and set ``eps`` to ``eps C / C' + S2 / C'``."""
