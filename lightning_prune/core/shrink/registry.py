@@ -40,9 +40,7 @@ from lightning_prune.core.graph.changes import LayerChange, NormConstants
 
 Shrinker = Callable[[nn.Module, LayerChange], nn.Module]
 _SHRINKERS: dict[type, Shrinker] = {}
-
-
-_SLICES_ONLY: set[Shrinker] = set()
+_SLICES_ONLY: set[Shrinker] = set()  # shrink functions registered with slices_only=True
 
 
 def register_shrinker(*types: type[nn.Module], slices_only: bool = False) -> Callable[[Shrinker], Shrinker]:
@@ -63,7 +61,8 @@ def register_shrinker(*types: type[nn.Module], slices_only: bool = False) -> Cal
 
 def slices_only(module: nn.Module) -> bool:
     """Whether ``module``'s shrink function reads only the slices it keeps (see :func:`register_shrinker`)."""
-    return shrinker_for(module) in _SLICES_ONLY | {shrink_parameters}
+    shrinker = shrinker_for(module)
+    return shrinker is shrink_parameters or shrinker in _SLICES_ONLY
 
 
 def shrinker_for(module: nn.Module) -> Shrinker:

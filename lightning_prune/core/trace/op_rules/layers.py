@@ -251,8 +251,9 @@ def consumer_constants(t: Bookkeeping, data: Tensor, dim: int, labels: Tensor) -
     exact = t.trace.exact_constants
     if not exact:
         return constants
+    per_position = labels.tolist()  # a Python loop over every channel of a wide layer: no tensor indexing in it
     for i in torch.nonzero(constants.isnan()).flatten().tolist():
-        value = exact.get(int(labels[i]))
+        value = exact.get(per_position[i])
         if value is None:
             continue
         low, high = (float(v) for v in torch.aminmax(data.detach().select(dim, i).double()))
