@@ -48,7 +48,7 @@ from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
 from lightning_prune.core.verify.retries import Retries
 from lightning_prune.core.verify.selfcheck import Failure, self_check
-from lightning_prune.core.weights import Loading, TensorSource
+from lightning_prune.core.weights import Loading
 
 
 @dataclass
@@ -160,11 +160,12 @@ def export(
 
 
 def shrink_model(
-    model: nn.Module, plan: Plan, progress: Progress | None = None, source: TensorSource | None = None
+    model: nn.Module, plan: Plan, progress: Progress | None = None, source: MaskedView | None = None
 ) -> nn.Module:
     """Apply ``plan`` to ``model`` in place: each changed layer goes through its registered shrink function
-    (the dense tensors it replaces are dropped as it goes). With ``source``, each layer (and what is
-    under it) first takes the tensors ``source`` gives it, for good (export's zeroed copies)."""
+    (the dense tensors it replaces are dropped as it goes). With ``source`` (export's masked view), each
+    layer (and what is under it) first takes its zeroed tensors for good, unless the plan cuts away all
+    they zero and the layer's shrink function reads only the slices it keeps."""
     load_integrations()  # shrinkers and updaters for libraries the model uses (transformers)
     ties = shared_tensor_names(model)
     names = [name for name, module in model.named_modules() if source is not None and source.owned(module)]
@@ -174,9 +175,9 @@ def shrink_model(
         for name in names:
             if name not in loaded and within(name, under):
                 loaded.add(name)
-                if name == under and change is not None and slices_only(model.get_submodule(name)):
-                    if source.sliced_away(name, change.keep):  # type: ignore[union-attr]
-                        continue  # what the source would zero is cut away: no zeroed copy
+                sliceable = name == under and change is not None and slices_only(model.get_submodule(name))
+                if sliceable and source.sliced_away(name, change.keep):  # type: ignore[union-attr]
+                    continue  # what the view would zero is cut away: no zeroed copy
                 source.load(name)  # type: ignore[union-attr]
                 source.keep(name)  # type: ignore[union-attr]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -69,10 +69,6 @@ class TensorSource(Protocol):
 
     def keep(self, name: str) -> None:
         """Leave module ``name`` with what :meth:`load` gave it, for good."""
-
-    def sliced_away(self, name: str, keep: Mapping[tuple[str, int], tuple[Tensor, int]]) -> bool:
-        """Whether module ``name``, about to be sliced by ``keep`` (a ``LayerChange.keep``: ``(tensor, dim) ->
-        (kept indices, groups)``), may be sliced without :meth:`load`: all that load would change is cut away."""
 
 
 class TensorStore(Protocol):
@@ -237,10 +233,6 @@ class StreamedWeights(SwappedTensors):
         if saved and self.prepare is not None:
             self.prepare(name, module)
         return module
-
-    def sliced_away(self, name: str, keep: Mapping[tuple[str, int], tuple[Tensor, int]]) -> bool:
-        """Never: the skeleton holds no values until :meth:`load` gives them."""
-        return False
 
     @contextmanager
     def loaded(self, name: str, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:

@@ -29,7 +29,7 @@ class Bookkeeping:
         self.trace = ChannelTrace()
         self.reps: dict[int, tuple[Tensor, Rep]] = {}  # id(tensor) -> (tensor kept alive, rep)
         self.params: dict[int, tuple[str, str]] = {}
-        self.modules: dict[str, nn.Module] = dict(model.named_modules())  # the rules ask by name, often
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())  # by name: asked for each recorded axis
         for mod_name, module in self.modules.items():
             for kind in (module._parameters, module._buffers):
                 for p_name, tensor in kind.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ class Tracer(Bookkeeping):
         """Label the example input's channels, run the model once, block what reaches the output."""
         hooks = [
             module.register_forward_pre_hook(self._norm_pre_hook(name))
-            for name, module in self.model.named_modules()
+            for name, module in self.modules.items()
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
         ]
         if self.weights is not None:
@@ -245,19 +246,15 @@ class Tracer(Bookkeeping):
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         op = op_rules.normalise_op_name(name)
         described = (op, name, op_rules.rule_for(op), _in_place(name))
-        try:
+        with suppress(TypeError):  # an unhashable callable is described again at each call
             self._ops[func] = described
-        except TypeError:
-            pass
         return described
 
     def _labelled(self, value: Any) -> bool:
         """Whether a tensor in ``value`` (nested tuples, lists and dicts, as an op's arguments are) carries labels."""
-        reps = self.reps
         for item in value.values() if isinstance(value, dict) else value:
             if isinstance(item, Tensor):
-                entry = reps.get(id(item))
-                if entry is not None and entry[0] is item:
+                if self.rep(item) is not None:
                     return True
             elif isinstance(item, (tuple, list, dict)) and self._labelled(item):
                 return True
