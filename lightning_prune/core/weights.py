@@ -70,6 +70,10 @@ class TensorSource(Protocol):
     def keep(self, name: str) -> None:
         """Leave module ``name`` with what :meth:`load` gave it, for good."""
 
+    def output_cut(self, name: str) -> Tensor | None:
+        """The output channels of module ``name`` that :meth:`load` only zeroes (a traced pass may zero the
+        layer's output there instead of loading it), or ``None``: it must be loaded."""
+
 
 class TensorStore(Protocol):
     """Tensors by name, read one at a time: a :class:`WeightFile`, a :class:`~.sharded.GatheredState`."""
@@ -233,6 +237,10 @@ class StreamedWeights(SwappedTensors):
         if saved and self.prepare is not None:
             self.prepare(name, module)
         return module
+
+    def output_cut(self, name: str) -> None:
+        """``None``: a file's tensors are read, never only zeroed."""
+        return None
 
     @contextmanager
     def loaded(self, name: str, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:

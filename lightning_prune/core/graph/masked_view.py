@@ -104,6 +104,22 @@ class MaskedView(SwappedTensors):
                 return False
         return True
 
+    def output_cut(self, name: str) -> Tensor | None:
+        """The output channels :meth:`load` zeroes in module ``name``, where that is all it does to a plain
+        conv or linear layer (its filters and biases there, nothing shared, nothing else): the layer's output
+        at those channels is then zero whatever they hold, so a traced pass may run the layer on its own
+        tensors and zero its output instead of copying them. ``None`` for any other module."""
+        module = self.model.get_submodule(name)
+        if self.in_place or name not in self.masks or type(module).forward not in _PLAIN_FORWARDS:
+            return None
+        if any(layer == name for layer, _ in self.ties) or any(layer == name for layer, _, _ in self.zeroed):
+            return None
+        cuts = _cuts(name, module, self.masks, self.zeroed)
+        index = cuts[0][2] if cuts else None
+        if index is None or any(dim != 0 or not torch.equal(cut, index) for _, dim, cut in cuts):
+            return None
+        return index
+
     def _cut_names(self, name: str) -> frozenset:
         """The ``zeroed`` slices module ``name`` is cut by, its own and those of the modules it shares a tensor with."""
         sharers = {name} | {other for (layer, _), others in self.ties.items() if layer == name for other, _ in others}
@@ -138,6 +154,9 @@ def zero_module(
         else:
             replace_tensor(module, attr, tensor.index_fill(dim, index, 0.0))
             copied.add(attr)
+
+
+_PLAIN_FORWARDS = frozenset(layer.forward for layer in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def _cuts(name: str, module: nn.Module, keep: Masks, zeroed: ParameterKeep) -> list[tuple[str, int, Tensor]]:

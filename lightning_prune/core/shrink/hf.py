@@ -151,8 +151,10 @@ def update_shared_bias_attentions(model: nn.Module, plan: Plan) -> None:
     own) becomes its own (``None``: ``forward`` builds zeros for its heads). A self-attention bias is
     sized right already: it carries channels of the first layer's table, which the trace couples with
     the heads of every layer it reaches, so those layers keep the same heads."""
+    if not plan.heads:  # (before the import: a model without heads need not load transformers)
+        return
     classes = tuple(_classes(SHARED_BIAS_ATTENTIONS))
-    if not plan.heads or not classes:
+    if not classes:
         return
     for module in model.modules():
         if isinstance(module, classes) and not module.has_relative_attention_bias:

@@ -198,6 +198,20 @@ def leaves(value: Any) -> list[Any]:
     return found
 
 
+def replace_tensors(value: Any, swapped: dict[int, Tensor]) -> Any:
+    """``value`` (an op's arguments: nested tuples, lists and dicts) with each tensor whose id ``swapped``
+    holds replaced by the tensor it maps to."""
+    if isinstance(value, Tensor):
+        return swapped.get(id(value), value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(replace_tensors(v, swapped) for v in value)
+    if isinstance(value, list):
+        return [replace_tensors(v, swapped) for v in value]
+    if isinstance(value, dict):
+        return {k: replace_tensors(v, swapped) for k, v in value.items()}
+    return value
+
+
 def components(count: int, edges: list[tuple[Tensor, Tensor]]) -> np.ndarray:
     """Connected components of labels under ``edges``: each label -> the smallest label of its group."""
     parent = np.arange(count, dtype=np.int64)
@@ -246,5 +260,6 @@ __all__ = [
     "components",
     "leaves",
     "region",
+    "replace_tensors",
     "storage_key",
 ]

@@ -35,6 +35,7 @@ from lightning_prune.core.errors import ExampleInputError, PruneExportError
 from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
+from lightning_prune.core.trace.masked_outputs import MaskedOutputs, zero_output
 from lightning_prune.core.trace.records import (
     ChannelTrace,
     OpCall,
@@ -85,16 +86,18 @@ class _Mode(TorchFunctionMode):
         tracer = self.tracer
         if tracer.paused:
             return func(*args, **kwargs)
-        zeroing = tracer.zeroing
-        if zeroing is None:
-            out = func(*args, **kwargs)
-            tracer.record(func, args, kwargs, out)
-            return out
-        args, kwargs, used = zeroing.substitute(args, kwargs)
+        cut = None
+        if tracer.masked_outputs.pending:  # a masked layer runs on its own weights: its output is zeroed
+            args, kwargs, cut = tracer.masked_outputs.prepare(tracer, tracer.describe(func)[0], args, kwargs)
+        zeroing, used = tracer.zeroing, []
+        if zeroing is not None:
+            args, kwargs, used = zeroing.substitute(args, kwargs)
         out = func(*args, **kwargs)
+        if cut is not None:
+            zero_output(out, cut)
         first_axis = len(tracer.trace.axes)
         tracer.record(func, args, kwargs, out)
-        return zeroing.after(func, args, kwargs, out, first_axis, used)
+        return out if zeroing is None else zeroing.after(func, args, kwargs, out, first_axis, used)
 
 
 class Tracer(Bookkeeping):
@@ -108,8 +111,9 @@ class Tracer(Bookkeeping):
         self.weights = weights
         self.paused = False  # loading weights: what runs is not the model's
         self._module_inputs: dict[str, list[Tensor]] = {}
-        self._ops: dict[Callable, tuple[str, str, Rule | None, bool]] = {}  # func -> _describe_op(func)
+        self._ops: dict[Callable, tuple[str, str, Rule | None, bool]] = {}  # func -> describe(func)
         self.zeroing = None if whole_channel is None else WholeChannel(self, whole_channel)
+        self.masked_outputs = MaskedOutputs(self.modules, weights)
 
     # ----------------------------------------------------------------- running
     def run(self, example_input: Any) -> None:
@@ -213,10 +217,7 @@ class Tracer(Bookkeeping):
     # ------------------------------------------------------------- dispatch
     def record(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         """Called by the mode after every op: find its rule and run it when channels are involved."""
-        try:
-            op, name, rule, in_place = self._ops[func]
-        except (KeyError, TypeError):  # TypeError: an unhashable callable
-            op, name, rule, in_place = self._describe_op(func)
+        op, name, rule, in_place = self.describe(func)
         call = OpCall(op, name, func, args, kwargs, out)
         self.op = op
         if rule in op_rules.TRACKS_MEMORY:  # they follow fresh and written tensors, labelled or not
@@ -238,9 +239,13 @@ class Tracer(Bookkeeping):
             return
         self.dispatch(rule, call)
 
-    def _describe_op(self, func: Callable) -> tuple[str, str, Rule | None, bool]:
+    def describe(self, func: Callable) -> tuple[str, str, Rule | None, bool]:
         """``(op, name, rule, in place)`` of ``func``, kept for the rest of the pass (the rule table does not
         change during one)."""
+        try:
+            return self._ops[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable
+            pass
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property such as Tensor.T or Tensor.data
             name = getattr(getattr(func, "__self__", None), "__name__", name)

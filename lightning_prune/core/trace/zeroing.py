@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.core.trace import op_rules
-from lightning_prune.core.trace.records import leaves, storage_key
+from lightning_prune.core.trace.records import leaves, replace_tensors, storage_key
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -69,7 +69,7 @@ class WholeChannel:
             if name in self.zeroed:
                 swapped[id(tensor)] = self._zeroed_copy(tensor, index, self.zeroed[name])
         if swapped:
-            args, kwargs = _replace((args, kwargs), swapped)
+            args, kwargs = replace_tensors((args, kwargs), swapped)
             self.changed |= not again  # an op that runs once, on zeroed parameters: not compared
         return args, kwargs, used
 
@@ -173,18 +173,6 @@ class WholeChannel:
 
     def _fail(self, why: str) -> None:
         self.failed = self.failed or why
-
-
-def _replace(value: Any, swapped: dict[int, Tensor]) -> Any:
-    if isinstance(value, Tensor):
-        return swapped.get(id(value), value)
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_replace(v, swapped) for v in value)
-    if isinstance(value, list):
-        return [_replace(v, swapped) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace(v, swapped) for k, v in value.items()}
-    return value
 
 
 def _aliases(out: Any, args: tuple, kwargs: dict) -> bool:
