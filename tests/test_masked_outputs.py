@@ -135,3 +135,25 @@ def test_a_layer_read_outside_its_call_is_given_zeroed_weights_and_then_its_own_
     (during,) = seen
     assert during is not own and not during[PRUNED].any()  # the zeroed copy, loaded for the matmul
     assert model.fc.weight is own and model.fc.weight[PRUNED].abs().min() > 0
+
+
+def test_a_bias_fold_reads_the_layers_own_weight_and_a_kept_masked_row_stays_zero():
+    """Layer ``3`` folds the constants of layer ``0``'s pruned channels (BN shifts through a ReLU) into its bias,
+    from its own weight (no zeroed copy); ``round_to=2`` keeps one of its masked rows, whose fold must be zero."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 7, 1), nn.ReLU(), nn.Conv2d(7, 2, 1)]
+    model = randomize(nn.Sequential(*layers)).eval()
+    with torch.no_grad():
+        model[1].bias.abs_().add_(0.5)  # positive shifts: the pruned channels carry a constant through the ReLU
+    row_masks = torch.ones(7, dtype=torch.bool)
+    row_masks[[1, 4]] = False
+    masks = {"0": keep(8), "3": row_masks}
+    example = torch.randn(2, 3, 10, 10)
+    result = export(model, masks, example, round_to=2)
+    assert result.model[3].out_channels == 6 and result.retries == 0  # one of its two masked rows is kept
+    assert any(note.action == "folded into bias" and note.layer == "3" for note in result.notes)
+    expected = masked_copy(model, "0")
+    with torch.no_grad():
+        expected[3].weight[~row_masks] = 0
+        expected[3].bias[~row_masks] = 0
+    assert relative_error(result.model(example), expected(example)) < 1e-5

@@ -63,14 +63,14 @@ class MaskedView(SwappedTensors):
         self._names = {id(module): name for name, module in model.named_modules()}
         self._in_place_done: dict[str, frozenset] = {}  # module -> the ``zeroed`` slices it had when zeroed in place
         self._targets: tuple[tuple, set[str]] | None = None
+        self._output_cuts: tuple[tuple, dict[str, Tensor | None]] = ((), {})  # (version, module -> output_cut)
 
     @property
     def targets(self) -> set[str]:
         """The modules that have something to zero: those the masks and ``zeroed`` name, and every other
         module holding one of their tensors (a tied embedding is zeroed wherever it is used)."""
-        # asked once per module of a pass: recomputed only when entries were added to (or removed from)
-        # the masks or ``zeroed``, which is how export changes them
-        version = (id(self.masks), len(self.masks), id(self.zeroed), len(self.zeroed))
+        # asked once per module of a pass: recomputed only when the version changes
+        version = self._version()
         if self._targets is None or self._targets[0] != version:
             named = set(self.masks) | {layer for layer, _, _ in self.zeroed}
             tied = {other for (layer, _), others in self.ties.items() if layer in named for other, _ in others}
@@ -109,6 +109,15 @@ class MaskedView(SwappedTensors):
         conv or linear layer (its filters and biases there, nothing shared, nothing else): the layer's output
         at those channels is then zero whatever they hold, so a traced pass may run the layer on its own
         tensors and zero its output instead of copying them. ``None`` for any other module."""
+        version, found = self._output_cuts
+        if version != self._version():
+            found = {}
+            self._output_cuts = (self._version(), found)
+        if name not in found:
+            found[name] = self._output_cut(name)
+        return found[name]
+
+    def _output_cut(self, name: str) -> Tensor | None:
         module = self.model.get_submodule(name)
         if self.in_place or name not in self.masks or type(module).forward not in _PLAIN_FORWARDS:
             return None
@@ -119,6 +128,10 @@ class MaskedView(SwappedTensors):
         if index is None or any(dim != 0 or not torch.equal(cut, index) for _, dim, cut in cuts):
             return None
         return index
+
+    def _version(self) -> tuple:
+        # what is zeroed changes only by entries added to (or removed from) the masks or ``zeroed``, as export does
+        return (id(self.masks), len(self.masks), id(self.zeroed), len(self.zeroed))
 
     def _cut_names(self, name: str) -> frozenset:
         """The ``zeroed`` slices module ``name`` is cut by, its own and those of the modules it shares a tensor with."""

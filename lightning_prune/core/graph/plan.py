@@ -27,6 +27,7 @@ from lightning_prune.core.graph.changes import HeadCounts, LayerChange, NormCons
 from lightning_prune.core.graph.channel_graph import ChannelGraph, initial_keep, reason_code, shared_weight_masks
 from lightning_prune.core.graph.masks import Masks
 from lightning_prune.core.trace.records import Consumer
+from lightning_prune.core.weights import Loading
 
 _NORMS = ("layer_norm", "rms_norm")
 """Consumers whose statistics span their channels: a pruned channel is counted, never folded."""
@@ -244,9 +245,12 @@ def _changes(graph: ChannelGraph, keep: np.ndarray, model: nn.Module, notes: lis
             why_counted = "LayerNorm statistics span the pruned channels; the exported norm keeps the original divisor"
             notes.append(Note(consumer.module, int(pruned.sum()), "counted in the norm", why_counted))
         else:
-            weight = model.get_submodule(consumer.module).weight.detach()
+            weight, zero_rows = _fold_weight(model, consumer.module)
             weight = weight.t() if consumer.kind == "addmm" else weight  # Conv1D stores it (in, out)
-            changes[consumer.module].bias_delta = _fold(consumer, weight, constants)
+            delta = _fold(consumer, weight, constants)
+            if zero_rows is not None:  # rows the masked layer holds at zero: a kept one (round_to) stays zero
+                delta[zero_rows.to(delta.device)] = 0
+            changes[consumer.module].bias_delta = delta
             why_folded = "pruned channels carry a constant (BN shift, bias or f(0) != 0)"
             notes.append(Note(consumer.module, int(live.sum()), "folded into bias", why_folded))
     return dict(changes)
@@ -265,6 +269,14 @@ def _why_not_absorbed(consumer: Consumer, values: np.ndarray, tainted: bool, cal
     if consumer.kind == "conv_transpose":
         return "carrying a constant, which a transposed conv cannot absorb exactly"
     return "carrying a constant, and the conv zero-pads, so it cannot be folded into the bias exactly"
+
+
+def _fold_weight(model: nn.Module | Loading, name: str) -> tuple[Tensor, Tensor | None]:
+    """Layer ``name``'s weight for a bias fold: the masked model's, or, where the source of a :class:`Loading`
+    only zeroes the layer's output rows (``output_cut``), its own and those rows (no zeroed copy is made)."""
+    if isinstance(model, Loading) and (zero_rows := model.source.output_cut(name)) is not None:
+        return model.model.get_submodule(name).weight.detach(), zero_rows
+    return model.get_submodule(name).weight.detach(), None
 
 
 def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
