@@ -7,7 +7,9 @@ the traced pass does not load the layer: its conv or linear call runs on the lay
 the output is zeroed at the cut channels. A copy of every masked weight was, after the arithmetic, the
 largest cost of a trace (0.1 s of a ResNet50's, in fresh memory each time). Any other op that reads
 the layer's tensors (a parent reading a child's weight, as ``nn.MultiheadAttention`` reads
-``out_proj``'s; a view; ``.data``) loads the layer then and gets its zeroed tensors.
+``out_proj``'s; a view; ``.data``) loads the layer then and gets its zeroed tensors, as does every later
+op given the layer's own (one read before the load). An untraced pass over the masked model (the masks'
+own output) does the same under :class:`ZeroingOutputs`.
 """
 
 from __future__ import annotations
