@@ -247,8 +247,7 @@ class StreamedWeights(SwappedTensors):
         """Module ``name`` with the tensors of its whole subtree loaded inside the block (floating ones in
         ``dtype``, if given), released after it."""
         module = self.model.get_submodule(name)
-        names = [_join(name, n) for n, m in module.named_modules() if self.owned(m)]
-        fresh = [n for n in names if n not in self._saved]
+        fresh = [n for n in self._owned_under(name) if n not in self._saved]
         self.dtype, before = dtype, self.dtype
         try:
             for n in fresh:
@@ -261,11 +260,13 @@ class StreamedWeights(SwappedTensors):
 
     def load_subtree(self, name: str) -> None:
         """Load and keep the tensors of module ``name`` and everything under it."""
-        module = self.model.get_submodule(name)
-        for n, m in module.named_modules():
-            if self.owned(m):
-                self.load(_join(name, n))
-                self.keep(_join(name, n))
+        for owned in self._owned_under(name):
+            self.load(owned)
+            self.keep(owned)
+
+    def _owned_under(self, name: str) -> list[str]:
+        """Module ``name`` and the modules under it that hold tensors the file gives."""
+        return [_join(name, n) for n, m in self.model.get_submodule(name).named_modules() if self.owned(m)]
 
 
 @contextmanager

@@ -62,20 +62,19 @@ class MaskedView(SwappedTensors):
         self.ties = tensor_ties(model)
         self._names = {id(module): name for name, module in model.named_modules()}
         self._in_place_done: dict[str, frozenset] = {}  # module -> the ``zeroed`` slices it had when zeroed in place
-        self._targets: tuple[tuple, set[str]] | None = None
-        self._output_cuts: tuple[tuple, dict[str, Tensor | None]] = ((), {})  # (version, module -> output_cut)
+        self._tied = {layer for layer, _ in self.ties}  # modules holding a tensor another module holds too
+        self._derived: tuple[tuple, dict] = ((), {})  # (version, what _for_version keeps)
 
     @property
     def targets(self) -> set[str]:
         """The modules that have something to zero: those the masks and ``zeroed`` name, and every other
         module holding one of their tensors (a tied embedding is zeroed wherever it is used)."""
-        # asked once per module of a pass: recomputed only when the version changes
-        version = self._version()
-        if self._targets is None or self._targets[0] != version:
+        derived = self._for_version()  # asked once per module of a pass
+        if "targets" not in derived:
             named = set(self.masks) | {layer for layer, _, _ in self.zeroed}
             tied = {other for (layer, _), others in self.ties.items() if layer in named for other, _ in others}
-            self._targets = (version, named | tied)
-        return self._targets[1]
+            derived["targets"] = named | tied
+        return derived["targets"]
 
     def owned(self, module: nn.Module) -> bool:
         """Whether ``module`` has pruned channels to zero."""
@@ -96,7 +95,7 @@ class MaskedView(SwappedTensors):
     def sliced_away(self, name: str, keep: Mapping[tuple[str, int], tuple[Tensor, int]]) -> bool:
         """Whether every slice :meth:`load` would zero in module ``name`` is one ``keep`` (a
         ``LayerChange.keep``) drops: the shrink then slices the module's own tensors, with no zeroed copy."""
-        if self.in_place or any(layer == name for layer, _ in self.ties):  # in place, loading copies nothing;
+        if self.in_place or name in self._tied:  # in place, loading copies nothing;
             return False  # a tensor it shares is zeroed where the others cut it too
         for attr, dim, index in _cuts(name, self.model.get_submodule(name), self.masks, self.zeroed):
             kept = keep.get((attr, dim))
@@ -109,10 +108,7 @@ class MaskedView(SwappedTensors):
         conv or linear layer (its filters and biases there, nothing shared, nothing else): the layer's output
         at those channels is then zero whatever they hold, so a traced pass may run the layer on its own
         tensors and zero its output instead of copying them. ``None`` for any other module."""
-        version, found = self._output_cuts
-        if version != self._version():
-            found = {}
-            self._output_cuts = (self._version(), found)
+        found = self._for_version().setdefault("output_cuts", {})
         if name not in found:
             found[name] = self._output_cut(name)
         return found[name]
@@ -121,7 +117,7 @@ class MaskedView(SwappedTensors):
         module = self.model.get_submodule(name)
         if self.in_place or name not in self.masks or type(module).forward not in _PLAIN_FORWARDS:
             return None
-        if any(layer == name for layer, _ in self.ties) or any(layer == name for layer, _, _ in self.zeroed):
+        if name in self._tied or any(layer == name for layer, _, _ in self.zeroed):
             return None
         cuts = _cuts(name, module, self.masks, self.zeroed)
         index = cuts[0][2] if cuts else None
@@ -129,9 +125,13 @@ class MaskedView(SwappedTensors):
             return None
         return index
 
-    def _version(self) -> tuple:
-        # what is zeroed changes only by entries added to (or removed from) the masks or ``zeroed``, as export does
-        return (id(self.masks), len(self.masks), id(self.zeroed), len(self.zeroed))
+    def _for_version(self) -> dict:
+        """What is computed from the masks and ``zeroed`` (:attr:`targets`, :meth:`output_cut`), kept until
+        entries are added to (or removed from) either, which is how export changes them."""
+        version = (id(self.masks), len(self.masks), id(self.zeroed), len(self.zeroed))
+        if self._derived[0] != version:
+            self._derived = (version, {})
+        return self._derived[1]
 
     def _cut_names(self, name: str) -> frozenset:
         """The ``zeroed`` slices module ``name`` is cut by, its own and those of the modules it shares a tensor with."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.core.trace.records import leaves, replace_tensors
+from lightning_prune.core.trace.records import argument, leaves, replace_tensors
 from lightning_prune.core.weights import TensorSource
 
 if TYPE_CHECKING:
@@ -76,8 +76,8 @@ class MaskedOutputs:
         if op in _OUTPUT_DIM and len(found) == 1 and not self.loaded.keys() & found:
             (name,) = found
             own = self.modules[name]._parameters
-            data, weight = args[0] if args else kwargs.get("input"), _arg(args, kwargs, 1, "weight")
-            bias = _arg(args, kwargs, 2, "bias")
+            data, weight = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "weight")
+            bias = argument(args, kwargs, 2, "bias")
             # a bias other than the layer's own is not zero at the cut channels
             plain = isinstance(data, Tensor) and data is not weight and weight is own.get("weight")
             if plain and (bias is None or bias is own.get("bias")):
@@ -119,10 +119,6 @@ def zero_output(out: Any, cut: tuple[int, Tensor]) -> None:
     dim, channels = cut
     if isinstance(out, Tensor):
         out.index_fill_(dim, channels.to(out.device), 0)
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
 
 
 __all__ = ["MaskedOutputs", "ZeroingOutputs", "zero_output"]

@@ -172,14 +172,19 @@ class OpCall:
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """The argument given by keyword ``name`` or at position ``index``, else ``default``."""
-        if name in self.kwargs:
-            return self.kwargs[name]
-        return self.args[index] if len(self.args) > index else default
+        return argument(self.args, self.kwargs, index, name, default)
 
     @property
     def inputs(self) -> tuple[tuple, dict]:
         """``(args, kwargs)``: every input, for blocking the channels they carry."""
         return (self.args, self.kwargs)
+
+
+def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument given by keyword ``name`` or at position ``index``, else ``default``."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
 
 
 def leaves(value: Any) -> list[Any]:
@@ -256,6 +261,7 @@ __all__ = [
     "OpCall",
     "ParamAxis",
     "Rep",
+    "argument",
     "call_model",
     "components",
     "leaves",
