@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize, relative_error
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_prune import export
 from lightning_prune.core.graph.masked_view import MaskedView
@@ -92,6 +93,12 @@ CASES = [
         torch.randn(3, 16),
         id="conv1d-unbatched",
     ),
+    pytest.param(
+        lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+        "0",
+        torch.randn(2, 4, 8, 8),
+        id="grouped-conv",
+    ),
     pytest.param(lambda: ReadsChildWeight(read_first=False), "fc", torch.randn(5, 6), id="weight-read-after-call"),
     pytest.param(lambda: ReadsChildWeight(read_first=True), "fc", torch.randn(5, 6), id="weight-read-before-call"),
     pytest.param(OtherBias, "fc", torch.randn(5, 6), id="another-bias"),
@@ -108,6 +115,11 @@ def test_the_trace_computes_the_masked_model(build, layer, example):
     trace = trace_channels(model, example, MaskedView(model, masks))
     assert relative_error(trace.output, expected) < 1e-6
     assert relative_error(model_output(model, example, MaskedView(model, masks)), expected) < 1e-6  # untraced
+    in_place = copy.deepcopy(model)
+    assert (
+        relative_error(trace_channels(in_place, example, MaskedView(in_place, masks, in_place=True)).output, expected)
+        < 1e-6
+    )
     result = export(model, masks, example)  # exact against the traced output, which is the masked model's
     assert relative_error(result.model(example), expected) < 1e-5
 
@@ -123,6 +135,29 @@ def test_a_plain_masked_layer_runs_on_its_own_weights_and_outputs_zero_where_pru
     assert ran_on_own
     assert not out[:, PRUNED].any() and out[:, keep(8)].abs().min() > 0
     assert model[0].weight is own and model[0].weight[PRUNED].abs().min() > 0  # the model is untouched
+
+
+class ConvWeights(TorchFunctionMode):
+    """Records the weight of every ``conv2d`` call that reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.conv2d:
+            self.weights.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_plain_masked_layer_computes_its_kept_channels_only():
+    torch.manual_seed(0)
+    model = randomize(conv_net().eval())
+    with ConvWeights() as seen:  # under the tracer's mode: it sees the calls as the trace runs them
+        trace_channels(model, torch.randn(2, 3, 8, 8), MaskedView(model, {"0": keep(8)}))
+    first, second = seen.weights
+    assert torch.equal(first, model[0].weight[keep(8)])  # the kept filters alone
+    assert second is model[3].weight  # an unmasked layer runs on its own weight
 
 
 def test_a_layer_read_outside_its_call_is_given_zeroed_weights_and_then_its_own_back():
@@ -157,3 +192,13 @@ def test_a_bias_fold_reads_the_layers_own_weight_and_a_kept_masked_row_stays_zer
         expected[3].weight[~row_masks] = 0
         expected[3].bias[~row_masks] = 0
     assert relative_error(result.model(example), expected(example)) < 1e-5
+
+
+def test_a_layer_masked_whole_outputs_zero():
+    torch.manual_seed(0)
+    model = randomize(conv_net().eval())
+    example = torch.randn(2, 3, 8, 8)
+    masks = {"0": torch.zeros(8, dtype=torch.bool)}
+    with torch.no_grad():
+        expected = model[1:](torch.zeros(2, 8, 6, 6))  # what follows a layer that outputs zero everywhere
+    assert relative_error(trace_channels(model, example, MaskedView(model, masks)).output, expected) < 1e-6

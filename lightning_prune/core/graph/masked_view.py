@@ -106,8 +106,10 @@ class MaskedView(SwappedTensors):
     def output_cut(self, name: str) -> Tensor | None:
         """The output channels :meth:`load` zeroes in module ``name``, where that is all it does to a plain
         conv or linear layer (its filters and biases there, nothing shared, nothing else): the layer's output
-        at those channels is then zero whatever they hold, so a traced pass may run the layer on its own
-        tensors and zero its output instead of copying them. ``None`` for any other module."""
+        at those channels is then zero whatever they hold, so a traced pass may run the layer on the kept
+        rows of its own tensors and leave the cut outputs zero, instead of copying them (or, in place,
+        zeroing them: the arithmetic of the cut channels is saved either way; the shrink zeroes what it keeps).
+        ``None`` for any other module."""
         found = self._for_version().setdefault("output_cuts", {})
         if name not in found:
             found[name] = self._output_cut(name)
@@ -115,7 +117,7 @@ class MaskedView(SwappedTensors):
 
     def _output_cut(self, name: str) -> Tensor | None:
         module = self.model.get_submodule(name)
-        if self.in_place or name not in self.masks or type(module).forward not in _PLAIN_FORWARDS:
+        if name not in self.masks or type(module).forward not in _PLAIN_FORWARDS:
             return None
         if name in self._tied or any(layer == name for layer, _, _ in self.zeroed):
             return None

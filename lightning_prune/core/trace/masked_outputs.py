@@ -1,21 +1,25 @@
-"""Trace a masked conv or linear layer on its own weights, zeroing its output instead of copying them.
+"""Trace a masked conv or linear layer on its own weights, computing its kept outputs instead of copying them.
 
 A layer whose pruned filters and biases are zero outputs zero at those channels and, at every other
 channel, what it outputs with its own weights. So where a source's :meth:`output_cut` says that zeroing
 those output channels is all its loading would do (a plain conv or linear layer of the masked model),
-the traced pass does not load the layer: its conv or linear call runs on the layer's own tensors, and
-the output is zeroed at the cut channels. A copy of every masked weight was, after the arithmetic, the
-largest cost of a trace (0.1 s of a ResNet50's, in fresh memory each time). Any other op that reads
-the layer's tensors (a parent reading a child's weight, as ``nn.MultiheadAttention`` reads
-``out_proj``'s; a view; ``.data``) loads the layer then and gets its zeroed tensors, as does every later
-op given the layer's own (one read before the load). An untraced pass over the masked model (the masks'
-own output) does the same under :class:`ZeroingOutputs`.
+the traced pass does not load the layer: its conv or linear call runs on the rows of the layer's own
+tensors that the cut keeps, and the output is zero at the cut channels (:func:`call_kept`; the
+arithmetic of the pruned channels, half a 50% pruned layer's, is not done at all, in place or not). A
+copy of every masked weight was, after the arithmetic, the largest cost of a trace (0.1 s of a
+ResNet50's, in fresh memory each time). Any other op that reads the layer's tensors (a parent reading a
+child's weight, as ``nn.MultiheadAttention`` reads ``out_proj``'s; a view; ``.data``) loads the layer
+then and gets its zeroed tensors, as does every later op given the layer's own (one read before the
+load). An untraced pass over the masked model (the masks' own output) does the same under
+:class:`ZeroingOutputs`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -108,17 +112,36 @@ class ZeroingOutputs(TorchFunctionMode):
         if not self.outputs.pending:
             return func(*args, **kwargs)
         args, kwargs, cut = self.outputs.prepare(None, getattr(func, "__name__", ""), args, kwargs)
+        return func(*args, **kwargs) if cut is None else call_kept(func, args, kwargs, cut)
+
+
+def call_kept(func: Callable, args: tuple, kwargs: dict, cut: tuple[int, Tensor]) -> Any:
+    """A deferred layer's conv or linear call (``cut`` from :meth:`MaskedOutputs.prepare`) computed on its kept
+    output channels only, zeros at the cut ones: what the masked layer outputs, for the arithmetic of the
+    kept channels alone (a grouped conv, whose groups a cut would split, and a layer cut whole run whole and
+    are zeroed after)."""
+    dim, channels = cut
+    weight, bias = argument(args, kwargs, 1, "weight"), argument(args, kwargs, 2, "bias")
+    count = weight.shape[0]
+    kept = torch.ones(count, dtype=torch.bool).index_fill_(0, channels, False).nonzero().flatten().to(weight.device)
+    if argument(args, kwargs, 6, "groups", 1) != 1 or not len(kept):
         out = func(*args, **kwargs)
-        if cut is not None:
-            zero_output(out, cut)
+        _zero_output(out, cut)
         return out
+    sliced = {id(weight): weight.index_select(0, kept)}
+    if bias is not None:
+        sliced[id(bias)] = bias.index_select(0, kept)
+    out = func(*replace_tensors(args, sliced), **replace_tensors(kwargs, sliced))
+    shape = list(out.shape)
+    shape[dim] = count
+    return out.new_zeros(shape).index_copy_(dim, kept, out)
 
 
-def zero_output(out: Any, cut: tuple[int, Tensor]) -> None:
+def _zero_output(out: Any, cut: tuple[int, Tensor]) -> None:
     """Zero ``out`` at the channels ``cut`` names (``(dim, indices)``)."""
     dim, channels = cut
     if isinstance(out, Tensor):
         out.index_fill_(dim, channels.to(out.device), 0)
 
 
-__all__ = ["MaskedOutputs", "ZeroingOutputs", "zero_output"]
+__all__ = ["MaskedOutputs", "ZeroingOutputs", "call_kept"]

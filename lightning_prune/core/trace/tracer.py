@@ -35,7 +35,7 @@ from lightning_prune.core.errors import ExampleInputError, PruneExportError
 from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
-from lightning_prune.core.trace.masked_outputs import MaskedOutputs, zero_output
+from lightning_prune.core.trace.masked_outputs import MaskedOutputs, call_kept
 from lightning_prune.core.trace.records import (
     ChannelTrace,
     OpCall,
@@ -87,14 +87,12 @@ class _Mode(TorchFunctionMode):
         if tracer.paused:
             return func(*args, **kwargs)
         cut = None
-        if tracer.masked_outputs.pending:  # a masked layer runs on its own weights: its output is zeroed
+        if tracer.masked_outputs.pending:  # a masked layer runs on its own weights, for its kept outputs
             args, kwargs, cut = tracer.masked_outputs.prepare(tracer, tracer.describe(func)[0], args, kwargs)
         zeroing, used = tracer.zeroing, []
         if zeroing is not None:
             args, kwargs, used = zeroing.substitute(args, kwargs)
-        out = func(*args, **kwargs)
-        if cut is not None:
-            zero_output(out, cut)
+        out = func(*args, **kwargs) if cut is None else call_kept(func, args, kwargs, cut)
         first_axis = len(tracer.trace.axes)
         tracer.record(func, args, kwargs, out)
         return out if zeroing is None else zeroing.after(func, args, kwargs, out, first_axis, used)
