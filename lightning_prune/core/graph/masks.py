@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -178,6 +179,9 @@ def _masks_from_module(model: nn.Module) -> Masks:
     return masks
 
 
+_EMPTY_COPIES = (dict, OrderedDict, set)
+
+
 def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     """A deep copy of ``model`` with NNI wrappers and ``torch.nn.utils.prune`` reparametrisations removed.
 
@@ -194,12 +198,14 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
             if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
                 computed = getattr(module, hook._tensor_name)
                 memo[id(computed)] = computed.detach()  # recomputed by prune.remove below
-    if share_tensors:
-        for module in model.modules():
-            if not _is_wrapped(module):
-                for tensor in list(module._parameters.values()) + list(module._buffers.values()):
-                    if tensor is not None:
-                        memo[id(tensor)] = tensor
+    for module in model.modules():
+        for value in module.__dict__.values():  # a module's many empty hook dicts: deepcopy's slowest items
+            if type(value) in _EMPTY_COPIES and not value:
+                memo[id(value)] = type(value)()
+        if share_tensors and not _is_wrapped(module):
+            for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+                if tensor is not None:
+                    memo[id(tensor)] = tensor
     model = copy.deepcopy(model, memo)
     for name, module in list(model.named_modules()):
         if _is_nni3_wrapper(module):
