@@ -19,8 +19,8 @@ from lightning_prune.core.errors import CheckpointError, MaskError, Verification
 from lightning_prune.core.from_file import export_from_file, masked_weights
 from lightning_prune.core.graph.masked_view import MaskedView
 from lightning_prune.core.shrink.registry import slices_only
-from lightning_prune.core.verify.blocks import verify_blocks
-from lightning_prune.core.weights import WeightFile, blocks, parameters_on_meta
+from lightning_prune.core.verify.blocks import blocks, verify_blocks
+from lightning_prune.core.weights import WeightFile, parameters_on_meta
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

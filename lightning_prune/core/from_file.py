@@ -40,12 +40,12 @@ from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import within
 from lightning_prune.core.progress import Progress, collecting_new_objects_only
 from lightning_prune.core.trace.tracer import trace_channels
+from lightning_prune.core.verify.blocks import blocks as default_blocks
 from lightning_prune.core.verify.blocks import verify_blocks
 from lightning_prune.core.verify.equivalence import compare_outputs
 from lightning_prune.core.verify.retries import Retries
 from lightning_prune.core.verify.selfcheck import self_check
 from lightning_prune.core.weights import Loading, StreamedWeights, TensorStore
-from lightning_prune.core.weights import blocks as default_blocks
 
 BLOCK_RTOL = 1e-5
 """Largest relative error of a block's output, computed in float32, that passes."""
@@ -73,7 +73,7 @@ def export_from_file(
     :class:`~lightning_prune.core.sharded.GatheredState`: every rank then runs the same export). ``masks``,
     ``whole_channel`` and ``round_to`` are :func:`~lightning_prune.export_pruned_model`'s (masks read
     from the model itself need its weights, so they must be given). ``blocks``: the modules built and
-    checked one at a time (default :func:`~lightning_prune.core.weights.blocks`: a transformer's
+    checked one at a time (default :func:`~lightning_prune.core.verify.blocks.blocks`: a transformer's
     layers). The result is what :func:`~lightning_prune.export` returns; the skeleton stays on meta.
 
     Checks: the exported model must reproduce the masked model's output on ``example_input`` (relative

@@ -287,44 +287,6 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def blocks(model: nn.Module) -> list[str]:
-    """Modules that partition ``model``'s tensors into pieces no larger than one of its repeated blocks.
-
-    The repeated blocks are the children of the largest ``nn.ModuleList`` or ``nn.Sequential`` with
-    two or more children (a transformer's layers, a ResNet stage's blocks); a module no larger than the
-    largest of them is one piece, a larger one is split into its children (its own tensors then go
-    with no piece). Without such a container, the pieces are about a sixteenth of the model."""
-    sizes: dict[str, int] = {}
-    seen: set[int] = set()
-    for name, module in reversed(list(model.named_modules())):  # children before parents
-        own = [t for t in _own_tensors(module).values() if id(t) not in seen]
-        seen.update(id(t) for t in own)
-        children = sum(sizes.get(_join(name, child), 0) for child, _ in module.named_children())
-        sizes[name] = sum(t.numel() for t in own) + children
-    containers = [
-        (sizes[name], name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1 and name
-    ]
-    if containers:
-        _, name, container = max(containers, key=lambda item: item[0])
-        budget = max(sizes.get(_join(name, child), 0) for child, _ in container.named_children())
-    else:
-        budget = sizes[""] // 16
-    found: list[str] = []
-
-    def split(name: str, module: nn.Module) -> None:
-        if sizes.get(name, 0) <= max(budget, 1) or not module._modules:
-            if sizes.get(name, 0):
-                found.append(name)
-            return
-        for child, sub in module.named_children():
-            split(_join(name, child), sub)
-
-    split("", model)
-    return found
-
-
 def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
     own = {n: t for n, t in module._parameters.items() if t is not None}
     own.update({n: t for n, t in module._buffers.items() if t is not None})
@@ -354,6 +316,5 @@ __all__ = [
     "TensorSource",
     "TensorStore",
     "WeightFile",
-    "blocks",
     "parameters_on_meta",
 ]

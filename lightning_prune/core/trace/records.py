@@ -81,7 +81,7 @@ class Deferred:
     A view that splits channels into ``(heads, head_dim)`` and an op that treats the positions of a
     head differently (rotary embeddings, a per-position scale, a slice of ``head_dim``) are exact
     when whole heads go, and otherwise are not. They are decided when the pass ends, once the
-    attention ops have said which labels form heads: see :meth:`Tracer.resolve_deferred`.
+    attention ops have said which labels form heads: see :func:`~lightning_prune.core.trace.deferred.resolve_deferred`.
     ``kind`` is ``"split"`` (``labels``: the split labels, coupled as :func:`movement` guesses unless
     they all form heads), ``"within"`` (``labels`` blocked unless, along each of ``axes``, they stay
     inside one head), ``"in_heads"`` (blocked unless they all belong to heads: a head's output is

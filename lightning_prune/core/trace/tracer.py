@@ -35,13 +35,13 @@ from lightning_prune.core.errors import ExampleInputError, PruneExportError
 from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
+from lightning_prune.core.trace.deferred import resolve_deferred
 from lightning_prune.core.trace.masked_outputs import MaskedOutputs, call_kept
 from lightning_prune.core.trace.records import (
     ChannelTrace,
     OpCall,
     Rep,
     call_model,
-    components,
     leaves,
     storage_key,
 )
@@ -147,7 +147,7 @@ class Tracer(Bookkeeping):
             for tensor in tree_leaves(output):
                 if isinstance(tensor, Tensor) and (rep := self.rep(tensor)) is not None:
                     self.block(rep.labels, "they reach the model output")
-            self.resolve_deferred()
+            resolve_deferred(self)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -161,49 +161,6 @@ class Tracer(Bookkeeping):
         for name, labels in self._module_inputs.items():
             joined = torch.cat([x.flatten() for x in labels]) if labels else torch.empty(0, dtype=torch.long)
             self.trace.module_inputs[name] = joined
-
-    def resolve_deferred(self) -> None:
-        """Decide what :class:`Deferred` left open, now that the attention ops have named the heads.
-
-        A split whose labels all belong to heads is not coupled across heads (the heads dim is the
-        one that shrinks, and export updates the module's head count); any other split gets
-        :func:`movement`'s guess. Then a ``"within"`` or ``"fixed_part"`` block is dropped where
-        it only concerns positions inside whole heads (or, for a per-head parameter, where each
-        index along its axis is a whole head: it is sliced with them), and applied otherwise.
-        """
-        trace = self.trace
-        # a label coupled with a head's channels goes with that head (an interleaved rotary embedding
-        # makes its own labels for half of them): in heads by group, before any split is guessed
-        before = torch.from_numpy(components(trace.num_labels, trace.edges))
-        in_head = torch.zeros(trace.num_labels, dtype=torch.bool)
-        for units in trace.head_units:
-            in_head[before[units[units >= 0]]] = True
-
-        def all_in_heads(labels: Tensor) -> bool:
-            labels = labels[labels >= 0]
-            return bool(in_head[before[labels]].all())
-
-        for item in trace.deferred:
-            if item.kind == "split" and not all_in_heads(item.labels):
-                couple_split(self, item.labels, item.reason)
-        root = torch.from_numpy(components(trace.num_labels, trace.edges))
-        for item in trace.deferred:
-            labels = item.labels
-            if item.kind == "within":
-                fine = all_in_heads(labels) and all(_constant_along(root, labels, axis) for axis in item.axes)
-                if not fine and item.per_head and all_in_heads(labels):  # one value per whole head: sliced
-                    others = [axis for axis in range(labels.ndim) if axis not in item.axes]
-                    fine = all(_constant_along(root, labels, axis) for axis in others)
-                    trace.axes.extend(item.per_head if fine else ())
-            elif item.kind == "in_heads":
-                fine = all_in_heads(labels)
-            elif item.kind == "fixed_part":
-                live = labels[labels >= 0]
-                fine = all_in_heads(live) and bool(torch.isin(root[live], root[item.survivors]).all())
-            else:
-                continue
-            if not fine:
-                self.block(labels, item.reason)
 
     def _norm_pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -317,24 +274,6 @@ class Tracer(Bookkeeping):
                 self.derived[id(tensor)] = (tensor, parameter, result)
 
 
-def couple_split(t: Tracer, labels: Tensor, reason: str) -> None:
-    """A view spread channels over several dims (``labels`` is at least 2-D): couple them along every
-    dim but the one the model's code will shrink, taken to be the largest (the model recomputes one
-    factor of the view from the tensor size: ShuffleNet's ``view(b, groups, c // groups, ...)``, a
-    stack of a few tensors)."""
-    sizes = list(labels.shape)
-    shrinking = len(sizes) - 1 - sizes[::-1].index(max(sizes))
-    for axis in range(labels.ndim):
-        if axis != shrinking:
-            t.couple(labels, labels.narrow(axis, 0, 1).expand_as(labels), reason)
-
-
-def _constant_along(root: Tensor, labels: Tensor, axis: int) -> bool:
-    """Whether, along ``axis`` of ``labels``, every label lies in one coupled group."""
-    groups = root[labels.clamp(min=0)]
-    return bool((groups == groups.narrow(axis, 0, 1)).all())
-
-
 _IN_PLACE_DUNDER = re.compile(r"__i(add|sub|mul|truediv|floordiv|div|mod|pow|and|or|xor|lshift|rshift|matmul)__")
 
 
@@ -348,4 +287,4 @@ def _describe(example_input: Any) -> str:
     return f"{type(example_input).__name__} of {shapes}"
 
 
-__all__ = ["Tracer", "couple_split", "trace_channels"]
+__all__ = ["Tracer", "trace_channels"]

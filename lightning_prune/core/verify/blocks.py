@@ -3,7 +3,8 @@
 Where the dense model comes from a file (:class:`~lightning_prune.core.weights.StreamedWeights`), the
 masked and exported models never both live whole: the exported model runs once, and as each block
 starts, the masked block is loaded on the inputs it got, both are run in float32 (the weights cast
-from what the file holds), compared, and the masked block is dropped.
+from what the file holds), compared, and the masked block is dropped. :func:`blocks` says how a model
+divides into blocks (a transformer's layers, a ResNet stage's blocks).
 """
 
 from __future__ import annotations
@@ -89,4 +90,48 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
-__all__ = ["verify_blocks"]
+def blocks(model: nn.Module) -> list[str]:
+    """Modules that partition ``model``'s tensors into pieces no larger than one of its repeated blocks.
+
+    The repeated blocks are the children of the largest ``nn.ModuleList`` or ``nn.Sequential`` with
+    two or more children (a transformer's layers, a ResNet stage's blocks); a module no larger than the
+    largest of them is one piece, a larger one is split into its children (its own tensors then go
+    with no piece). Without such a container, the pieces are about a sixteenth of the model."""
+    sizes: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, module in reversed(list(model.named_modules())):  # children before parents
+        own = [
+            t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and id(t) not in seen
+        ]
+        seen.update(id(t) for t in own)
+        children = sum(sizes.get(_child(name, child), 0) for child, _ in module.named_children())
+        sizes[name] = sum(t.numel() for t in own) + children
+    containers = [
+        (sizes[name], name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1 and name
+    ]
+    if containers:
+        _, name, container = max(containers, key=lambda item: item[0])
+        budget = max(sizes.get(_child(name, child), 0) for child, _ in container.named_children())
+    else:
+        budget = sizes[""] // 16
+    found: list[str] = []
+
+    def split(name: str, module: nn.Module) -> None:
+        if sizes.get(name, 0) <= max(budget, 1) or not module._modules:
+            if sizes.get(name, 0):
+                found.append(name)
+            return
+        for child, sub in module.named_children():
+            split(_child(name, child), sub)
+
+    split("", model)
+    return found
+
+
+def _child(name: str, child: str) -> str:
+    return f"{name}.{child}" if name else child
+
+
+__all__ = ["blocks", "verify_blocks"]
