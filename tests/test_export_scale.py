@@ -177,20 +177,25 @@ def test_shrink_slices_a_layers_own_tensors_only_where_every_zeroed_slice_is_dro
     assert not view.sliced_away("0", {("weight", 0): rows}), "its bias keeps the pruned rows, zeroed"
     with_pruned = (torch.tensor([0, 1, 2]), 1)
     assert not view.sliced_away("0", {("weight", 0): with_pruned, ("bias", 0): with_pruned})
-    assert not MaskedView(model, keep, in_place=True).sliced_away("0", {("weight", 0): rows, ("bias", 0): rows})
+    in_place = MaskedView(model, keep, in_place=True)  # rows the shrink drops are not zeroed first either
+    assert in_place.sliced_away("0", {("weight", 0): rows, ("bias", 0): rows})
+    assert not in_place.sliced_away("0", {("weight", 0): with_pruned, ("bias", 0): with_pruned})
     assert slices_only(model[0]) and slices_only(model[1])
     assert not slices_only(nn.MultiheadAttention(8, 2)), "it keeps the pruned heads' biases: it reads zeroed rows"
 
 
-def test_a_masked_channel_the_export_keeps_stays_zero():
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_a_masked_channel_the_export_keeps_stays_zero(inplace):
     """``round_to=2`` adds one masked channel back: its rows must come out zeroed, the others' sliced away."""
     model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)))
     masks = {"0": torch.tensor([True, False, True, False, True, False, False, False])}
     example = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
-    result = export(model, masks, example, round_to=2)
+    with torch.no_grad():
+        expected = apply_masks(model, masks)(example)
+    result = export(model, masks, example, round_to=2, inplace=inplace)
     assert result.model[0].out_channels == 4 and result.retries == 0
     with torch.no_grad():
-        assert relative_error(result.model(example), apply_masks(model, masks)(example)) <= RTOL
+        assert relative_error(result.model(example), expected) <= RTOL
 
 
 @pytest.mark.parametrize("before", ["collector on", "objects frozen already", "collector off"])

@@ -137,15 +137,15 @@ def test_a_plain_masked_layer_runs_on_its_own_weights_and_outputs_zero_where_pru
     assert model[0].weight is own and model[0].weight[PRUNED].abs().min() > 0  # the model is untouched
 
 
-class ConvWeights(TorchFunctionMode):
-    """Records the weight of every ``conv2d`` call that reaches it."""
+class LayerWeights(TorchFunctionMode):
+    """Records the weight of every ``conv2d`` and ``linear`` call that reaches it (and keeps it alive)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weights: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.conv2d:
+        if func in (F.conv2d, F.linear):
             self.weights.append(args[1])
         return func(*args, **(kwargs or {}))
 
@@ -153,11 +153,23 @@ class ConvWeights(TorchFunctionMode):
 def test_a_plain_masked_layer_computes_its_kept_channels_only():
     torch.manual_seed(0)
     model = randomize(conv_net().eval())
-    with ConvWeights() as seen:  # under the tracer's mode: it sees the calls as the trace runs them
+    with LayerWeights() as seen:  # under the tracer's mode: it sees the calls as the trace runs them
         trace_channels(model, torch.randn(2, 3, 8, 8), MaskedView(model, {"0": keep(8)}))
     first, second = seen.weights
     assert torch.equal(first, model[0].weight[keep(8)])  # the kept filters alone
     assert second is model[3].weight  # an unmasked layer runs on its own weight
+
+
+def test_the_kept_rows_of_every_layer_go_into_one_buffer():
+    """A fresh copy of each layer's kept rows left the allocator holding freed layer-sized blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with LayerWeights() as seen:
+        trace_channels(model, torch.randn(5, 10), MaskedView(model, {"0": keep(8), "2": keep(8)}))
+    first, second, last = seen.weights
+    assert first.shape == (5, 10) and second.shape == (5, 8) and last is model[4].weight
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # the first is still held
+    assert torch.equal(second, model[2].weight[keep(8)])
 
 
 def test_a_layer_read_outside_its_call_is_given_zeroed_weights_and_then_its_own_back():

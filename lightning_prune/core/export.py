@@ -294,8 +294,9 @@ def export_pruned_model(
     ``round_to=8``): it keeps its count, as :func:`~lightning_prune.group_masks` leaves it.
 
     ``inplace=True`` lets export consume ``model`` to save memory: pruned channels are zeroed in its
-    own tensors, and its layers are shrunk in place, each dense tensor dropped as its smaller one is
-    built (nothing is copied; the peak is about the dense model). Use the returned model, not
+    own tensors where a layer keeps them (rows the shrink drops are not written), and its layers are
+    shrunk in place, each dense tensor dropped as its smaller one is built (nothing is copied; the
+    peak is about the dense model). Use the returned model, not
     ``model``, afterwards. ``progress``: show where a long export is (``None``: once it has run a few
     seconds; a bar on a terminal, log lines on logger ``lightning_prune`` otherwise).
     """

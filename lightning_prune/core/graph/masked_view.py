@@ -94,9 +94,10 @@ class MaskedView(SwappedTensors):
 
     def sliced_away(self, name: str, keep: Mapping[tuple[str, int], tuple[Tensor, int]]) -> bool:
         """Whether every slice :meth:`load` would zero in module ``name`` is one ``keep`` (a
-        ``LayerChange.keep``) drops: the shrink then slices the module's own tensors, with no zeroed copy."""
-        if self.in_place or name in self._tied:  # in place, loading copies nothing;
-            return False  # a tensor it shares is zeroed where the others cut it too
+        ``LayerChange.keep``) drops: the shrink then slices the module's own tensors, with no zeroed copy (in
+        place: without zeroing rows it drops)."""
+        if name in self._tied:  # a tensor it shares is zeroed where the others cut it too
+            return False
         for attr, dim, index in _cuts(name, self.model.get_submodule(name), self.masks, self.zeroed):
             kept = keep.get((attr, dim))
             if index.numel() and (kept is None or kept[1] != 1 or bool(torch.isin(index, kept[0]).any())):

@@ -36,7 +36,7 @@ from lightning_prune.core.modules import evaluating, running_modules
 from lightning_prune.core.trace import op_rules
 from lightning_prune.core.trace.bookkeeping import Bookkeeping, Rule
 from lightning_prune.core.trace.deferred import resolve_deferred
-from lightning_prune.core.trace.masked_outputs import MaskedOutputs, call_kept
+from lightning_prune.core.trace.masked_outputs import MaskedOutputs
 from lightning_prune.core.trace.records import (
     ChannelTrace,
     OpCall,
@@ -92,7 +92,7 @@ class _Mode(TorchFunctionMode):
         zeroing, used = tracer.zeroing, []
         if zeroing is not None:
             args, kwargs, used = zeroing.substitute(args, kwargs)
-        out = func(*args, **kwargs) if cut is None else call_kept(func, args, kwargs, cut)
+        out = func(*args, **kwargs) if cut is None else tracer.masked_outputs.call(func, args, kwargs, cut)
         first_axis = len(tracer.trace.axes)
         tracer.record(func, args, kwargs, out)
         return out if zeroing is None else zeroing.after(func, args, kwargs, out, first_axis, used)
