@@ -130,7 +130,7 @@ class MaskedOutputs:
         held = self._rows
         if held is None or held.numel() < size or held.dtype != weight.dtype or held.device != weight.device:
             grown = size if held is None or held.dtype != weight.dtype else max(size, 2 * held.numel())
-            self._rows = None  # the old buffer goes before the new one comes
+            self._rows = held = None  # the old buffer goes before the new one comes
             self._rows = held = torch.empty(grown, dtype=weight.dtype, device=weight.device)
         return held[:size].view(rows, *weight.shape[1:])
 
