@@ -91,6 +91,18 @@ def within(name: str, module: str) -> bool:
     return module == "" or name == module or name.startswith(module + ".")
 
 
+def qualified_name(parent: str, child: str) -> str:
+    """The dotted path of ``child`` (a submodule or tensor name) under module ``parent`` (``""``: the model)."""
+    return f"{parent}.{child}" if parent and child else parent or child
+
+
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s own parameters and buffers (not its children's) by name, ``None`` entries left out."""
+    own = {name: tensor for name, tensor in module._parameters.items() if tensor is not None}
+    own.update({name: tensor for name, tensor in module._buffers.items() if tensor is not None})
+    return own
+
+
 Places = dict[int, list[tuple[nn.Module, str]]]
 """Tensor id -> every ``(module, name)`` holding it as a parameter or buffer (see :func:`tensor_places`)."""
 
@@ -149,6 +161,8 @@ __all__ = [
     "SwappedTensors",
     "copy_training_modes",
     "evaluating",
+    "own_tensors",
+    "qualified_name",
     "replace_tensor",
     "set_submodule",
     "tensor_places",

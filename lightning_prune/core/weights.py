@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.errors import CheckpointError
-from lightning_prune.core.modules import SwappedTensors, tensor_places
+from lightning_prune.core.modules import SwappedTensors, own_tensors, qualified_name, tensor_places
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -192,7 +192,7 @@ class StreamedWeights(SwappedTensors):
         for places in tensor_places(model).values():
             module, attr = places[0]
             tensor = _held(module, attr)
-            names = [_join(self.names[id(m)], a) for m, a in places]
+            names = [qualified_name(self.names[id(m)], a) for m, a in places]
             key = next((n for n in names if n in keys), None)
             if key is not None and self.file.shape(key) != tuple(tensor.shape):
                 raise CheckpointError(
@@ -216,7 +216,7 @@ class StreamedWeights(SwappedTensors):
 
     def owned(self, module: nn.Module) -> bool:
         """Whether ``module`` holds tensors of its own that the file gives."""
-        return any(id(t) in self._key for t in _own_tensors(module).values())
+        return any(id(t) in self._key for t in own_tensors(module).values())
 
     def load(self, name: str) -> nn.Module:
         """Give module ``name`` its own tensors from the file (no-op if it has them already); returns it."""
@@ -225,7 +225,7 @@ class StreamedWeights(SwappedTensors):
             return module
         saved = {}
         with torch.no_grad():
-            for attr, tensor in _own_tensors(module).items():
+            for attr, tensor in own_tensors(module).items():
                 key = self._key.get(id(tensor))
                 if key is None:
                     continue
@@ -266,7 +266,7 @@ class StreamedWeights(SwappedTensors):
 
     def _owned_under(self, name: str) -> list[str]:
         """Module ``name`` and the modules under it that hold tensors the file gives."""
-        return [_join(name, n) for n, m in self.model.get_submodule(name).named_modules() if self.owned(m)]
+        return [qualified_name(name, n) for n, m in self.model.get_submodule(name).named_modules() if self.owned(m)]
 
 
 @contextmanager
@@ -287,12 +287,6 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
-    own = {n: t for n, t in module._parameters.items() if t is not None}
-    own.update({n: t for n, t in module._buffers.items() if t is not None})
-    return own
-
-
 def _held(module: nn.Module, attr: str) -> Tensor:
     return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
 
@@ -302,10 +296,6 @@ def _put(module: nn.Module, attr: str, value: Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
     else:
         module._buffers[attr] = value
-
-
-def _join(module: str, attr: str) -> str:
-    return f"{module}.{attr}" if module and attr else module or attr
 
 
 __all__ = [

@@ -29,7 +29,7 @@ from lightning_prune.core.graph.prunable import (
     out_channel_dim,
     out_channels,
 )
-from lightning_prune.core.modules import replace_tensor, set_submodule, tensor_places
+from lightning_prune.core.modules import own_tensors, replace_tensor, set_submodule, tensor_places
 
 Masks = dict[str, torch.Tensor]
 """The canonical form: layer name -> bool keep-vector over the layer's output channels."""
@@ -198,14 +198,12 @@ def unwrapped_copy(model: nn.Module, share_tensors: bool = False) -> nn.Module:
             if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
                 computed = getattr(module, hook._tensor_name)
                 memo[id(computed)] = computed.detach()  # recomputed by prune.remove below
-    for module in model.modules():
         for value in module.__dict__.values():  # a module's many empty hook dicts: deepcopy's slowest items
             if type(value) in _EMPTY_COPIES and not value:
                 memo[id(value)] = type(value)()
         if share_tensors and not _is_wrapped(module):
-            for tensor in list(module._parameters.values()) + list(module._buffers.values()):
-                if tensor is not None:
-                    memo[id(tensor)] = tensor
+            for tensor in own_tensors(module).values():
+                memo[id(tensor)] = tensor
     model = copy.deepcopy(model, memo)
     for name, module in list(model.named_modules()):
         if _is_nni3_wrapper(module):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from lightning_prune.core.modules import evaluating
+from lightning_prune.core.modules import evaluating, own_tensors, qualified_name
 from lightning_prune.core.trace.records import call_model
 from lightning_prune.core.verify.equivalence import compare_outputs
 from lightning_prune.core.weights import StreamedWeights
@@ -100,11 +100,9 @@ def blocks(model: nn.Module) -> list[str]:
     sizes: dict[str, int] = {}
     seen: set[int] = set()
     for name, module in reversed(list(model.named_modules())):  # children before parents
-        own = [
-            t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and id(t) not in seen
-        ]
+        own = [t for t in own_tensors(module).values() if id(t) not in seen]
         seen.update(id(t) for t in own)
-        children = sum(sizes.get(_child(name, child), 0) for child, _ in module.named_children())
+        children = sum(sizes.get(qualified_name(name, child), 0) for child, _ in module.named_children())
         sizes[name] = sum(t.numel() for t in own) + children
     containers = [
         (sizes[name], name, module)
@@ -113,7 +111,7 @@ def blocks(model: nn.Module) -> list[str]:
     ]
     if containers:
         _, name, container = max(containers, key=lambda item: item[0])
-        budget = max(sizes.get(_child(name, child), 0) for child, _ in container.named_children())
+        budget = max(sizes.get(qualified_name(name, child), 0) for child, _ in container.named_children())
     else:
         budget = sizes[""] // 16
     found: list[str] = []
@@ -124,14 +122,10 @@ def blocks(model: nn.Module) -> list[str]:
                 found.append(name)
             return
         for child, sub in module.named_children():
-            split(_child(name, child), sub)
+            split(qualified_name(name, child), sub)
 
     split("", model)
     return found
-
-
-def _child(name: str, child: str) -> str:
-    return f"{name}.{child}" if name else child
 
 
 __all__ = ["blocks", "verify_blocks"]
