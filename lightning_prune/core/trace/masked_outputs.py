@@ -49,7 +49,7 @@ class MaskedOutputs:
         self._rows: Tensor | None = None
 
     def defer(self, name: str) -> bool:
-        """Whether layer ``name``, about to run, need not be loaded (its output is zeroed instead)."""
+        """Whether layer ``name``, about to run, need not be loaded (its kept outputs are computed instead, :meth:`call`)."""
         cut = self.source.output_cut(name) if self.source is not None else None
         if cut is None:
             return False
