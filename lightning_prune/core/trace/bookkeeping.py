@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.trace.constants import LastConstants
 from lightning_prune.core.trace.records import ChannelTrace, OpCall, ParamAxis, Rep, leaves, region, storage_key
 
 _FOLLOWED_PARAMETER_SIZE = 1 << 22  # larger parameters reach attention through layers, not views
@@ -38,6 +39,7 @@ class Bookkeeping:
                         if first != (mod_name, p_name):
                             self.trace.shared[(mod_name, p_name)] = first
         self.warned: set[str] = set()
+        self.constants = LastConstants()  # channel_constants of a consumer's input, read once for the pass and the rule
         self.released: list[Tensor] = []  # small tensors a module was loaded with, alive to the end of the pass
         # Tensors made from one parameter by views and indexing (a class token expanded, a relative
         # position table gathered): id -> (tensor kept alive, parameter, flat parameter index per element)

@@ -12,10 +12,17 @@ child's weight, as ``nn.MultiheadAttention`` reads ``out_proj``'s; a view; ``.da
 then and gets its zeroed tensors, as does every later op given the layer's own (one read before the
 load). An untraced pass over the masked model (the masks' own output) does the same under
 :class:`ZeroingOutputs`.
+
+The call also leaves out the input channels that hold one value everywhere, where a quarter or more do
+(a pruned channel of the layer before it: zero with ``whole_channel``, else what its norm's shift makes
+of zero): a zero channel adds nothing, and where the layer has no padding a constant one adds the same to
+every output, which goes into the bias. With ``whole_channel``, a 50% pruned ResNet50's trace then does about a
+quarter of the dense model's conv arithmetic, not a half.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_prune.core.trace.constants import LastConstants, without_padding
 from lightning_prune.core.trace.records import argument, leaves, replace_tensors
 from lightning_prune.core.weights import TensorSource
 
@@ -36,7 +44,10 @@ _ATTRIBUTES = ("weight", "bias")
 class MaskedOutputs:
     """The layers a traced pass runs on their own tensors, and what to zero in their outputs (see the module docstring)."""
 
-    def __init__(self, modules: dict[str, nn.Module], source: TensorSource | None) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], source: TensorSource | None, constants: LastConstants | None = None
+    ) -> None:
+        self.constants = constants or LastConstants()  # the traced pass's: its rules read the same inputs
         self.modules = modules  # by name (the tracer's dict: this one holds no tracer, so no cycle keeps its tensors)
         self.source = source
         self.pending: dict[int, tuple[Tensor, str]] = {}  # id(tensor) -> (tensor, its layer) of deferred layers
@@ -44,9 +55,10 @@ class MaskedOutputs:
         # deferred layers an op loaded after all: id of each own tensor -> its zeroed copy, which every later op
         # gets for it (a tensor read before the load, as torchvision's Swin V2 attention reads qkv.weight)
         self.loaded: dict[str, dict[int, Tensor]] = {}
-        # the kept rows of each call's weight, in one buffer the pass reuses: a fresh copy per call left the
-        # allocator holding freed layer-sized blocks (a 1.1B LLaMA in place peaked at 1.28x-1.50x its size)
-        self._rows: Tensor | None = None
+        # the kept rows of each call's weight, and their columns for live inputs, in two buffers the pass reuses: a
+        # fresh copy per call left the allocator holding freed layer-sized blocks (a 1.1B LLaMA in place peaked at
+        # 1.28x-1.50x its size)
+        self._buffers: list[Tensor | None] = [None, None]
 
     def defer(self, name: str) -> bool:
         """Whether layer ``name``, about to run, need not be loaded (its kept outputs are computed instead, :meth:`call`)."""
@@ -105,8 +117,8 @@ class MaskedOutputs:
     def call(self, func: Callable, args: tuple, kwargs: dict, cut: tuple[int, Tensor]) -> Any:
         """A deferred layer's conv or linear call (``cut`` from :meth:`prepare`) computed on its kept output
         channels only, zeros at the cut ones: what the masked layer outputs, for the arithmetic of the kept
-        channels alone (a grouped conv, whose groups a cut would split, and a layer cut whole run whole and
-        are zeroed after)."""
+        channels alone, less the input channels that are constant (:func:`_live_inputs`). A grouped conv,
+        whose groups a cut would split, and a layer cut whole run whole and are zeroed after."""
         dim, channels = cut
         weight, bias = argument(args, kwargs, 1, "weight"), argument(args, kwargs, 2, "bias")
         count = weight.shape[0]
@@ -116,23 +128,35 @@ class MaskedOutputs:
             out = func(*args, **kwargs)
             _zero_output(out, cut)
             return out
-        sliced = {id(weight): torch.index_select(weight, 0, kept, out=self._rows_for(weight, len(kept)))}
-        if bias is not None:
-            sliced[id(bias)] = bias.index_select(0, kept)
-        out = func(*replace_tensors(args, sliced), **replace_tensors(kwargs, sliced))
+        rows = torch.index_select(weight, 0, kept, out=self._buffer(0, weight, (len(kept), *weight.shape[1:])))
+        rows_bias = bias.index_select(0, kept) if bias is not None else None
+        data = argument(args, kwargs, 0, "input")
+        live = _live_inputs(data, dim, rows, argument(args, kwargs, 4, "padding", 0), self.constants)
+        if live is not None:
+            channels, values = live
+            if values is not None:  # constant inputs of a layer without padding add the same to every output
+                extra = (rows.flatten(2).sum(2) if rows.ndim > 2 else rows) @ values
+                rows_bias = extra if rows_bias is None else rows_bias + extra
+            data = data.index_select(dim, channels)
+            shape = (rows.shape[0], len(channels), *rows.shape[2:])
+            rows = torch.index_select(rows, 1, channels, out=self._buffer(1, rows, shape))
+        for index, name, value in ((0, "input", data), (1, "weight", rows), (2, "bias", rows_bias)):
+            args, kwargs = _with_argument(args, kwargs, index, name, value)
+        out = func(*args, **kwargs)
         shape = list(out.shape)
         shape[dim] = count
         return out.new_zeros(shape).index_copy_(dim, kept, out)
 
-    def _rows_for(self, weight: Tensor, rows: int) -> Tensor:
-        """``rows`` rows of ``weight``'s shape in the pass's buffer, grown (at least doubled) when too small."""
-        size = rows * weight[0].numel()
-        held = self._rows
-        if held is None or held.numel() < size or held.dtype != weight.dtype or held.device != weight.device:
-            grown = size if held is None or held.dtype != weight.dtype else max(size, 2 * held.numel())
-            self._rows = held = None  # the old buffer goes before the new one comes
-            self._rows = held = torch.empty(grown, dtype=weight.dtype, device=weight.device)
-        return held[:size].view(rows, *weight.shape[1:])
+    def _buffer(self, slot: int, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A tensor of ``shape`` in buffer ``slot`` of the pass (the kept rows; their live columns), grown (at
+        least doubled) when too small."""
+        size = math.prod(shape)
+        held = self._buffers[slot]
+        if held is None or held.numel() < size or held.dtype != like.dtype or held.device != like.device:
+            grown = size if held is None or held.dtype != like.dtype else max(size, 2 * held.numel())
+            self._buffers[slot] = held = None  # the old buffer goes before the new one comes
+            self._buffers[slot] = held = torch.empty(grown, dtype=like.dtype, device=like.device)
+        return held[:size].view(shape)
 
 
 class ZeroingOutputs(TorchFunctionMode):
@@ -148,6 +172,41 @@ class ZeroingOutputs(TorchFunctionMode):
             return func(*args, **kwargs)
         args, kwargs, cut = self.outputs.prepare(None, getattr(func, "__name__", ""), args, kwargs)
         return func(*args, **kwargs) if cut is None else self.outputs.call(func, args, kwargs, cut)
+
+
+def _with_argument(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    """A call's arguments with the one at ``index`` (or keyword ``name``) set to ``value``."""
+    if name in kwargs or len(args) <= index:
+        return args, {**kwargs, name: value}
+    return (*args[:index], value, *args[index + 1 :]), kwargs
+
+
+_FEWEST_MACS = 1 << 24  # a smaller call costs less than finding its constant inputs
+
+
+def _live_inputs(
+    data: Any, dim: int, weight: Tensor, padding: Any, constants_of: LastConstants
+) -> tuple[Tensor, Tensor | None] | None:
+    """Where a quarter or more of the input channels of a conv or linear call (``weight``: its kept rows) hold
+    one value everywhere and the call is large enough for it to pay: the other channels, and the values
+    to fold into the bias (``None``: all zero). A nonzero constant is left out only without padding (a zero
+    border makes it vary) and in float32 or float64 (the fold's rounding within the layer's own); ``None``
+    where nothing is left out."""
+    if not isinstance(data, Tensor) or data.ndim < 2 or data.numel() == 0:
+        return None
+    count = data.shape[dim]
+    if data.numel() // count * weight.numel() < _FEWEST_MACS:
+        return None
+    constants = constants_of(data, dim).to(data.device)
+    constant = ~constants.isnan()
+    unpadded = weight.ndim == 2 or without_padding(padding)
+    if not unpadded or data.dtype not in (torch.float32, torch.float64):
+        constant &= constants == 0
+    dropped = int(constant.sum())
+    if dropped * 4 < count or dropped == count:
+        return None
+    values = torch.where(constant, constants, 0.0).to(weight.dtype)
+    return (~constant).nonzero().flatten(), values if bool(values.any()) else None
 
 
 def _zero_output(out: Any, cut: tuple[int, Tensor]) -> None:

@@ -111,7 +111,7 @@ class Tracer(Bookkeeping):
         self._module_inputs: dict[str, list[Tensor]] = {}
         self._ops: dict[Callable, tuple[str, str, Rule | None, bool]] = {}  # func -> describe(func)
         self.zeroing = None if whole_channel is None else WholeChannel(self, whole_channel)
-        self.masked_outputs = MaskedOutputs(self.modules, weights)
+        self.masked_outputs = MaskedOutputs(self.modules, weights, self.constants)
 
     # ----------------------------------------------------------------- running
     def run(self, example_input: Any) -> None:

@@ -6,12 +6,12 @@ Each rule is ``rule(tracer, call) -> None``; see :mod:`lightning_prune.core.trac
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.trace.constants import channel_constants, without_padding
 from lightning_prune.core.trace.records import Consumer, Deferred, Rep
 
 if TYPE_CHECKING:
@@ -73,14 +73,13 @@ def conv(t: Bookkeeping, call: OpCall, transposed: bool = False) -> None:
         if groups > 1:
             t.trace.even_groups.append((module, in_labels, groups))
             t.trace.even_groups.append((module, out_labels, groups))
-        no_padding = padding == "valid" or all(p == 0 for p in _as_tuple(padding))
         t.trace.consumers.append(
             Consumer(
                 module,
                 "conv_transpose" if transposed else "conv",
                 in_labels,
-                _constants(data, channel_dim),
-                foldable=not transposed and no_padding,
+                t.constants(data, channel_dim),
+                foldable=not transposed and without_padding(padding),
                 groups=groups,
             )
         )
@@ -197,7 +196,7 @@ def layer_norm(t: Bookkeeping, call: OpCall) -> None:
     if len(shape) != 1 or rep.dims != (data.ndim - 1,) or owner is None:
         return t.give_up(call, "normalises them together with other dims, or without the model's parameters")
     labels = _per_channel(t, call, [weight, bias], dim=-1)
-    t.trace.consumers.append(Consumer(owner[0], "layer_norm", labels, _constants(data, data.ndim - 1), False))
+    t.trace.consumers.append(Consumer(owner[0], "layer_norm", labels, channel_constants(data, data.ndim - 1), False))
 
 
 def _per_channel(t: Bookkeeping, call: OpCall, params: list, dim: int = 1) -> Tensor | None:
@@ -239,15 +238,12 @@ def _layer_input(t: Bookkeeping, module: str, data: Tensor, labels: Tensor) -> N
         t.trace.reshaped_inputs.add(module)
 
 
-def _as_tuple(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
 def consumer_constants(t: Bookkeeping, data: Tensor, dim: int, labels: Tensor) -> Tensor:
-    """:func:`_constants`, and where attention made a channel exactly constant (a value channel
-    averaged by weights that sum to one: ``trace.exact_constants``) and the data agree to rounding,
-    that value: the weighted sum is exact in arithmetic, only its rounding varies."""
-    constants = _constants(data, dim)
+    """What :func:`~lightning_prune.core.trace.constants.channel_constants` finds, and where attention made a
+    channel exactly constant (a value channel averaged by weights that sum to one: ``trace.exact_constants``)
+    and the data agree to rounding, that value: the weighted sum is exact in arithmetic, only its rounding
+    varies."""
+    constants = t.constants(data, dim)
     exact = t.trace.exact_constants
     if not exact:
         return constants
@@ -260,13 +256,3 @@ def consumer_constants(t: Bookkeeping, data: Tensor, dim: int, labels: Tensor) -
         if max(abs(low - value), abs(high - value)) <= 1e-5 * max(abs(value), 1e-3):
             constants[i] = value
     return constants
-
-
-def _constants(data: Tensor, dim: int) -> Tensor:
-    """Per position along ``dim``: its value if the same everywhere else, else NaN (float64, CPU)."""
-    flat = data.detach().movedim(dim, 0).reshape(data.shape[dim], -1)
-    if flat.shape[1] == 0:
-        return torch.full((data.shape[dim],), math.nan, dtype=torch.float64)
-    # this runs on every conv and linear input: two reductions are several times faster than one aminmax on the CPU
-    low, high = flat.amin(1), flat.amax(1)
-    return torch.where(low == high, low, torch.full_like(low, math.nan)).double().cpu()

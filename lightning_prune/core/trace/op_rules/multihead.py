@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.core.trace.constants import channel_constants
 from lightning_prune.core.trace.op_rules.attention import record_heads, whole_heads
 from lightning_prune.core.trace.op_rules.layers import (
     COMPUTED_WEIGHT,
     _channel_labels,
-    _constants,
     linear,
     register_producer,
 )
@@ -86,12 +86,12 @@ def multi_head_attention_forward(t: Bookkeeping, call: OpCall) -> None:
     for data, inputs in ((query, in_query), (key, in_key), (value, in_value)):
         if not any(data is other for other in seen):  # the fused weight cannot fold: the plan keeps what is live
             seen.append(data)
-            t.trace.consumers.append(Consumer(module, "linear", inputs, _constants(data, data.ndim - 1), False))
+            t.trace.consumers.append(Consumer(module, "linear", inputs, channel_constants(data, data.ndim - 1), False))
     whole_heads(t, parts.permute(1, 0, 2).reshape(heads, -1))  # a head's query, key and value channels: one unit
     record_heads(t, parts[0][:, 0], parts[1][:, 0], parts.shape[2])
     values = _values(args, weights[-1] if separate else weights[0][2 * width :], width)
-    projected = _constants(values[: values.shape[0] - _extra_keys(args)], 1)
-    differ = ~projected.isnan() & (_constants(values, 1).isnan())  # constant until bias_v or the zero key
+    projected = channel_constants(values[: values.shape[0] - _extra_keys(args)], 1)
+    differ = ~projected.isnan() & (channel_constants(values, 1).isnan())  # constant until bias_v or the zero key
     t.block(parts[2].flatten()[differ], f"op '{call.op}' mixes their constant with bias_v or the zero-attention key")
     t.set_rep(values, Rep((1,), parts[2].flatten()))
     out, attention = call.out

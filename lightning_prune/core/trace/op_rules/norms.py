@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.trace.constants import channel_constants
 from lightning_prune.core.trace.op_rules.elementwise import reduce
-from lightning_prune.core.trace.op_rules.layers import _constants, _layer_input
+from lightning_prune.core.trace.op_rules.layers import _layer_input
 from lightning_prune.core.trace.records import Consumer, Deferred, storage_key
 
 if TYPE_CHECKING:
@@ -112,10 +113,12 @@ def mean(t: Bookkeeping, call: OpCall) -> None:
         ):
             _layer_input(t, module, data, rep.labels)
             if not form.centred:
-                t.trace.consumers.append(Consumer(module, "rms_norm", rep.labels, _constants(data, last), False))
+                t.trace.consumers.append(Consumer(module, "rms_norm", rep.labels, channel_constants(data, last), False))
             elif not any(c.module == module and c.labels is rep.labels for c in t.trace.consumers):
                 # the mean, not the variance after it: a LayerNorm's statistics, counted by PrunedLayerNorm
-                t.trace.consumers.append(Consumer(module, "layer_norm", rep.labels, _constants(data, last), False))
+                t.trace.consumers.append(
+                    Consumer(module, "layer_norm", rep.labels, channel_constants(data, last), False)
+                )
                 t.trace.tainted.append(rep.labels)  # x - mean(x) gives a pruned channel a data-dependent value
             if form.centred:  # the statistic is subtracted from the channels: a value of the norm, not data
                 t.fresh[storage_key(call.out)] = (call.out, None)
@@ -142,7 +145,7 @@ def rms_norm(t: Bookkeeping, call: OpCall) -> None:
     if weight is not None:
         t.add_axis(weight, 0, rep.labels)
     _layer_input(t, owner[0], data, rep.labels)
-    squares = _constants(data, last).square()
+    squares = channel_constants(data, last).square()
     t.trace.consumers.append(Consumer(owner[0], "rms_norm", rep.labels, squares, False))
     t.set_rep(call.out, rep)
 
