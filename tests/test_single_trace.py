@@ -12,9 +12,11 @@ import gc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from helpers import RTOL, random_masks, randomize, zero_norm_affine
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_prune import ChannelGraph, apply_masks, export, group_masks, verify_equivalence
 from lightning_prune.core.trace.tracer import Tracer, trace_channels
@@ -148,3 +150,43 @@ def test_the_pass_leaves_nothing_for_the_garbage_collector() -> None:
         gc.enable()
     assert trace.zeroed is not None
     assert not left
+
+
+class NormCalls(TorchFunctionMode):
+    """The affine weight of each batch and layer norm call, as the trace runs it (under its mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            self.weights.append(kwargs.get("weight", args[3] if len(args) > 3 else None))
+        elif func is F.layer_norm:
+            self.weights.append(kwargs.get("weight", args[2] if len(args) > 2 else None))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("layers", "norm"),
+    [
+        pytest.param([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)], 1, id="batch-norm"),
+        pytest.param([nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4)], 1, id="layer-norm"),
+    ],
+)
+def test_a_norm_after_a_masked_layer_runs_once_on_its_zeroed_parameters(layers, norm) -> None:
+    """What the masks prune is zeroed in a norm's parameters before it runs (its rule would ask it after,
+    and the norm ran again)."""
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(*layers)).eval()
+    masks = {"0": torch.tensor([True, False, True, True, False, True, False, True])}
+    example = torch.randn(2, 3, 10, 10) if isinstance(layers[0], nn.Conv2d) else torch.randn(5, 6)
+    with NormCalls() as seen:
+        trace = trace_channels(apply_masks(model, masks), example, whole_channel=masks)
+    (weight,) = seen.weights  # one call
+    assert not weight[~masks["0"]].any() and torch.equal(weight[masks["0"]], model[norm].weight[masks["0"]])
+    assert trace.zeroed is not None and set(trace.zeroed) == {(str(norm), "weight", 0), (str(norm), "bias", 0)}
+    expected = zero_norm_affine(model, masks, example)
+    with torch.no_grad():
+        assert compare_outputs(apply_masks(expected, masks)(example), trace.output).max_relative_error <= 1e-6

@@ -91,6 +91,7 @@ class _Mode(TorchFunctionMode):
             args, kwargs, cut = tracer.masked_outputs.prepare(tracer, tracer.describe(func)[0], args, kwargs)
         zeroing, used = tracer.zeroing, []
         if zeroing is not None:
+            zeroing.before(tracer.describe(func)[0], args, kwargs)
             args, kwargs, used = zeroing.substitute(args, kwargs)
         out = func(*args, **kwargs) if cut is None else tracer.masked_outputs.call(func, args, kwargs, cut)
         first_axis = len(tracer.trace.axes)

@@ -7,7 +7,8 @@ carries, the model's output), so export used to trace twice. :class:`WholeChanne
 one pass runs instead: when an op's rule records a parameter axis whose channels the masks prune, that
 op runs again on the parameter with those slices zeroed, and every later op gets the zeroed parameter
 (or the zeroed elements of a view of it). What the pass then records is what a pass over the zeroed
-model records.
+model records. A batch or layer norm, the commonest such op, is zeroed before it runs instead (the
+channels of its input are known then, :meth:`WholeChannel.before`), so it runs once.
 
 The keep decision of a channel is final only at the end of the pass (a later op may couple it with a
 channel whose mask keeps it), so the pass zeroes what each channel's own layer's mask prunes and
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.core.trace import op_rules
-from lightning_prune.core.trace.records import leaves, replace_tensors, storage_key
+from lightning_prune.core.trace.records import argument, leaves, replace_tensors, storage_key
 
 if TYPE_CHECKING:
     from lightning_prune.core.trace.bookkeeping import Bookkeeping
@@ -45,7 +46,8 @@ class WholeChannel:
         self.computed: set[Name] = set()  # parameters an op has computed with, other than by a view
         self.failed: str | None = None  # why the pass could not zero as it went
         self.changed = False  # a value of the pass differs from the masks' alone
-        self._copies: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(tensor) -> (tensor, zeroed elements, copy)
+        # id(tensor) -> (tensor, zeroed elements, copy, whether the copy differs from it)
+        self._copies: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
         self._alive: list[Tensor] = []
         self._firsts = np.empty(0, dtype=np.int64)  # each producer's first label, for _predicted_keep
         self._arrays: dict[str, tuple[Tensor, np.ndarray]] = {}  # producer -> (its mask, as a NumPy array)
@@ -55,6 +57,7 @@ class WholeChannel:
         its zeroed copy, and the names of the parameters they use."""
         used: list[Name] = []
         swapped: dict[int, Tensor] = {}
+        differs = False
         for tensor in leaves((args, kwargs)):
             if not isinstance(tensor, Tensor):
                 continue
@@ -67,10 +70,11 @@ class WholeChannel:
                 index = entry[2]
             used.append(name)
             if name in self.zeroed:
-                swapped[id(tensor)] = self._zeroed_copy(tensor, index, self.zeroed[name])
+                swapped[id(tensor)], zeroed_here = self._zeroed_copy(tensor, index, self.zeroed[name])
+                differs |= zeroed_here
         if swapped:
             args, kwargs = replace_tensors((args, kwargs), swapped)
-            self.changed |= not again  # an op that runs once, on zeroed parameters: not compared
+            self.changed |= differs and not again  # an op that runs once, on zeroed parameters: not compared
         return args, kwargs, used
 
     def after(self, func: Callable, args: tuple, kwargs: dict, out: Any, first_axis: int, used: list[Name]) -> Any:
@@ -104,23 +108,42 @@ class WholeChannel:
     def _record(self, first_axis: int) -> list[Name]:
         """Zero, in :attr:`zeroed`, the pruned slices of the parameter axes recorded from ``first_axis`` on;
         the parameters whose zeroed elements grew."""
-        grown: list[Name] = []
-        for axis in self.t.trace.axes[first_axis:]:
-            tensor = self.t.modules[axis.module]._parameters.get(axis.param)
-            if tensor is None or axis.module in self.t.trace.producers:
-                continue  # buffers are not the channel's value; a layer's own weights are the masks'
-            key = (axis.module, axis.param, axis.dim)
-            keep = self._predicted_keep(axis.labels)
-            keep = keep & self.slices[key] if key in self.slices else keep
-            if bool(keep.all()) or (key in self.slices and torch.equal(keep, self.slices[key])):
-                continue
-            self.slices[key] = keep
-            name = (axis.module, axis.param)
-            zero = self.zeroed.get(name, torch.zeros(tensor.shape, dtype=torch.bool))
-            zero = zero.index_fill(axis.dim, (~keep).nonzero().flatten(), True)
-            self.zeroed[name] = zero
-            grown.append(name)
-        return grown
+        axes = self.t.trace.axes[first_axis:]
+        return [
+            (axis.module, axis.param) for axis in axes if self._zero(axis.module, axis.param, axis.dim, axis.labels)
+        ]
+
+    def before(self, op: str, args: tuple, kwargs: dict) -> None:
+        """Before a norm op runs on labelled channels: zero its affine parameters where the masks prune the
+        channels, as its rule would ask after, so the op runs once (on the zeroed parameters) and not again."""
+        where = _NORM_PARAMETERS.get(op)
+        data = argument(args, kwargs, 0, "input")
+        if where is None or self.failed is not None or not isinstance(data, Tensor) or data.ndim < 2:
+            return
+        rep = self.t.rep(data)
+        if rep is None or rep.dims != ((1 if op == "batch_norm" else data.ndim - 1),):
+            return
+        for index, attr in where:
+            tensor = argument(args, kwargs, index, attr)
+            name = self.t.param_name(tensor) if isinstance(tensor, Tensor) else None
+            if name is not None and tensor.ndim == 1 and len(tensor) == len(rep.labels):
+                self._zero(*name, 0, rep.labels)
+
+    def _zero(self, module: str, param: str, dim: int, labels: Tensor) -> bool:
+        """Zero, in :attr:`zeroed`, the slices along ``dim`` of ``module.param`` whose channels (``labels``) the
+        masks prune; whether its zeroed elements grew."""
+        tensor = self.t.modules[module]._parameters.get(param)
+        if tensor is None or module in self.t.trace.producers:
+            return False  # buffers are not the channel's value; a layer's own weights are the masks'
+        key = (module, param, dim)
+        keep = self._predicted_keep(labels)
+        keep = keep & self.slices[key] if key in self.slices else keep
+        if bool(keep.all()) or (key in self.slices and torch.equal(keep, self.slices[key])):
+            return False
+        self.slices[key] = keep
+        zero = self.zeroed.get((module, param), torch.zeros(tensor.shape, dtype=torch.bool))
+        self.zeroed[(module, param)] = zero.index_fill(dim, (~keep).nonzero().flatten(), True)
+        return True
 
     def _predicted_keep(self, labels: Tensor) -> Tensor:
         """Kept unless the mask of the layer that made the channel prunes it (``-1``: kept)."""
@@ -146,16 +169,19 @@ class WholeChannel:
             found = self._arrays[owner] = (mask, mask.cpu().numpy())
         return found[1]
 
-    def _zeroed_copy(self, tensor: Tensor, index: Tensor | None, zero: Tensor) -> Tensor:
+    def _zeroed_copy(self, tensor: Tensor, index: Tensor | None, zero: Tensor) -> tuple[Tensor, bool]:
+        """``tensor`` with the elements ``zero`` names zeroed, and whether any of them was not zero already
+        (the norms of a model fine-tuned with its masks held are: zeroing them changes nothing)."""
         entry = self._copies.get(id(tensor))
         if entry is not None and entry[0] is tensor and entry[1] is zero:
-            return entry[2]
-        elements = zero if index is None else zero.flatten()[index].reshape(tensor.shape)
-        copy = tensor.detach().masked_fill(elements.to(tensor.device), 0)
-        self._copies[id(tensor)] = (tensor, zero, copy)
+            return entry[2], entry[3]
+        elements = (zero if index is None else zero.flatten()[index].reshape(tensor.shape)).to(tensor.device)
+        copy = tensor.detach().masked_fill(elements, 0)
+        differs = bool(tensor.detach()[elements].any())
+        self._copies[id(tensor)] = (tensor, zero, copy, differs)
         self._alive.append(copy)  # the bookkeeping knows it by its id until the pass ends
         self._move_labels(tensor, copy, keep=True)
-        return copy
+        return copy, differs
 
     def _move_labels(self, old: Any, new: Any, keep: bool = False) -> None:
         """``new`` stands for ``old``: it is known as the same parameter, view of one, or labelled tensor."""
@@ -173,6 +199,10 @@ class WholeChannel:
 
     def _fail(self, why: str) -> None:
         self.failed = self.failed or why
+
+
+# the affine parameters of the norms :meth:`WholeChannel.before` zeroes: op -> (position, name) of each
+_NORM_PARAMETERS = {"batch_norm": ((3, "weight"), (4, "bias")), "layer_norm": ((2, "weight"), (3, "bias"))}
 
 
 def _aliases(out: Any, args: tuple, kwargs: dict) -> bool:
