@@ -135,7 +135,9 @@ class MaskedOutputs:
         if live is not None:
             channels, values = live
             if values is not None:  # constant inputs of a layer without padding add the same to every output
-                extra = (rows.flatten(2).sum(2) if rows.ndim > 2 else rows) @ values
+                folded = values.nonzero().flatten()
+                columns = rows.index_select(1, folded)  # only the columns that fold
+                extra = (columns.flatten(2).sum(2) if rows.ndim > 2 else columns) @ values[folded]
                 rows_bias = extra if rows_bias is None else rows_bias + extra
             data = data.index_select(dim, channels)
             shape = (rows.shape[0], len(channels), *rows.shape[2:])
