@@ -172,32 +172,6 @@ def test_a_plain_masked_layer_computes_its_kept_channels_only():
     assert second is model[3].weight  # an unmasked layer runs on its own weight
 
 
-def test_a_masked_depthwise_conv_computes_its_kept_channels_from_their_inputs_only():
-    torch.manual_seed(0)
-    model = randomize(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 1))).eval()
-    example = torch.randn(2, 8, 6, 6)
-    with Inputs() as seen:
-        trace = trace_channels(model, example, MaskedView(model, {"0": keep(8)}))
-    (data, weight, groups), _ = seen.calls
-    assert torch.equal(weight, model[0].weight[keep(8)]) and groups == 5
-    assert torch.equal(data, example[:, keep(8)])  # each kept filter's own input channel
-    assert relative_error(trace.output, masked_copy(model, "0")(example)) < 1e-6
-
-
-class Inputs(TorchFunctionMode):
-    """The input, weight and groups of every ``conv2d`` call that reaches it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.conv2d:
-            self.calls.append((args[0], args[1], args[6] if len(args) > 6 else kwargs.get("groups", 1)))
-        return func(*args, **kwargs)
-
-
 def test_the_kept_rows_of_every_layer_go_into_one_buffer():
     """A fresh copy of each layer's kept rows left the allocator holding freed layer-sized blocks."""
     torch.manual_seed(0)
