@@ -26,6 +26,7 @@ from lightning_prune.core.errors import PrunedToZeroError
 from lightning_prune.core.graph.changes import HeadCounts, LayerChange, NormConstants, Note, Plan
 from lightning_prune.core.graph.channel_graph import ChannelGraph, initial_keep, reason_code, shared_weight_masks
 from lightning_prune.core.graph.masks import Masks
+from lightning_prune.core.trace.constants import kernel_sums
 from lightning_prune.core.trace.records import Consumer
 from lightning_prune.core.weights import Loading
 
@@ -284,8 +285,7 @@ def _fold(consumer: Consumer, weight: Tensor, constants: Tensor) -> Tensor:
     live = constants.nonzero().flatten()
     rows, cols = weight.shape[:2]  # (out, in / groups, *kernel)
     groups = consumer.groups if consumer.kind == "conv" else 1
-    columns = weight.index_select(1, (live % cols).to(weight.device))  # only the columns that fold
-    columns = (columns.flatten(2).sum(2) if weight.ndim > 2 else columns).double()
+    columns = kernel_sums(weight, live % cols)  # only the columns that fold
     values = constants[live].to(weight.device, torch.float64)
     if groups == 1:
         return (columns @ values).to(weight.dtype)

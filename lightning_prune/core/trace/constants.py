@@ -43,11 +43,20 @@ class LastConstants:
         dim %= max(data.ndim, 1)
         version = None if data.is_inference() else data._version  # an inference tensor has no version counter
         last = self._last
-        if last is not None and last[0]() is data and last[1] == dim and last[2] == version is not None:
+        if last is not None and last[0]() is data and last[1] == dim and last[2] == version:  # never kept: None
             return last[3].clone()  # a caller may write into its answer
         constants = channel_constants(data, dim)
         self._last = (weakref.ref(data), dim, version, constants) if version is not None else None
         return constants.clone()
+
+
+def kernel_sums(weight: Tensor, columns: Tensor) -> Tensor:
+    """Each row's sum over the kernel of ``weight``'s input ``columns`` (a conv's ``(out, in, *kernel)`` or a
+    linear's ``(out, in)``), in float64: what a constant input channel is multiplied by at every output
+    position of a layer without padding, so ``kernel_sums(weight, columns) @ values`` is the bias the
+    constants ``values`` at ``columns`` add."""
+    picked = weight.index_select(1, columns.to(weight.device))
+    return (picked.flatten(2).sum(2) if weight.ndim > 2 else picked).double()
 
 
 def without_padding(padding: Any) -> bool:
@@ -58,4 +67,4 @@ def without_padding(padding: Any) -> bool:
     return all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
 
 
-__all__ = ["LastConstants", "channel_constants", "without_padding"]
+__all__ = ["LastConstants", "channel_constants", "kernel_sums", "without_padding"]

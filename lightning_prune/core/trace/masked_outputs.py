@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.core.trace.constants import LastConstants, without_padding
+from lightning_prune.core.trace.constants import LastConstants, kernel_sums, without_padding
 from lightning_prune.core.trace.records import argument, leaves, replace_tensors
 from lightning_prune.core.weights import TensorSource
 
@@ -137,9 +137,8 @@ class MaskedOutputs:
         if live is not None:
             channels, values = live
             if values is not None:  # constant inputs of a layer without padding add the same to every output
-                folded = values.nonzero().flatten()
-                columns = rows.index_select(1, folded)  # only the columns that fold
-                extra = (columns.flatten(2).sum(2) if rows.ndim > 2 else columns) @ values[folded]
+                folded = values.nonzero().flatten()  # only the columns that fold
+                extra = (kernel_sums(rows, folded) @ values[folded]).to(rows.dtype)
                 rows_bias = extra if rows_bias is None else rows_bias + extra
             data = data.index_select(dim, channels)
             shape = (rows.shape[0], len(channels), *rows.shape[2:])
@@ -209,7 +208,7 @@ def _live_inputs(
     dropped = int(constant.sum())
     if dropped * 4 < count or dropped == count:
         return None
-    values = torch.where(constant, constants, 0.0).to(weight.dtype)
+    values = torch.where(constant, constants, 0.0)  # float64, as the fold sums them
     return (~constant).nonzero().flatten(), values if bool(values.any()) else None
 
 

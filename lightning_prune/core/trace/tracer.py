@@ -86,12 +86,12 @@ class _Mode(TorchFunctionMode):
         tracer = self.tracer
         if tracer.paused:
             return func(*args, **kwargs)
-        cut = None
+        cut, op = None, tracer.describe(func)[0]
         if tracer.masked_outputs.pending:  # a masked layer runs on its own weights, for its kept outputs
-            args, kwargs, cut = tracer.masked_outputs.prepare(tracer, tracer.describe(func)[0], args, kwargs)
+            args, kwargs, cut = tracer.masked_outputs.prepare(tracer, op, args, kwargs)
         zeroing, used = tracer.zeroing, []
         if zeroing is not None:
-            zeroing.before(tracer.describe(func)[0], args, kwargs)
+            zeroing.before(op, args, kwargs)
             args, kwargs, used = zeroing.substitute(args, kwargs)
         out = func(*args, **kwargs) if cut is None else tracer.masked_outputs.call(func, args, kwargs, cut)
         first_axis = len(tracer.trace.axes)

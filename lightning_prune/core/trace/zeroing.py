@@ -116,14 +116,15 @@ class WholeChannel:
     def before(self, op: str, args: tuple, kwargs: dict) -> None:
         """Before a norm op runs on labelled channels: zero its affine parameters where the masks prune the
         channels, as its rule would ask after, so the op runs once (on the zeroed parameters) and not again."""
-        where = _NORM_PARAMETERS.get(op)
+        norm = _NORM_PARAMETERS.get(op)
         data = argument(args, kwargs, 0, "input")
-        if where is None or self.failed is not None or not isinstance(data, Tensor) or data.ndim < 2:
+        if norm is None or self.failed is not None or not isinstance(data, Tensor) or data.ndim < 2:
             return
+        channel_dim, affine = norm
         rep = self.t.rep(data)
-        if rep is None or rep.dims != ((1 if op == "batch_norm" else data.ndim - 1),):
+        if rep is None or rep.dims != (channel_dim % data.ndim,):
             return
-        for index, attr in where:
+        for index, attr in affine:
             tensor = argument(args, kwargs, index, attr)
             name = self.t.param_name(tensor) if isinstance(tensor, Tensor) else None
             if name is not None and tensor.ndim == 1 and len(tensor) == len(rep.labels):
@@ -201,8 +202,11 @@ class WholeChannel:
         self.failed = self.failed or why
 
 
-# the affine parameters of the norms :meth:`WholeChannel.before` zeroes: op -> (position, name) of each
-_NORM_PARAMETERS = {"batch_norm": ((3, "weight"), (4, "bias")), "layer_norm": ((2, "weight"), (3, "bias"))}
+# the norms :meth:`WholeChannel.before` zeroes: op -> (its input's channel dim, (position, name) of each affine parameter)
+_NORM_PARAMETERS = {
+    "batch_norm": (1, ((3, "weight"), (4, "bias"))),
+    "layer_norm": (-1, ((2, "weight"), (3, "bias"))),
+}
 
 
 def _aliases(out: Any, args: tuple, kwargs: dict) -> bool:
