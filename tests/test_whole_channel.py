@@ -47,6 +47,62 @@ def test_whole_channel_zeroes_the_biases_and_reports_the_change() -> None:
     assert result.function_change > 1e-3  # relu(bias) no longer reaches the next layer
 
 
+MASK = {"net.0": torch.arange(8) % 2 == 1}
+
+
+class Counted(nn.Module):
+    """A conv, batch norm and two more convs, counting its forward passes (its copies and its export count
+    too). The filters ``MASK`` prunes are zero: read from the model, the masks are ``MASK``."""
+
+    forwards = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = randomize(
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)
+            )
+        ).eval()
+        with torch.no_grad():
+            self.net[0].weight[~MASK["net.0"]] = 0.0
+            self.net[0].bias[~MASK["net.0"]] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).forwards += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("masks", [MASK, None], ids=["given masks", "masks read from the model"])
+def test_the_change_is_measured_when_first_read_from_the_model_as_given(masks) -> None:
+    """Export runs the masked model once (the trace) and the exported one once (its check); the masks' own
+    output, one forward more, runs when ``function_change`` is first read, from the model export was given."""
+    model = Counted()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    whole = zero_norm_affine(model, MASK, IMAGE)  # the norm's shift no longer reaches the next conv
+    change = verify_equivalence(model, whole, IMAGE).max_relative_error
+    Counted.forwards = 0
+    result = export(model, masks, IMAGE, whole_channel=True)
+    assert Counted.forwards == 2  # the trace and the self-check
+    assert result.function_change == pytest.approx(change, rel=1e-5)
+    assert result.function_change > 1e-3
+    assert Counted.forwards == 3
+    assert result.function_change == pytest.approx(change, rel=1e-5) and Counted.forwards == 3  # measured once
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert verify_equivalence(whole, result.model, IMAGE, rtol=RTOL).passed
+
+
+def test_in_place_the_change_is_measured_before_the_model_is_consumed() -> None:
+    model = Counted()
+    whole = zero_norm_affine(model, MASK, IMAGE)
+    change = verify_equivalence(model, whole, IMAGE).max_relative_error
+    Counted.forwards = 0
+    result = export(model, MASK, IMAGE, whole_channel=True, inplace=True)
+    assert Counted.forwards == 3  # the trace, the masks' own output and the self-check
+    assert result.function_change == pytest.approx(change, rel=1e-5) and Counted.forwards == 3
+    assert result.function_change > 1e-3
+    assert verify_equivalence(whole, result.model, IMAGE, rtol=RTOL).passed
+
+
 @pytest.mark.parametrize(
     "name",
     [pytest.param("resnet18", id="resnet18"), pytest.param("mobilenet_v2", id="mobilenet_v2")],

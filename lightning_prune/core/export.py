@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,7 @@ from lightning_prune.core.modules import copy_training_modes, tensor_places, wit
 from lightning_prune.core.progress import Progress, collecting_new_objects_only
 from lightning_prune.core.shrink.attention import update_heads, update_model
 from lightning_prune.core.shrink.registry import shrinker_for, slices_only
+from lightning_prune.core.trace.records import ChannelTrace
 from lightning_prune.core.trace.streaming import model_output
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.equivalence import compare_outputs
@@ -59,10 +62,8 @@ class ExportResult:
     masks: Masks
     plan: Plan
     graph: ChannelGraph
-    function_change: float | None = None
-    """With ``whole_channel=True``: the relative error, on the example input, between the model with
-    whole channels zeroed (what the export computes exactly) and the model with only the given masks
-    (the change of function the option accepts); ``None`` otherwise."""
+    change_of_function: float | Callable[[], float] | None = field(default=None, repr=False)
+    """:attr:`function_change`, or the measurement that gives it when first read."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase, in the order they ran (``trace``, ``plan``, ``shrink``, ``check``, ...)."""
     blocks: list[tuple[str, float]] = field(default_factory=list)
@@ -70,6 +71,20 @@ class ExportResult:
     retries: int = 0
     """How many times the self-check failed and the export was planned again, each time keeping at once
     the channels of every module the failure implicates (:class:`~lightning_prune.core.verify.retries.Retries`)."""
+
+    @functools.cached_property
+    def function_change(self) -> float | None:
+        """With ``whole_channel=True``: the relative error, on the example input, between the model with
+        whole channels zeroed (what the export computes exactly) and the model with only the given masks
+        (the change of function the option accepts); ``None`` otherwise.
+
+        Where export left the model as it was given (``inplace=False``), this is measured when first read,
+        by one forward of that model with the masks alone (an export's time is then the export's), so read
+        it before changing the model; with ``inplace=True`` it is measured during export, before the model
+        is consumed."""
+        if callable(measured := self.change_of_function):
+            self.change_of_function = measured = measured()  # what the measurement held (the model) is let go
+        return measured
 
     @property
     def notes(self) -> list[Note]:
@@ -100,17 +115,28 @@ def export(
     keep = collect_masks(model if masks is None else masks, model)
     # export replaces what it changes; the rest is cloned at the end (in place: nothing is copied)
     masked = model if inplace and not has_mask_wrappers(model) else unwrapped_copy(model, share_tensors=True)
-    given = model_output(masked, example_input) if whole_channel and masks is None else None
+    # with whole_channel, the masks' own output (function_change): here, where it is the model's own and the
+    # export consumes the model; else after the trace, or when first read (the model is left as it is)
+    given = model_output(masked, example_input) if whole_channel and masks is None and inplace else None
     # given masks zero filters and biases, as NNI's do; the model's own apply as they are. Each layer is
     # zeroed as it is used (a copy of one layer at a time), or in the model itself with inplace=True.
     view = MaskedView(masked, keep if masks is not None or whole_channel else {}, in_place=inplace)
     with steps.phase("trace"):  # with whole_channel, what the masks prune is zeroed as the pass finds it
         graph = ChannelGraph(trace_channels(masked, example_input, view, keep if whole_channel else None))
-    function_change = None
+    function_change: float | Callable[[], float] | None = None
     if whole_channel:
         with steps.phase("whole channel"):
-            graph, given = _whole_channel(graph, keep, masked, example_input, view, given)
-            function_change = compare_outputs(given, graph.trace.output).max_relative_error
+            if masks is not None and not _zeroing_changed(graph.trace):
+                given = graph.trace.output  # the pass zeroed nothing that was not zero already: the masks' own
+            elif given is None and inplace:
+                given = model_output(masked, example_input, view)  # before the model is consumed
+            graph = _whole_channel(graph, keep, masked, example_input, view)
+        output = graph.trace.output
+        function_change = (
+            compare_outputs(given, output).max_relative_error
+            if given is not None
+            else functools.partial(_change_of_function, model, None if masks is None else keep, example_input, output)
+        )
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
 
@@ -237,12 +263,11 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
 
 
 def _whole_channel(
-    graph: ChannelGraph, keep: Masks, masked: nn.Module, example_input: Any, view: MaskedView, given: Any
-) -> tuple[ChannelGraph, Any]:
-    """The graph of the model with whole channels zeroed (``view.zeroed`` set to them), and ``given``: the
-    output with the masks alone (``None``: the masks' view of ``masked``). The trace zeroed what each
-    channel's own mask prunes as it went; where the finished graph asks the same, it is that graph,
-    else the slices it asks are zeroed and the model traced again."""
+    graph: ChannelGraph, keep: Masks, masked: nn.Module, example_input: Any, view: MaskedView
+) -> ChannelGraph:
+    """The graph of the model with whole channels zeroed (``view.zeroed`` set to them). The trace zeroed
+    what each channel's own mask prunes as it went; where the finished graph asks the same, it is that
+    graph, else the slices it asks are zeroed and the model traced again."""
     wanted = graph.channel_parameter_keep(keep, masked)
     zeroed = graph.trace.zeroed
     same = (
@@ -250,16 +275,24 @@ def _whole_channel(
         and zeroed.keys() == wanted.keys()
         and all(torch.equal(zeroed[key], wanted[key]) for key in wanted)
     )
-    if given is None:  # the pass computed the masks alone where it zeroed nothing that was not zero already
-        given = (
-            model_output(masked, example_input, view)
-            if zeroed is None or (zeroed and graph.trace.zeroing_changed)
-            else graph.trace.output
-        )
     view.zeroed.update(wanted)
     if not same:
         graph = ChannelGraph(trace_channels(masked, example_input, view))
-    return graph, given
+    return graph
+
+
+def _zeroing_changed(trace: ChannelTrace) -> bool:
+    """Whether a ``whole_channel`` pass changed a value: it could not zero as it went (``zeroed`` is ``None``),
+    or a slice it zeroed was not zero already."""
+    return trace.zeroed is None or bool(trace.zeroed and trace.zeroing_changed)
+
+
+def _change_of_function(model: nn.Module, keep: Masks | None, example_input: Any, whole: Any) -> float:
+    """The relative error of ``whole`` (the output with whole channels zeroed) against ``model`` with the masks
+    ``keep`` alone (their pruned filters and biases zeroed; ``None``: the model's own function)."""
+    copy = unwrapped_copy(model, share_tensors=True)  # the model itself is not touched
+    given = model_output(copy, example_input, None if keep is None else MaskedView(copy, keep))
+    return compare_outputs(given, whole).max_relative_error
 
 
 def export_pruned_model(

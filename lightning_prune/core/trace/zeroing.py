@@ -51,6 +51,7 @@ class WholeChannel:
         self._alive: list[Tensor] = []
         self._firsts = np.empty(0, dtype=np.int64)  # each producer's first label, for _predicted_keep
         self._arrays: dict[str, tuple[Tensor, np.ndarray]] = {}  # producer -> (its mask, as a NumPy array)
+        self._last: tuple[Tensor, int, Tensor] | None = None  # labels, producers known, keep: a norm's two parameters
 
     def substitute(self, args: tuple, kwargs: dict, again: bool = False) -> tuple[tuple, dict, list[Name]]:
         """``args`` and ``kwargs`` with every parameter (or view of one) that has zeroed slices replaced by
@@ -149,6 +150,8 @@ class WholeChannel:
     def _predicted_keep(self, labels: Tensor) -> Tensor:
         """Kept unless the mask of the layer that made the channel prunes it (``-1``: kept)."""
         owners = self.t.trace.label_owner
+        if self._last is not None and self._last[0] is labels and self._last[1] == len(owners):
+            return self._last[2]
         if len(self._firsts) != len(owners):  # producers are added as the pass goes
             self._firsts = np.fromiter((first for _, first, _ in owners), dtype=np.int64, count=len(owners))
         firsts = self._firsts
@@ -162,7 +165,8 @@ class WholeChannel:
                 continue
             at = (index == i) & (flat >= 0)
             keep[at] = self._mask_array(owner, mask)[flat[at] - first]
-        return torch.from_numpy(keep)
+        self._last = (labels, len(owners), torch.from_numpy(keep))
+        return self._last[2]
 
     def _mask_array(self, owner: str, mask: Tensor) -> np.ndarray:
         found = self._arrays.get(owner)
