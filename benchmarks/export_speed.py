@@ -9,18 +9,19 @@ resnet50, mobilenet_v2, convnext_tiny, densenet121 and vit_b_16 (1x3x224x224), B
 a 1.1B LLaMA (TinyLlama's shape, fp32, 1x32 tokens), as ``benchmarks/transformer_export.py`` builds
 them. Masks: 50% L1 group masks over every coupled group (``group_masks``; ViT: heads and width),
 computed once, outside the timing. "ours" times ``export(model, masks, x, whole_channel=True)``
-(exact; the model is not touched), "ours inplace" the same with ``inplace=True`` (it consumes the
-model, as Torch-Pruning does); both remove what Torch-Pruning removes (whole channels). "ours
-default" is ``export(model, masks, x)``: the masked model's own function, what a pruned channel
-carries folded into constants (one traced forward fewer: no ``function_change`` to measure).
+(exact; the model is not touched, so ``function_change`` is measured when read, which this does not),
+"ours inplace" the same with ``inplace=True`` (it consumes the model, as Torch-Pruning does, so export
+measures ``function_change`` first: one forward of the masks alone); both remove what Torch-Pruning
+removes (whole channels). "ours default" is ``export(model, masks, x)``: the masked model's own
+function, what a pruned channel carries folded into constants where that is exact, else kept (ResNet50
+and ConvNeXt then keep more than Torch-Pruning: default exports are not the same network).
 Torch-Pruning 1.6: ``MetaPruner`` graph build plus one step at ``pruning_ratio=0.5`` (L1 group
 importance; heads as its examples give them), classifier ignored.
 
 "forward": after the timed step, the same model built again and run once on the example (warm,
 no grad, the least of 3): the unit a tool's time is given in ("/ forward"). An exact export runs
-the masked model once as it traces it, once more with whole channels (the masks' own output, for
-``function_change``) and the exported model once (the self-check); Torch-Pruning runs one forward
-with autograd.
+the masked model once as it traces it and the exported model once (the self-check), in place once more
+(the masks' own output, for ``function_change``); Torch-Pruning runs one forward with autograd.
 
 Every run is a fresh process, the tools interleaved within each repeat; peak RSS is the process's
 high-water mark during the step (reset just before it through ``/proc/self/clear_refs``), over the
