@@ -144,6 +144,32 @@ def test_from_file_torch_state_dict_convnet_whole_channel(tmp_path):
     assert "layer1" in blocks(meta) and "fc" in blocks(meta)
 
 
+@pytest.mark.parametrize("path_given", [True, False], ids=["path", "store"])
+def test_from_file_whole_channel_traces_once_and_measures_the_change_when_read(tmp_path, path_given):
+    """Group masks agree inside each coupled group, so the one pass zeroes what the graph asks: the file is
+    traced once. The masks' own output (``function_change``) is one more pass over the file when first read;
+    given an open store (a sharded model's gather, which every rank must read together), during export."""
+    example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = randomize(resnet(), example=example)
+    masks = group_masks(ChannelGraph.from_model(model, example), 0.5, model=model)
+    path = tmp_path / "resnet.pt"
+    torch.save(model.state_dict(), path)
+    with parameters_on_meta():
+        meta = resnet()
+    forwards = []
+    meta.register_forward_pre_hook(lambda module, args: forwards.append(module))  # the exported model's copy too
+    result = export_from_file(
+        meta, path if path_given else WeightFile(path), masks, example, whole_channel=True, verify=False, progress=False
+    )
+    assert [module is meta for module in forwards] == ([True, False] if path_given else [True, True, False])
+    expected = export(model, masks, example, whole_channel=True)
+    assert result.function_change == pytest.approx(expected.function_change, rel=1e-3)
+    assert result.function_change > 1e-3  # the randomised norms' shifts no longer reach the next convs
+    assert len(forwards) == 3  # the file read once more, once
+    with torch.no_grad():
+        assert relative_error(result.model.eval()(example), expected.model.eval()(example)) <= RTOL
+
+
 def test_inplace_frees_the_dense_layers_and_exports_the_same():
     example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     model = randomize(resnet(), example=example)

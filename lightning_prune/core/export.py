@@ -30,7 +30,7 @@ from lightning_prune.core.graph.inplace_dict import (
     load_inplace_dict,
     traced_inplace_dict,
 )
-from lightning_prune.core.graph.masked_view import MaskedView
+from lightning_prune.core.graph.masked_view import MaskedView, ParameterKeep
 from lightning_prune.core.graph.masks import (
     Masks,
     MaskSource,
@@ -126,11 +126,11 @@ def export(
     function_change: float | Callable[[], float] | None = None
     if whole_channel:
         with steps.phase("whole channel"):
-            if masks is not None and not _zeroing_changed(graph.trace):
+            if masks is not None and not zeroing_changed(graph.trace):
                 given = graph.trace.output  # the pass zeroed nothing that was not zero already: the masks' own
             elif given is None and inplace:
                 given = model_output(masked, example_input, view)  # before the model is consumed
-            graph = _whole_channel(graph, keep, masked, example_input, view)
+            graph = zeroed_graph(graph, keep, masked, view.zeroed, lambda: trace_channels(masked, example_input, view))
         output = graph.trace.output
         function_change = (
             compare_outputs(given, output).max_relative_error
@@ -262,28 +262,29 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
                     held[name] = tensor
 
 
-def _whole_channel(
-    graph: ChannelGraph, keep: Masks, masked: nn.Module, example_input: Any, view: MaskedView
+def zeroed_graph(
+    graph: ChannelGraph,
+    keep: Masks,
+    model: nn.Module,
+    zeroed: ParameterKeep,
+    retrace: Callable[[], ChannelTrace],
 ) -> ChannelGraph:
-    """The graph of the model with whole channels zeroed (``view.zeroed`` set to them). The trace zeroed
-    what each channel's own mask prunes as it went; where the finished graph asks the same, it is that
-    graph, else the slices it asks are zeroed and the model traced again."""
-    wanted = graph.channel_parameter_keep(keep, masked)
-    zeroed = graph.trace.zeroed
+    """With ``whole_channel``, after its one pass: the graph of the model with whole channels zeroed.
+    ``zeroed`` (the slices a source zeroes as it loads a module) is set to what the graph asks. The pass
+    zeroed what each channel's own mask prunes as it went; where the finished graph asks the same, it is
+    that graph, else ``retrace()`` (a pass over the source, now zeroing what the graph asks) gives it."""
+    wanted = graph.channel_parameter_keep(keep, model)
+    done = graph.trace.zeroed
     same = (
-        zeroed is not None
-        and zeroed.keys() == wanted.keys()
-        and all(torch.equal(zeroed[key], wanted[key]) for key in wanted)
+        done is not None and done.keys() == wanted.keys() and all(torch.equal(done[key], wanted[key]) for key in wanted)
     )
-    view.zeroed.update(wanted)
-    if not same:
-        graph = ChannelGraph(trace_channels(masked, example_input, view))
-    return graph
+    zeroed.update(wanted)
+    return graph if same else ChannelGraph(retrace())
 
 
-def _zeroing_changed(trace: ChannelTrace) -> bool:
+def zeroing_changed(trace: ChannelTrace) -> bool:
     """Whether a ``whole_channel`` pass changed a value: it could not zero as it went (``zeroed`` is ``None``),
-    or a slice it zeroed was not zero already."""
+    or a slice it zeroed was not zero already. Where it did not, its output is the masks' own."""
     return trace.zeroed is None or bool(trace.zeroed and trace.zeroing_changed)
 
 

@@ -24,14 +24,23 @@ the same inputs. The peak is the pruned model plus about one block.
 from __future__ import annotations
 
 import copy
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.core.errors import MaskError, VerificationError
-from lightning_prune.core.export import ExportResult, finish_shrink, shared_tensor_names, shrink_layer
+from lightning_prune.core.export import (
+    ExportResult,
+    finish_shrink,
+    shared_tensor_names,
+    shrink_layer,
+    zeroed_graph,
+    zeroing_changed,
+)
 from lightning_prune.core.graph.channel_graph import ChannelGraph
 from lightning_prune.core.graph.masked_view import tensor_ties, zero_module
 from lightning_prune.core.graph.masks import Masks, MaskSource, collect_masks
@@ -39,6 +48,7 @@ from lightning_prune.core.graph.plan import plan
 from lightning_prune.core.integrations import load_integrations
 from lightning_prune.core.modules import within
 from lightning_prune.core.progress import Progress, collecting_new_objects_only
+from lightning_prune.core.trace.streaming import model_output
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import blocks as default_blocks
 from lightning_prune.core.verify.blocks import verify_blocks
@@ -74,7 +84,9 @@ def export_from_file(
     ``whole_channel`` and ``round_to`` are :func:`~lightning_prune.export_pruned_model`'s (masks read
     from the model itself need its weights, so they must be given). ``blocks``: the modules built and
     checked one at a time (default :func:`~lightning_prune.core.verify.blocks.blocks`: a transformer's
-    layers). The result is what :func:`~lightning_prune.export` returns; the skeleton stays on meta.
+    layers). The result is what :func:`~lightning_prune.export` returns; the skeleton stays on meta. With
+    ``whole_channel``, its ``function_change`` is measured when first read (one more pass over ``path``,
+    which must then still hold the weights), or during export where ``path`` is a store.
 
     Checks: the exported model must reproduce the masked model's output on ``example_input`` (relative
     error 1e-4 in float32 and float64, 5e-2 in 16-bit types, where the two differ by their own
@@ -92,16 +104,23 @@ def export_from_file(
     keep = collect_masks(masks, skeleton)
     weights = masked_weights(skeleton, path, keep)
     file, prepare, zeroed = weights.file, weights.prepare, weights.prepare.zeroed  # type: ignore[union-attr]
-    with steps.phase("trace"):
-        graph = ChannelGraph(trace_channels(skeleton, example_input, weights))
-    function_change = None
+    with steps.phase("trace"):  # with whole_channel, what the masks prune is zeroed as the pass finds it
+        graph = ChannelGraph(trace_channels(skeleton, example_input, weights, keep if whole_channel else None))
+    function_change: float | Callable[[], float] | None = None
     if whole_channel:
-        zeroed.update(graph.channel_parameter_keep(keep, skeleton))
-        if zeroed:
-            given = graph.trace.output
-            with steps.phase("whole channel"):
-                graph = ChannelGraph(trace_channels(skeleton, example_input, weights))
-            function_change = compare_outputs(given, graph.trace.output).max_relative_error
+        with steps.phase("whole channel"):
+            given = None if zeroing_changed(graph.trace) else graph.trace.output  # else: the masks' own
+            if given is None and not isinstance(path, (str, os.PathLike)):  # a store, a sharded model's: read now
+                given = model_output(skeleton, example_input, masked_weights(skeleton, file, keep))
+            graph = zeroed_graph(
+                graph, keep, skeleton, zeroed, lambda: trace_channels(skeleton, example_input, weights)
+            )
+        output = graph.trace.output
+        function_change = (
+            compare_outputs(given, output).max_relative_error
+            if given is not None
+            else functools.partial(_change_of_function, skeleton, file, keep, example_input, output)
+        )
     blocks = default_blocks(skeleton) if blocks is None else list(blocks)
     rtol = 1e-4 if _dtype(skeleton) in (torch.float32, torch.float64) else 5e-2
     retries = Retries()
@@ -150,6 +169,13 @@ class _Masking:
 
     def __call__(self, name: str, module: nn.Module) -> None:
         zero_module(name, module, self.keep, self.zeroed, True, self.ties, self.skeleton)
+
+
+def _change_of_function(skeleton: nn.Module, file: TensorStore, keep: Masks, example_input: Any, whole: Any) -> float:
+    """The relative error of ``whole`` (the output with whole channels zeroed) against the masked model in
+    ``file`` (one more pass over the file)."""
+    given = model_output(skeleton, example_input, masked_weights(skeleton, file, keep))
+    return compare_outputs(given, whole).max_relative_error
 
 
 def masked_weights(skeleton: nn.Module, path: str | os.PathLike | TensorStore, masks: Masks) -> StreamedWeights:
