@@ -131,12 +131,8 @@ def export(
             elif given is None and inplace:
                 given = model_output(masked, example_input, view)  # before the model is consumed
             graph = zeroed_graph(graph, keep, masked, view.zeroed, lambda: trace_channels(masked, example_input, view))
-        output = graph.trace.output
-        function_change = (
-            compare_outputs(given, output).max_relative_error
-            if given is not None
-            else functools.partial(_change_of_function, model, None if masks is None else keep, example_input, output)
-        )
+        alone = functools.partial(_masks_alone, model, None if masks is None else keep, example_input)
+        function_change = change_of_function(given, graph.trace.output, alone)
     if inplace_dict is not None and inplace_dict != "auto":
         graph = graph.with_blocked(check_inplace_dict(graph, load_inplace_dict(inplace_dict), masked))
 
@@ -288,12 +284,20 @@ def zeroing_changed(trace: ChannelTrace) -> bool:
     return trace.zeroed is None or bool(trace.zeroed and trace.zeroing_changed)
 
 
-def _change_of_function(model: nn.Module, keep: Masks | None, example_input: Any, whole: Any) -> float:
-    """The relative error of ``whole`` (the output with whole channels zeroed) against ``model`` with the masks
-    ``keep`` alone (their pruned filters and biases zeroed; ``None``: the model's own function)."""
-    copy = unwrapped_copy(model, share_tensors=True)  # the model itself is not touched
-    given = model_output(copy, example_input, None if keep is None else MaskedView(copy, keep))
-    return compare_outputs(given, whole).max_relative_error
+def change_of_function(given: Any, whole: Any, masks_alone: Callable[[], Any]) -> float | Callable[[], float]:
+    """``function_change``: the relative error of ``whole`` (the output with whole channels zeroed) against
+    ``given`` (the masks' own output); where ``given`` is ``None``, the measurement that runs ``masks_alone()``
+    for it, when :attr:`ExportResult.function_change` is first read."""
+    if given is not None:
+        return compare_outputs(given, whole).max_relative_error
+    return lambda: compare_outputs(masks_alone(), whole).max_relative_error
+
+
+def _masks_alone(model: nn.Module, keep: Masks | None, example_input: Any) -> Any:
+    """What ``model`` outputs with the masks ``keep`` alone (their pruned filters and biases zeroed; ``None``:
+    the model's own function), the model itself untouched."""
+    copy = unwrapped_copy(model, share_tensors=True)
+    return model_output(copy, example_input, None if keep is None else MaskedView(copy, keep))
 
 
 def export_pruned_model(

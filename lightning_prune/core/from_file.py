@@ -24,7 +24,6 @@ the same inputs. The peak is the pruned model plus about one block.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from torch import nn
 from lightning_prune.core.errors import MaskError, VerificationError
 from lightning_prune.core.export import (
     ExportResult,
+    change_of_function,
     finish_shrink,
     shared_tensor_names,
     shrink_layer,
@@ -52,7 +52,6 @@ from lightning_prune.core.trace.streaming import model_output
 from lightning_prune.core.trace.tracer import trace_channels
 from lightning_prune.core.verify.blocks import blocks as default_blocks
 from lightning_prune.core.verify.blocks import verify_blocks
-from lightning_prune.core.verify.equivalence import compare_outputs
 from lightning_prune.core.verify.retries import Retries
 from lightning_prune.core.verify.selfcheck import self_check
 from lightning_prune.core.weights import Loading, StreamedWeights, TensorStore
@@ -108,19 +107,18 @@ def export_from_file(
         graph = ChannelGraph(trace_channels(skeleton, example_input, weights, keep if whole_channel else None))
     function_change: float | Callable[[], float] | None = None
     if whole_channel:
+
+        def alone() -> Any:  # the masks' own output: one more pass over the file, only the masks zeroed
+            return model_output(skeleton, example_input, masked_weights(skeleton, file, keep))
+
         with steps.phase("whole channel"):
             given = None if zeroing_changed(graph.trace) else graph.trace.output  # else: the masks' own
             if given is None and not isinstance(path, (str, os.PathLike)):  # a store, a sharded model's: read now
-                given = model_output(skeleton, example_input, masked_weights(skeleton, file, keep))
+                given = alone()
             graph = zeroed_graph(
                 graph, keep, skeleton, zeroed, lambda: trace_channels(skeleton, example_input, weights)
             )
-        output = graph.trace.output
-        function_change = (
-            compare_outputs(given, output).max_relative_error
-            if given is not None
-            else functools.partial(_change_of_function, skeleton, file, keep, example_input, output)
-        )
+        function_change = change_of_function(given, graph.trace.output, alone)
     blocks = default_blocks(skeleton) if blocks is None else list(blocks)
     rtol = 1e-4 if _dtype(skeleton) in (torch.float32, torch.float64) else 5e-2
     retries = Retries()
@@ -169,13 +167,6 @@ class _Masking:
 
     def __call__(self, name: str, module: nn.Module) -> None:
         zero_module(name, module, self.keep, self.zeroed, True, self.ties, self.skeleton)
-
-
-def _change_of_function(skeleton: nn.Module, file: TensorStore, keep: Masks, example_input: Any, whole: Any) -> float:
-    """The relative error of ``whole`` (the output with whole channels zeroed) against the masked model in
-    ``file`` (one more pass over the file)."""
-    given = model_output(skeleton, example_input, masked_weights(skeleton, file, keep))
-    return compare_outputs(given, whole).max_relative_error
 
 
 def masked_weights(skeleton: nn.Module, path: str | os.PathLike | TensorStore, masks: Masks) -> StreamedWeights:
